@@ -1,0 +1,324 @@
+//! Durability: a disk directory holding images, and per image the files DESIGN.md lists.
+//!
+//! ```text
+//! <disk>/bifs-disk.json            {uuid}
+//! <disk>/images/<name>/spec.json   spec, source identity, block size
+//! <disk>/images/<name>/data        sparse; image bytes at their own offsets
+//! <disk>/images/<name>/bitmap      one bit per block, little-endian 64-bit words
+//! <disk>/images/<name>/state.json  state, verified checksum, error
+//! ```
+//! The rule: a bit reaches the bitmap file only after its block's data is durable
+//! (`Flusher::flush`: snapshot bits, `fdatasync` data, then write the snapshot).
+//! Bits only ever go from 0 to 1 in the file, so a torn bitmap write is still safe.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::bitmap::BlockMap;
+use super::error::{Error, Result};
+use super::source::Identity;
+use super::spec::ImageSpec;
+
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub uuid: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DiskFile {
+    uuid: String,
+}
+
+impl Disk {
+    /// Opens a disk directory, creating it and its uuid on first use.
+    pub fn open(path: &Path) -> Result<Disk> {
+        fs::create_dir_all(path.join("images")).map_err(|e| Error::io(path, e))?;
+        let path = path.canonicalize().map_err(|e| Error::io(path, e))?;
+        let meta = path.join("bifs-disk.json");
+        let uuid = match fs::read(&meta) {
+            Ok(bytes) => {
+                let f: DiskFile = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
+                    path: meta.clone(),
+                    msg: format!("unreadable disk file: {e}; restore it or remove it to give the disk a new identity"),
+                    errno: libc::EIO,
+                })?;
+                f.uuid
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let uuid = new_uuid();
+                write_json_atomic(&meta, &DiskFile { uuid: uuid.clone() })?;
+                uuid
+            }
+            Err(e) => return Err(Error::io(&meta, e)),
+        };
+        Ok(Disk { path, uuid })
+    }
+
+    pub fn uuid8(&self) -> &str {
+        &self.uuid[..8.min(self.uuid.len())]
+    }
+
+    pub fn image_dir(&self, name: &str) -> PathBuf {
+        self.path.join("images").join(name)
+    }
+
+    /// Names of the images stored on this disk (complete directories only).
+    pub fn image_names(&self) -> Result<Vec<String>> {
+        let dir = self.path.join("images");
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                // A create that died before its rename: nothing in it was ever served.
+                let _ = fs::remove_dir_all(entry.path());
+                continue;
+            }
+            names.push(name);
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
+        unsafe {
+            let mut s: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(c.as_ptr(), &mut s) == 0 {
+                s.f_bavail as u64 * s.f_frsize as u64
+            } else {
+                0
+            }
+        }
+    }
+}
+
+fn new_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(value).expect("our types serialize");
+    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(&body).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Io { path: path.into(), msg: format!("unreadable: {e}"), errno: libc::EIO })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredSpec {
+    pub spec: ImageSpec,
+    pub identity: Identity,
+    pub block_size: u64,
+    /// Whether the background fill runs (`--no-fill` turns it off until `bifs fill`).
+    pub fill: bool,
+    pub created_unix: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Pending,
+    InProgress,
+    Ready,
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::InProgress => "in-progress",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredState {
+    pub state: State,
+    /// The SHA-512 computed over the whole image once it is complete.
+    #[serde(default)]
+    pub checksum: String,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The open files of one image on one disk.
+pub struct ImageFiles {
+    pub dir: PathBuf,
+    pub data: File,
+    bitmap: File,
+    /// Set when bits were added since the last flush.
+    dirty: AtomicBool,
+    /// Lowest bitmap word touched since the last flush (usize::MAX: none).
+    dirty_from: AtomicUsize,
+}
+
+impl ImageFiles {
+    /// Creates the image's directory atomically: built under a dot-name, then renamed.
+    pub fn create(disk: &Disk, stored: &StoredSpec) -> Result<Arc<ImageFiles>> {
+        let dir = disk.image_dir(&stored.spec.name);
+        let tmp = disk.path.join("images").join(format!(".{}.creating", stored.spec.name));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let build = || -> Result<()> {
+            let data = tmp.join("data");
+            File::create(&data).and_then(|f| f.set_len(stored.identity.size)).map_err(|e| Error::io(&data, e))?;
+            let blocks = stored.identity.size.div_ceil(stored.block_size);
+            let bitmap = tmp.join("bitmap");
+            File::create(&bitmap).and_then(|f| f.set_len(blocks.div_ceil(64) * 8)).map_err(|e| Error::io(&bitmap, e))?;
+            write_json_atomic(&tmp.join("spec.json"), stored)?;
+            write_json_atomic(&tmp.join("state.json"), &StoredState { state: State::Pending, checksum: String::new(), error: None })?;
+            fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
+        };
+        if let Err(e) = build() {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        Ok(Arc::new(Self::open_files(dir)?))
+    }
+
+    fn open_files(dir: PathBuf) -> Result<ImageFiles> {
+        let open = |name: &str| {
+            let p = dir.join(name);
+            OpenOptions::new().read(true).write(true).open(&p).map_err(|e| Error::io(&p, e))
+        };
+        Ok(ImageFiles {
+            data: open("data")?,
+            bitmap: open("bitmap")?,
+            dir,
+            dirty: AtomicBool::new(false),
+            dirty_from: AtomicUsize::new(usize::MAX),
+        })
+    }
+
+    /// Opens an image left on disk: its spec, state and the durable bits.
+    pub fn open(dir: PathBuf) -> Result<(Arc<ImageFiles>, StoredSpec, StoredState, BlockMap)> {
+        let stored: StoredSpec = read_json(&dir.join("spec.json"))?;
+        let state: StoredState = read_json(&dir.join("state.json"))?;
+        let files = Self::open_files(dir)?;
+        let blocks = stored.identity.size.div_ceil(stored.block_size);
+        let mut bits = Vec::new();
+        let len = files.bitmap.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+        bits.resize(len, 0);
+        files.bitmap.read_exact_at(&mut bits, 0).map_err(|e| Error::io(files.dir.join("bitmap"), e))?;
+        let map = if state.state == State::Ready {
+            let m = BlockMap::new(blocks);
+            m.set_range(0..blocks);
+            m
+        } else {
+            BlockMap::from_bytes(blocks, &bits)
+        };
+        Ok((Arc::new(files), stored, state, map))
+    }
+
+    pub fn write_data(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.data.write_all_at(buf, offset).map_err(|e| Error::io(self.dir.join("data"), e))
+    }
+
+    pub fn read_data(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.data.read_exact_at(buf, offset).map_err(|e| Error::io(self.dir.join("data"), e))
+    }
+
+    pub fn save_state(&self, state: &StoredState) -> Result<()> {
+        write_json_atomic(&self.dir.join("state.json"), state)
+    }
+
+    pub fn save_spec(&self, stored: &StoredSpec) -> Result<()> {
+        write_json_atomic(&self.dir.join("spec.json"), stored)
+    }
+
+    /// Notes that bits from `block` on were set in memory and await a flush.
+    pub fn mark_dirty(&self, block: u64) {
+        self.dirty_from.fetch_min((block / 64) as usize, Ordering::AcqRel);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Makes every bit set in `map` before this call durable, data first.
+    pub fn flush(&self, map: &BlockMap) -> Result<()> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let from = self.dirty_from.swap(usize::MAX, Ordering::AcqRel).min(map.word_count());
+        // Snapshot the bits first: every block they cover was written before now,
+        // so the fdatasync below makes all of them durable.
+        let snapshot = map.to_bytes(from..map.word_count());
+        let restore = |e| {
+            self.mark_dirty(from as u64 * 64);
+            e
+        };
+        self.data.sync_data().map_err(|e| restore(Error::io(self.dir.join("data"), e)))?;
+        self.bitmap
+            .write_all_at(&snapshot, from as u64 * 8)
+            .and_then(|_| self.bitmap.sync_data())
+            .map_err(|e| restore(Error::io(self.dir.join("bitmap"), e)))?;
+        Ok(())
+    }
+
+    pub fn remove(&self) -> Result<()> {
+        fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_keeps_its_uuid() {
+        let t = tempfile::tempdir().unwrap();
+        let a = Disk::open(t.path()).unwrap();
+        let b = Disk::open(t.path()).unwrap();
+        assert_eq!(a.uuid, b.uuid);
+        assert_eq!(a.uuid8().len(), 8);
+    }
+
+    #[test]
+    fn only_flushed_bits_survive_a_reopen() {
+        let t = tempfile::tempdir().unwrap();
+        let disk = Disk::open(t.path()).unwrap();
+        let stored = StoredSpec {
+            spec: ImageSpec::download("img", "http://h/x", ""),
+            identity: Identity { size: 100_000, etag: None, last_modified: None, ranges: true },
+            block_size: 4096,
+            fill: true,
+            created_unix: 0,
+        };
+        let files = ImageFiles::create(&disk, &stored).unwrap();
+        let map = BlockMap::new(25);
+        files.write_data(0, &[7u8; 8192]).unwrap();
+        map.set_range(0..2);
+        files.mark_dirty(0);
+        files.flush(&map).unwrap();
+        map.set_range(2..3); // in memory only: never flushed, like a crash right here
+        files.mark_dirty(2);
+        drop(files);
+        let (files, s, st, map) = ImageFiles::open(disk.image_dir("img")).unwrap();
+        assert_eq!(s.block_size, 4096);
+        assert_eq!(st.state, State::Pending);
+        assert_eq!(map.present_count(), 2);
+        let mut buf = [0u8; 4];
+        files.read_data(8188, &mut buf).unwrap();
+        assert_eq!(buf, [7; 4]);
+    }
+}

@@ -1,0 +1,86 @@
+//! Verification: SHA-512 of the whole image, computed incrementally over the prefix of
+//! present blocks, so that it ends moments after the last block lands instead of
+//! re-reading the image afterwards. The hashing runs on a blocking thread (the second
+//! core) while fetches continue on the async workers.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha512};
+use tracing::{debug, error};
+
+use super::error::Error;
+use super::image::Image;
+use super::store::State;
+
+/// Bytes hashed per blocking call: large enough to amortise the hand-off.
+const HASH_CHUNK: u64 = 8 * 1024 * 1024;
+
+impl Image {
+    /// Runs until the image is ready or failed (or the daemon stops).
+    pub(crate) async fn verify_loop(self: Arc<Self>) {
+        let mut hasher = Some(Sha512::new());
+        let mut buf = Some(Vec::with_capacity(HASH_CHUNK as usize));
+        let mut hashed: u64 = 0; // bytes
+        loop {
+            let notified = self.landed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.state() {
+                State::Ready | State::Failed => return,
+                _ => {}
+            }
+            let block = hashed / self.block_size;
+            let run = if block < self.blocks() { self.map.present_run(block) } else { 0 };
+            let avail = ((block + run) * self.block_size).min(self.size);
+            if avail > hashed {
+                let end = avail.min(hashed + HASH_CHUNK);
+                let (files, mut h, mut b) = (self.files.clone(), hasher.take().unwrap(), buf.take().unwrap());
+                let start = hashed;
+                let res = tokio::task::spawn_blocking(move || {
+                    b.resize((end - start) as usize, 0);
+                    let r = files.read_data(start, &mut b);
+                    if r.is_ok() {
+                        h.update(&b);
+                    }
+                    (h, b, r)
+                })
+                .await;
+                let Ok((h, b, r)) = res else { return };
+                hasher = Some(h);
+                buf = Some(b);
+                if let Err(e) = r {
+                    self.fail(&e);
+                    return;
+                }
+                hashed = end;
+                continue;
+            }
+            if hashed == self.size {
+                self.finish_verify(hasher.take().unwrap());
+                return;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    fn finish_verify(&self, hasher: Sha512) {
+        let got = hex::encode(hasher.finalize());
+        let want = self.stored().spec.checksum;
+        if !want.is_empty() && !want.eq_ignore_ascii_case(&got) {
+            self.fail(&Error::Checksum { want, got });
+            return;
+        }
+        debug!(image = %self.name, "checksum verified");
+        // Ready promises that every byte is durable: flush before saying so.
+        if let Err(e) = self.files.flush(&self.map) {
+            self.fail(&e);
+            return;
+        }
+        if let Err(e) = self.set_ready(got) {
+            error!(image = %self.name, error = %e, "cannot record ready state");
+        }
+    }
+}
