@@ -1,2 +1,7 @@
 //! bifs: backing images served over FUSE, fetched lazily, cached per disk, verified.
+pub mod cli;
 pub mod core;
+pub mod daemon;
+pub mod fs;
+pub mod serve;
+pub mod server;

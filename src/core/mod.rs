@@ -11,9 +11,11 @@ pub mod source;
 pub mod spec;
 pub mod store;
 pub mod verify;
+pub mod view;
 
 pub use error::{Error, Result, SourceError};
 pub use image::{Image, ImageConfig, Status};
 pub use node::{CreateOptions, Node};
 pub use spec::ImageSpec;
 pub use store::State;
+pub use view::View;

@@ -115,6 +115,11 @@ impl Node {
         self.images.read().unwrap().get(name).cloned().ok_or_else(|| Error::NotFound(name.to_string()))
     }
 
+    /// The image with instance id `id` (the FUSE shell's inode numbers derive from it).
+    pub fn get_by_id(&self, id: u64) -> Option<Arc<Image>> {
+        self.images.read().unwrap().values().find(|i| i.id == id).cloned()
+    }
+
     pub fn list(&self) -> Vec<Arc<Image>> {
         self.images.read().unwrap().values().cloned().collect()
     }

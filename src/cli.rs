@@ -1,0 +1,309 @@
+//! The CLI shell: clap types, client calls to the daemon's API, exit codes
+//! (0 success, 1 the operation failed, 2 bad usage or bad input).
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::core::spec::{validate_checksum, validate_name, validate_url};
+use crate::core::{ImageConfig, Status};
+
+#[derive(Parser)]
+#[command(name = "bifs", version, about = "Backing-image filesystem: VM base images over FUSE, fetched lazily, verified")]
+pub struct Cli {
+    /// The daemon's API (client commands).
+    #[arg(long, global = true, env = "BIFS_SERVER", default_value = "http://127.0.0.1:8090")]
+    pub server: String,
+    /// A file holding the API bearer token (client commands).
+    #[arg(long, global = true, env = "BIFS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the daemon: mount the images at MNT, cache them on the disks.
+    Mount {
+        #[arg(long)]
+        mountpoint: PathBuf,
+        #[arg(long = "disk", required = true)]
+        disks: Vec<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// Reads wait until the image is verified (Longhorn's semantics).
+        #[arg(long)]
+        require_verified: bool,
+        /// Presence granularity in KiB.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(4..=4096))]
+        block_kib: u64,
+    },
+    /// Create an image from a URL.
+    Create {
+        name: String,
+        #[arg(long)]
+        url: String,
+        /// SHA-512 of the image, 128 hex digits.
+        #[arg(long, default_value = "")]
+        checksum: String,
+        /// The disk uuid (or its first characters) to put it on.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Fetch only what is read; `bifs fill NAME` starts the fill later.
+        #[arg(long)]
+        no_fill: bool,
+    },
+    /// List the images.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's state; optionally wait for ready or failed.
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_parser = ["ready", "failed"])]
+        wait: Option<String>,
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Delete an image and its cached blocks.
+    Delete { name: String },
+    /// Start the fill of an image created with --no-fill, or retry one that failed for a cause that can pass.
+    Fill { name: String },
+    /// Serve the files of a directory over HTTP with Range support (a plain origin).
+    Serve {
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 10m, 2h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "ms" => return Ok(Duration::from_millis(n)),
+        _ => return Err(format!("invalid duration unit {unit:?} in {s:?}: use s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// A failure with its exit code.
+pub struct Exit(pub i32, pub String);
+
+fn usage(msg: impl Into<String>) -> Exit {
+    Exit(2, msg.into())
+}
+
+fn failed(msg: impl Into<String>) -> Exit {
+    Exit(1, msg.into())
+}
+
+struct Client {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(cli: &Cli) -> Result<Client, Exit> {
+        let token = match &cli.token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| usage(format!("cannot read token file {}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(Client { base: cli.server.trim_end_matches('/').to_string(), http: reqwest::Client::new(), token })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, Exit> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            failed(format!("cannot reach the bifs daemon at {}: {e}; is `bifs mount` running? (--server or BIFS_SERVER)", self.base))
+        })?;
+        let code = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        if code.is_success() {
+            return Ok(value);
+        }
+        let msg = value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| value.to_string());
+        Err(if code.as_u16() == 400 { usage(msg) } else { failed(msg) })
+    }
+
+    async fn status(&self, name: &str) -> Result<Status, Exit> {
+        let v = self.call(reqwest::Method::GET, &format!("/v1/images/{name}"), None).await?;
+        serde_json::from_value(v).map_err(|e| failed(format!("unexpected reply from the daemon: {e}")))
+    }
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+fn print_status(s: &Status) {
+    println!("name:      {}", s.name);
+    println!("state:     {}{}", s.state, if s.fill || s.state == "ready" { String::new() } else { " (fill off: `bifs fill` starts it)".into() });
+    println!("progress:  {}% ({} of {} cached)", s.progress, human(s.bytes_cached), human(s.size));
+    match s.virtual_size {
+        Some(v) => println!("format:    {} (virtual size {})", s.format, human(v)),
+        None => println!("format:    {}", s.format),
+    }
+    println!("checksum:  {}", if s.checksum.is_empty() { "(computed once complete)" } else { &s.checksum });
+    println!("source:    {} {}", s.source.kind, s.source.parameters.get("url").map_or("", String::as_str));
+    println!("disk:      {} ({})", &s.disk.uuid[..8.min(s.disk.uuid.len())], s.disk.path);
+    println!("path:      {}", s.path);
+    println!("raw path:  {}", s.raw_path);
+    if !s.error.is_empty() {
+        println!("error:     {}", s.error);
+    }
+}
+
+pub fn run(cli: Cli) -> Result<(), Exit> {
+    match &cli.cmd {
+        Cmd::Mount { mountpoint, disks, listen, require_verified, block_kib } => {
+            let cfg = ImageConfig { require_verified: *require_verified, block_size: block_kib * 1024, ..ImageConfig::default() };
+            let args = crate::daemon::MountArgs {
+                mountpoint: mountpoint.clone(),
+                disks: disks.clone(),
+                listen: *listen,
+                token_file: cli.token_file.clone(),
+                cfg,
+            };
+            return crate::daemon::run(args).map_err(|e| failed(format!("{e:#}")));
+        }
+        Cmd::Serve { dir, listen } => {
+            let rt = tokio::runtime::Runtime::new().map_err(|e| failed(e.to_string()))?;
+            return rt.block_on(crate::serve::run(dir.clone(), *listen)).map_err(|e| failed(format!("{e:#}")));
+        }
+        _ => {}
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| failed(e.to_string()))?;
+    rt.block_on(client(&cli))
+}
+
+async fn client(cli: &Cli) -> Result<(), Exit> {
+    let c = Client::new(cli)?;
+    match &cli.cmd {
+        Cmd::Create { name, url, checksum, disk, no_fill } => {
+            // Check locally first: bad input never reaches the daemon and creates nothing.
+            validate_name(name).map_err(|e| usage(e.to_string()))?;
+            validate_url(url).map_err(|e| usage(e.to_string()))?;
+            validate_checksum(checksum).map_err(|e| usage(e.to_string()))?;
+            let body = serde_json::json!({
+                "name": name, "sourceType": "download", "sourceParameters": {"url": url},
+                "checksum": checksum.to_ascii_lowercase(), "disk": disk, "noFill": no_fill,
+            });
+            let v = c.call(reqwest::Method::POST, "/v1/images", Some(body)).await?;
+            let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
+            println!("{}: {} ({}, {}), {}", s.name, s.state, s.format, human(s.size), s.path);
+        }
+        Cmd::List { json } => {
+            let v = c.call(reqwest::Method::GET, "/v1/images", None).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(());
+            }
+            let list: Vec<Status> = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
+            println!("{:<30} {:<12} {:>8} {:>10} {:<7} DISK", "NAME", "STATE", "PROGRESS", "SIZE", "FORMAT");
+            for s in list {
+                println!(
+                    "{:<30} {:<12} {:>7}% {:>10} {:<7} {}",
+                    s.name, s.state, s.progress, human(s.size), s.format, &s.disk.uuid[..8.min(s.disk.uuid.len())]
+                );
+            }
+        }
+        Cmd::Status { name, json, wait, timeout } => {
+            validate_name(name).map_err(|e| usage(e.to_string()))?;
+            let mut s = c.status(name).await?;
+            if let Some(want) = wait {
+                s = wait_for(&c, name, want, *timeout, s).await?;
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            } else {
+                print_status(&s);
+            }
+            if wait.as_deref() == Some("ready") && s.state == "failed" {
+                return Err(failed(format!("image {name} failed: {}", s.error)));
+            }
+        }
+        Cmd::Delete { name } => {
+            validate_name(name).map_err(|e| usage(e.to_string()))?;
+            c.call(reqwest::Method::DELETE, &format!("/v1/images/{name}"), None).await?;
+            println!("{name}: deleted");
+        }
+        Cmd::Fill { name } => {
+            validate_name(name).map_err(|e| usage(e.to_string()))?;
+            let v = c.call(reqwest::Method::POST, &format!("/v1/images/{name}/fill"), None).await?;
+            let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
+            println!("{}: fill started ({}%)", s.name, s.progress);
+        }
+        Cmd::Mount { .. } | Cmd::Serve { .. } => unreachable!("handled in run"),
+    }
+    Ok(())
+}
+
+async fn wait_for(c: &Client, name: &str, want: &str, timeout: Duration, mut s: Status) -> Result<Status, Exit> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(100);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg:>12} [{bar:40}] {pos:>3}% {elapsed}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        b
+    });
+    let start = Instant::now();
+    loop {
+        if let Some(b) = &bar {
+            b.set_position(s.progress as u64);
+            b.set_message(s.state.clone());
+        }
+        if s.state == want || s.state == "failed" || (want == "failed" && s.state == "ready") {
+            break;
+        }
+        if start.elapsed() > timeout {
+            if let Some(b) = bar {
+                b.abandon();
+            }
+            return Err(failed(format!(
+                "timed out after {:?} waiting for {name} to be {want}: it is {} at {}%",
+                timeout, s.state, s.progress
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s = c.status(name).await?;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(s)
+}

@@ -1,0 +1,327 @@
+//! The FUSE shell: inode numbers, attributes, xattrs and replies. Every decision about
+//! bytes lives in the core; a read here is `image.read_view` answered from a tokio task,
+//! so a slow fetch never blocks another reader.
+//!
+//! Inodes: 1 the root, 2 `.raw`, and per image instance `id`: `16 + 2*id` for the stored
+//! bytes and `17 + 2*id` for the raw view. Ids are never reused in a process, so a deleted
+//! and recreated image never shows a stale page cache.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request,
+};
+use tracing::{debug, debug_span, warn, Instrument};
+
+use crate::core::fetch::ReadState;
+use crate::core::{Image, Node, State, View};
+
+const RAW_DIR: u64 = 2;
+const TTL: Duration = Duration::from_secs(1);
+
+struct Handle {
+    ra: Arc<Mutex<ReadState>>,
+    _backing: Option<BackingId>,
+    ino: u64,
+    passthrough: bool,
+}
+
+pub struct BifsFs {
+    node: Arc<Node>,
+    rt: tokio::runtime::Handle,
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// Per inode: opens in cached mode and in passthrough mode. The kernel refuses to
+    /// mix the two on one inode, so passthrough is used only when no cached open exists.
+    modes: Mutex<HashMap<u64, (u32, u32)>>,
+    next_fh: AtomicU64,
+    passthrough: bool,
+}
+
+fn ino_of(image: &Image, view: View) -> u64 {
+    16 + 2 * image.id + u64::from(view == View::Raw)
+}
+
+fn errno(e: &crate::core::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl BifsFs {
+    pub fn new(node: Arc<Node>, rt: tokio::runtime::Handle) -> Self {
+        Self {
+            node,
+            rt,
+            handles: Mutex::new(HashMap::new()),
+            modes: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            passthrough: false,
+        }
+    }
+
+    fn image_of(&self, ino: u64) -> Option<(Arc<Image>, View)> {
+        if ino < 16 {
+            return None;
+        }
+        let view = if ino % 2 == 1 { View::Raw } else { View::Stored };
+        self.node.get_by_id((ino - 16) / 2).map(|i| (i, view))
+    }
+
+    fn dir_attr(&self, ino: u64) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn file_attr(&self, image: &Image, view: View) -> FileAttr {
+        let t = UNIX_EPOCH + Duration::from_secs(image.stored().created_unix);
+        FileAttr {
+            ino: INodeNo(ino_of(image, view)),
+            size: image.view_size(view),
+            // `du` shows what is cached on this node.
+            blocks: image.bytes_cached().div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: FileType::RegularFile,
+            perm: 0o444,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+
+    fn xattr(&self, image: &Image, name: &str) -> Option<String> {
+        let st = self.node.status(image);
+        Some(match name {
+            "user.bifs.state" => st.state,
+            "user.bifs.progress" => st.progress.to_string(),
+            "user.bifs.format" => st.format,
+            "user.bifs.checksum" => st.checksum,
+            "user.bifs.source" => st.source.parameters.get("url").cloned().unwrap_or(st.source.kind),
+            "user.bifs.error" => st.error,
+            _ => return None,
+        })
+    }
+}
+
+const XATTRS: [&str; 6] =
+    ["user.bifs.state", "user.bifs.progress", "user.bifs.format", "user.bifs.checksum", "user.bifs.source", "user.bifs.error"];
+
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl fuser::Filesystem for BifsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.set_max_background(64);
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(2).is_ok() {
+            self.passthrough = true;
+        }
+        debug!(passthrough = self.passthrough, "FUSE session initialised");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_string_lossy();
+        let found = match (parent.0, name.as_ref()) {
+            (1, ".raw") => return reply.entry(&TTL, &self.dir_attr(RAW_DIR), Generation(0)),
+            (1, n) => self.node.get(n).ok().map(|i| (i, View::Stored)),
+            (RAW_DIR, n) => self.node.get(n).ok().map(|i| (i, View::Raw)),
+            _ => None,
+        };
+        match found {
+            Some((image, view)) => reply.entry(&TTL, &self.file_attr(&image, view), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match ino.0 {
+            1 | RAW_DIR => reply.attr(&TTL, &self.dir_attr(ino.0)),
+            n => match self.image_of(n) {
+                Some((image, view)) => reply.attr(&TTL, &self.file_attr(&image, view)),
+                None => reply.error(Errno::ENOENT),
+            },
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some((image, view)) = self.image_of(ino.0) else { return reply.error(Errno::ENOENT) };
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if image.is_failed() {
+            warn!(image = %image.name, "open of a failed image refused");
+            return reply.error(Errno::EIO);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut modes = self.modes.lock().unwrap();
+        let mode = modes.entry(ino.0).or_default();
+        // Ready images go to the kernel as the data file itself: local-file speed.
+        if self.passthrough && image.state() == State::Ready && image.view_is_stored_bytes(view) && mode.0 == 0 {
+            let path = image.files.dir.join("data");
+            match File::open(&path).and_then(|f| reply.open_backing(&f)) {
+                Ok(id) => {
+                    mode.1 += 1;
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &id);
+                    let h = Handle { ra: Default::default(), _backing: Some(id), ino: ino.0, passthrough: true };
+                    self.handles.lock().unwrap().insert(fh, h);
+                    return;
+                }
+                Err(e) => warn!(image = %image.name, error = %e, "passthrough unavailable, serving reads in the daemon"),
+            }
+        }
+        mode.0 += 1;
+        drop(modes);
+        self.handles
+            .lock()
+            .unwrap()
+            .insert(fh, Handle { ra: Default::default(), _backing: None, ino: ino.0, passthrough: false });
+        // The bytes of an image never change, so the page cache stays valid across opens.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some((image, view)) = self.image_of(ino.0) else { return reply.error(Errno::ENOENT) };
+        let ra = self.handles.lock().unwrap().get(&fh.0).map(|h| h.ra.clone());
+        let span = debug_span!("read", image = %image.name, offset, size);
+        self.rt.spawn(
+            async move {
+                match image.read_view(view, offset, size, ra.as_deref()).await {
+                    Ok(bytes) => reply.data(&bytes),
+                    Err(e) => {
+                        warn!(error = %e, "read failed");
+                        reply.error(errno(&e))
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(h) = self.handles.lock().unwrap().remove(&fh.0) {
+            let mut modes = self.modes.lock().unwrap();
+            if let Some(m) = modes.get_mut(&h.ino) {
+                if h.passthrough {
+                    m.1 -= 1;
+                } else {
+                    m.0 -= 1;
+                }
+                if *m == (0, 0) {
+                    modes.remove(&h.ino);
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let (view, parent) = match ino.0 {
+            1 => (View::Stored, 1),
+            RAW_DIR => (View::Raw, 1),
+            _ => return reply.error(Errno::ENOTDIR),
+        };
+        let mut entries: Vec<(u64, FileType, String)> =
+            vec![(ino.0, FileType::Directory, ".".into()), (parent, FileType::Directory, "..".into())];
+        if ino.0 == 1 {
+            entries.push((RAW_DIR, FileType::Directory, ".raw".into()));
+        }
+        for image in self.node.list() {
+            entries.push((ino_of(&image, view), FileType::RegularFile, image.name.clone()));
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let images = self.node.list();
+        let total: u64 = images.iter().map(|i| i.size).sum::<u64>().div_ceil(4096);
+        reply.statfs(total, 0, 0, images.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some((image, _)) = self.image_of(ino.0) else { return reply.error(Errno::ENODATA) };
+        match self.xattr(&image, &name.to_string_lossy()) {
+            Some(v) => reply_xattr(reply, size, v.as_bytes()),
+            None => reply.error(Errno::ENODATA),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if self.image_of(ino.0).is_none() {
+            return reply_xattr(reply, size, b"");
+        }
+        let mut data = Vec::new();
+        for n in XATTRS {
+            data.extend_from_slice(n.as_bytes());
+            data.push(0);
+        }
+        reply_xattr(reply, size, &data);
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(fuser::AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+}

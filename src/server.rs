@@ -1,0 +1,160 @@
+//! The HTTP shell: the v1 control API for the CLI and programs, `/metrics`, `/healthz`.
+//! Handlers translate JSON to core calls and core errors to status codes (`status`).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tracing::{info_span, Instrument};
+
+use crate::core::{CreateOptions, Error, ImageSpec, Node, SourceError};
+
+#[derive(Clone)]
+struct App {
+    node: Arc<Node>,
+    token: Option<Arc<str>>,
+}
+
+/// The body of `POST /v1/images`: a spec plus where and how to create it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateRequest {
+    #[serde(flatten)]
+    pub spec: ImageSpec,
+    #[serde(default)]
+    pub disk: Option<String>,
+    #[serde(default)]
+    pub no_fill: bool,
+}
+
+pub struct ApiError(Error);
+
+/// One table from core errors to HTTP status codes.
+pub fn status(e: &Error) -> StatusCode {
+    match e {
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::ReadOnly => StatusCode::METHOD_NOT_ALLOWED,
+        Error::BadInput(_) => StatusCode::BAD_REQUEST,
+        Error::Conflict { .. } | Error::Checksum { .. } | Error::Failed { .. } => StatusCode::CONFLICT,
+        Error::Source(SourceError::Changed { .. }) => StatusCode::CONFLICT,
+        Error::Source(_) => StatusCode::BAD_GATEWAY,
+        Error::Io { errno, .. } if *errno == libc::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
+        Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+        Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (status(&self.0), Json(serde_json::json!({ "error": self.0.to_string() }))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
+    let app = App { node, token: token.map(Into::into) };
+    Router::new()
+        .route("/v1/images", get(list).post(create))
+        .route("/v1/images/{name}", get(show).delete(delete))
+        .route("/v1/images/{name}/fill", post(fill))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(app.clone(), auth))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(app)
+}
+
+async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
+    if let Some(token) = &app.token {
+        let ok = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t == &**token);
+        if !ok {
+            return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "missing or wrong bearer token"})))
+                .into_response();
+        }
+    }
+    let span = info_span!("http", method = %req.method(), path = %req.uri().path());
+    next.run(req).instrument(span).await
+}
+
+async fn list(State(app): State<App>) -> Json<Vec<crate::core::Status>> {
+    Json(app.node.list().iter().map(|i| app.node.status(i)).collect())
+}
+
+async fn create(State(app): State<App>, body: Result<Json<CreateRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult<impl IntoResponse> {
+    let Json(req) = body.map_err(|e| Error::BadInput(format!("bad request body: {e}")))?;
+    let opts = CreateOptions { disk: req.disk, no_fill: req.no_fill };
+    let image = app.node.create(req.spec, opts).await?;
+    Ok((StatusCode::CREATED, Json(app.node.status(&image))))
+}
+
+async fn show(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    let image = app.node.get(&name)?;
+    Ok(Json(app.node.status(&image)))
+}
+
+async fn delete(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    app.node.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn fill(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    let image = app.node.fill(&name)?;
+    Ok(Json(app.node.status(&image)))
+}
+
+async fn metrics(State(app): State<App>) -> String {
+    let mut out = String::new();
+    let mut gauges: BTreeMap<&str, (&str, Vec<String>)> = BTreeMap::new();
+    let images = app.node.list();
+    for image in &images {
+        let st = app.node.status(image);
+        let l = format!("name=\"{}\",disk=\"{}\"", st.name, image.disk.uuid8());
+        let mut add = |m: &'static str, help: &'static str, v: String| {
+            gauges.entry(m).or_insert((help, Vec::new())).1.push(v);
+        };
+        add("bifs_image_size_bytes", "image size in bytes", format!("{{{l}}} {}", st.size));
+        add("bifs_image_cached_bytes", "bytes present on this node", format!("{{{l}}} {}", st.bytes_cached));
+        add("bifs_image_fetched_bytes_total", "bytes fetched from sources", format!("{{{l}}} {}", st.bytes_fetched));
+        add("bifs_image_progress_percent", "progress in percent", format!("{{{l}}} {}", st.progress));
+        for s in ["pending", "in-progress", "ready", "failed"] {
+            add("bifs_image_state", "1 for the image's current state", format!("{{{l},state=\"{s}\"}} {}", u8::from(st.state == s)));
+        }
+    }
+    out.push_str(&format!("# HELP bifs_images images on this node\n# TYPE bifs_images gauge\nbifs_images {}\n", images.len()));
+    for (name, (help, samples)) in gauges {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {}\n", if name.ends_with("_total") { "counter" } else { "gauge" }));
+        for s in samples {
+            out.push_str(&format!("{name}{s}\n"));
+        }
+    }
+    out
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    node: Arc<Node>,
+    token: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(node, token)).with_graceful_shutdown(shutdown).await
+}
