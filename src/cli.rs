@@ -13,10 +13,19 @@ use crate::core::spec::{validate_checksum, validate_name, validate_url};
 use crate::core::{ImageConfig, Status};
 
 #[derive(Parser)]
-#[command(name = "bifs", version, about = "Backing-image filesystem: VM base images over FUSE, fetched lazily, verified")]
+#[command(
+    name = "bifs",
+    version,
+    about = "Backing-image filesystem: VM base images over FUSE, fetched lazily, verified"
+)]
 pub struct Cli {
     /// The daemon's API (client commands).
-    #[arg(long, global = true, env = "BIFS_SERVER", default_value = "http://127.0.0.1:8090")]
+    #[arg(
+        long,
+        global = true,
+        env = "BIFS_SERVER",
+        default_value = "http://127.0.0.1:8090"
+    )]
     pub server: String,
     /// A file holding the API bearer token (client commands).
     #[arg(long, global = true, env = "BIFS_TOKEN_FILE")]
@@ -88,13 +97,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 10m, 2h"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 10m, 2h"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
         "h" => n * 3600,
         "ms" => return Ok(Duration::from_millis(n)),
-        _ => return Err(format!("invalid duration unit {unit:?} in {s:?}: use s, m or h")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {s:?}: use s, m or h"
+            ))
+        }
     };
     Ok(Duration::from_secs(secs))
 }
@@ -127,10 +142,19 @@ impl Client {
             ),
             None => None,
         };
-        Ok(Client { base: cli.server.trim_end_matches('/').to_string(), http: reqwest::Client::new(), token })
+        Ok(Client {
+            base: cli.server.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+            token,
+        })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, Exit> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Exit> {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -143,17 +167,32 @@ impl Client {
         })?;
         let code = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        let value: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         if code.is_success() {
             return Ok(value);
         }
-        let msg = value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| value.to_string());
-        Err(if code.as_u16() == 400 { usage(msg) } else { failed(msg) })
+        let msg = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        Err(if code.as_u16() == 400 {
+            usage(msg)
+        } else {
+            failed(msg)
+        })
     }
 
     async fn status(&self, name: &str) -> Result<Status, Exit> {
-        let v = self.call(reqwest::Method::GET, &format!("/v1/images/{name}"), None).await?;
-        serde_json::from_value(v).map_err(|e| failed(format!("unexpected reply from the daemon: {e}")))
+        let v = self
+            .call(reqwest::Method::GET, &format!("/v1/images/{name}"), None)
+            .await?;
+        serde_json::from_value(v)
+            .map_err(|e| failed(format!("unexpected reply from the daemon: {e}")))
     }
 }
 
@@ -165,20 +204,52 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 fn print_status(s: &Status) {
     println!("name:      {}", s.name);
-    println!("state:     {}{}", s.state, if s.fill || s.state == "ready" { String::new() } else { " (fill off: `bifs fill` starts it)".into() });
-    println!("progress:  {}% ({} of {} cached)", s.progress, human(s.bytes_cached), human(s.size));
+    println!(
+        "state:     {}{}",
+        s.state,
+        if s.fill || s.state == "ready" {
+            String::new()
+        } else {
+            " (fill off: `bifs fill` starts it)".into()
+        }
+    );
+    println!(
+        "progress:  {}% ({} of {} cached)",
+        s.progress,
+        human(s.bytes_cached),
+        human(s.size)
+    );
     match s.virtual_size {
         Some(v) => println!("format:    {} (virtual size {})", s.format, human(v)),
         None => println!("format:    {}", s.format),
     }
-    println!("checksum:  {}", if s.checksum.is_empty() { "(computed once complete)" } else { &s.checksum });
-    println!("source:    {} {}", s.source.kind, s.source.parameters.get("url").map_or("", String::as_str));
-    println!("disk:      {} ({})", &s.disk.uuid[..8.min(s.disk.uuid.len())], s.disk.path);
+    println!(
+        "checksum:  {}",
+        if s.checksum.is_empty() {
+            "(computed once complete)"
+        } else {
+            &s.checksum
+        }
+    );
+    println!(
+        "source:    {} {}",
+        s.source.kind,
+        s.source.parameters.get("url").map_or("", String::as_str)
+    );
+    println!(
+        "disk:      {} ({})",
+        &s.disk.uuid[..8.min(s.disk.uuid.len())],
+        s.disk.path
+    );
     println!("path:      {}", s.path);
     println!("raw path:  {}", s.raw_path);
     if !s.error.is_empty() {
@@ -188,8 +259,18 @@ fn print_status(s: &Status) {
 
 pub fn run(cli: Cli) -> Result<(), Exit> {
     match &cli.cmd {
-        Cmd::Mount { mountpoint, disks, listen, require_verified, block_kib } => {
-            let cfg = ImageConfig { require_verified: *require_verified, block_size: block_kib * 1024, ..ImageConfig::default() };
+        Cmd::Mount {
+            mountpoint,
+            disks,
+            listen,
+            require_verified,
+            block_kib,
+        } => {
+            let cfg = ImageConfig {
+                require_verified: *require_verified,
+                block_size: block_kib * 1024,
+                ..ImageConfig::default()
+            };
             let args = crate::daemon::MountArgs {
                 mountpoint: mountpoint.clone(),
                 disks: disks.clone(),
@@ -201,18 +282,29 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
         }
         Cmd::Serve { dir, listen } => {
             let rt = tokio::runtime::Runtime::new().map_err(|e| failed(e.to_string()))?;
-            return rt.block_on(crate::serve::run(dir.clone(), *listen)).map_err(|e| failed(format!("{e:#}")));
+            return rt
+                .block_on(crate::serve::run(dir.clone(), *listen))
+                .map_err(|e| failed(format!("{e:#}")));
         }
         _ => {}
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| failed(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed(e.to_string()))?;
     rt.block_on(client(&cli))
 }
 
 async fn client(cli: &Cli) -> Result<(), Exit> {
     let c = Client::new(cli)?;
     match &cli.cmd {
-        Cmd::Create { name, url, checksum, disk, no_fill } => {
+        Cmd::Create {
+            name,
+            url,
+            checksum,
+            disk,
+            no_fill,
+        } => {
             // Check locally first: bad input never reaches the daemon and creates nothing.
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             validate_url(url).map_err(|e| usage(e.to_string()))?;
@@ -221,9 +313,18 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
                 "name": name, "sourceType": "download", "sourceParameters": {"url": url},
                 "checksum": checksum.to_ascii_lowercase(), "disk": disk, "noFill": no_fill,
             });
-            let v = c.call(reqwest::Method::POST, "/v1/images", Some(body)).await?;
+            let v = c
+                .call(reqwest::Method::POST, "/v1/images", Some(body))
+                .await?;
             let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
-            println!("{}: {} ({}, {}), {}", s.name, s.state, s.format, human(s.size), s.path);
+            println!(
+                "{}: {} ({}, {}), {}",
+                s.name,
+                s.state,
+                s.format,
+                human(s.size),
+                s.path
+            );
         }
         Cmd::List { json } => {
             let v = c.call(reqwest::Method::GET, "/v1/images", None).await?;
@@ -232,15 +333,28 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
                 return Ok(());
             }
             let list: Vec<Status> = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
-            println!("{:<30} {:<12} {:>8} {:>10} {:<7} DISK", "NAME", "STATE", "PROGRESS", "SIZE", "FORMAT");
+            println!(
+                "{:<30} {:<12} {:>8} {:>10} {:<7} DISK",
+                "NAME", "STATE", "PROGRESS", "SIZE", "FORMAT"
+            );
             for s in list {
                 println!(
                     "{:<30} {:<12} {:>7}% {:>10} {:<7} {}",
-                    s.name, s.state, s.progress, human(s.size), s.format, &s.disk.uuid[..8.min(s.disk.uuid.len())]
+                    s.name,
+                    s.state,
+                    s.progress,
+                    human(s.size),
+                    s.format,
+                    &s.disk.uuid[..8.min(s.disk.uuid.len())]
                 );
             }
         }
-        Cmd::Status { name, json, wait, timeout } => {
+        Cmd::Status {
+            name,
+            json,
+            wait,
+            timeout,
+        } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             let mut s = c.status(name).await?;
             if let Some(want) = wait {
@@ -257,12 +371,19 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
         }
         Cmd::Delete { name } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
-            c.call(reqwest::Method::DELETE, &format!("/v1/images/{name}"), None).await?;
+            c.call(reqwest::Method::DELETE, &format!("/v1/images/{name}"), None)
+                .await?;
             println!("{name}: deleted");
         }
         Cmd::Fill { name } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
-            let v = c.call(reqwest::Method::POST, &format!("/v1/images/{name}/fill"), None).await?;
+            let v = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/images/{name}/fill"),
+                    None,
+                )
+                .await?;
             let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
             println!("{}: fill started ({}%)", s.name, s.progress);
         }
@@ -271,13 +392,21 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
     Ok(())
 }
 
-async fn wait_for(c: &Client, name: &str, want: &str, timeout: Duration, mut s: Status) -> Result<Status, Exit> {
+async fn wait_for(
+    c: &Client,
+    name: &str,
+    want: &str,
+    timeout: Duration,
+    mut s: Status,
+) -> Result<Status, Exit> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(100);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {msg:>12} [{bar:40}] {pos:>3}% {elapsed}")
-                .expect("static template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg:>12} [{bar:40}] {pos:>3}% {elapsed}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         b
     });

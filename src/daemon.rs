@@ -26,19 +26,25 @@ fn clear_stale_mount(mp: &Path) -> anyhow::Result<()> {
     match std::fs::metadata(mp) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) || e.raw_os_error() == Some(libc::ECONNABORTED) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENOTCONN)
+                || e.raw_os_error() == Some(libc::ECONNABORTED) =>
+        {
             warn!(mountpoint = %mp.display(), "stale mount from a previous daemon; detaching it");
             let c = std::ffi::CString::new(mp.as_os_str().as_bytes())?;
             // SAFETY: umount2 takes a valid C path and flags; no memory is shared.
             if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
                 let e = std::io::Error::last_os_error();
-                bail!("cannot detach the stale mount at {}: {e}; run `umount -l {}` as root", mp.display(), mp.display());
+                bail!(
+                    "cannot detach the stale mount at {}: {e}; run `umount -l {}` as root",
+                    mp.display(),
+                    mp.display()
+                );
             }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(mp).with_context(|| format!("cannot create mountpoint {}", mp.display()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(mp)
+            .with_context(|| format!("cannot create mountpoint {}", mp.display())),
         Err(e) => Err(e).with_context(|| format!("mountpoint {}", mp.display())),
     }
 }
@@ -48,14 +54,21 @@ fn raise_readahead(mp: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = std::fs::metadata(mp) else { return };
     let dev = m.dev();
-    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
     if let Err(e) = std::fs::write(&path, "1024") {
         warn!(path, error = %e, "cannot raise read_ahead_kb; reads use 128 KiB requests");
     }
 }
 
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bifs").build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bifs")
+        .build()?;
     let token = match &args.token_file {
         Some(f) => Some(
             std::fs::read_to_string(f)
@@ -71,20 +84,32 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let node = rt.block_on(Node::start(&args.disks, args.cfg.clone(), mp_str.clone()))?;
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(args.listen))
-        .with_context(|| format!("cannot listen on {}; is another bifs running? pick another --listen", args.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another bifs running? pick another --listen",
+                args.listen
+            )
+        })?;
     let api_addr = listener.local_addr()?;
     let stop = tokio_util::sync::CancellationToken::new();
     let server = {
         let (node, stop) = (node.clone(), stop.clone());
-        rt.spawn(async move { crate::server::run(listener, node, token, async move { stop.cancelled().await }).await })
+        rt.spawn(async move {
+            crate::server::run(listener, node, token, async move { stop.cancelled().await }).await
+        })
     };
 
     let mut cfg = fuser::Config::default();
-    cfg.mount_options = vec![MountOption::RO, MountOption::FSName("bifs".into()), MountOption::DefaultPermissions];
+    cfg.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName("bifs".into()),
+        MountOption::DefaultPermissions,
+    ];
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(2);
     let fs = crate::fs::BifsFs::new(node.clone(), rt.handle().clone());
-    let session = fuser::spawn_mount(fs, &mp, &cfg).with_context(|| format!("cannot mount FUSE at {mp_str}"))?;
+    let session = fuser::spawn_mount(fs, &mp, &cfg)
+        .with_context(|| format!("cannot mount FUSE at {mp_str}"))?;
     raise_readahead(&mp);
     info!(mountpoint = %mp_str, api = %api_addr, images = node.list().len(), "bifs mounted");
 

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tracing::{debug, debug_span, warn, Instrument};
 
@@ -28,18 +28,24 @@ const TTL: Duration = Duration::from_secs(1);
 
 struct Handle {
     ra: Arc<Mutex<ReadState>>,
-    _backing: Option<BackingId>,
     ino: u64,
     passthrough: bool,
+}
+
+/// Open files of one inode. The kernel refuses to mix cached and passthrough opens on
+/// one inode, and wants every passthrough open of it to share one backing file.
+#[derive(Default)]
+struct InodeOpens {
+    cached: u32,
+    passthrough: u32,
+    backing: Option<BackingId>,
 }
 
 pub struct BifsFs {
     node: Arc<Node>,
     rt: tokio::runtime::Handle,
     handles: Mutex<HashMap<u64, Handle>>,
-    /// Per inode: opens in cached mode and in passthrough mode. The kernel refuses to
-    /// mix the two on one inode, so passthrough is used only when no cached open exists.
-    modes: Mutex<HashMap<u64, (u32, u32)>>,
+    opens: Mutex<HashMap<u64, InodeOpens>>,
     next_fh: AtomicU64,
     passthrough: bool,
 }
@@ -58,7 +64,7 @@ impl BifsFs {
             node,
             rt,
             handles: Mutex::new(HashMap::new()),
-            modes: Mutex::new(HashMap::new()),
+            opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough: false,
         }
@@ -68,7 +74,11 @@ impl BifsFs {
         if ino < 16 {
             return None;
         }
-        let view = if ino % 2 == 1 { View::Raw } else { View::Stored };
+        let view = if ino % 2 == 1 {
+            View::Raw
+        } else {
+            View::Stored
+        };
         self.node.get_by_id((ino - 16) / 2).map(|i| (i, view))
     }
 
@@ -121,15 +131,26 @@ impl BifsFs {
             "user.bifs.progress" => st.progress.to_string(),
             "user.bifs.format" => st.format,
             "user.bifs.checksum" => st.checksum,
-            "user.bifs.source" => st.source.parameters.get("url").cloned().unwrap_or(st.source.kind),
+            "user.bifs.source" => st
+                .source
+                .parameters
+                .get("url")
+                .cloned()
+                .unwrap_or(st.source.kind),
             "user.bifs.error" => st.error,
             _ => return None,
         })
     }
 }
 
-const XATTRS: [&str; 6] =
-    ["user.bifs.state", "user.bifs.progress", "user.bifs.format", "user.bifs.checksum", "user.bifs.source", "user.bifs.error"];
+const XATTRS: [&str; 6] = [
+    "user.bifs.state",
+    "user.bifs.progress",
+    "user.bifs.format",
+    "user.bifs.checksum",
+    "user.bifs.source",
+    "user.bifs.error",
+];
 
 fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
@@ -145,7 +166,9 @@ impl fuser::Filesystem for BifsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.set_max_background(64);
-        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(2).is_ok() {
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok()
+        {
             self.passthrough = true;
         }
         debug!(passthrough = self.passthrough, "FUSE session initialised");
@@ -177,7 +200,9 @@ impl fuser::Filesystem for BifsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let Some((image, view)) = self.image_of(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Some((image, view)) = self.image_of(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -186,28 +211,49 @@ impl fuser::Filesystem for BifsFs {
             return reply.error(Errno::EIO);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let mut modes = self.modes.lock().unwrap();
-        let mode = modes.entry(ino.0).or_default();
+        let mut opens = self.opens.lock().unwrap();
+        let o = opens.entry(ino.0).or_default();
         // Ready images go to the kernel as the data file itself: local-file speed.
-        if self.passthrough && image.state() == State::Ready && image.view_is_stored_bytes(view) && mode.0 == 0 {
-            let path = image.files.dir.join("data");
-            match File::open(&path).and_then(|f| reply.open_backing(&f)) {
-                Ok(id) => {
-                    mode.1 += 1;
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &id);
-                    let h = Handle { ra: Default::default(), _backing: Some(id), ino: ino.0, passthrough: true };
-                    self.handles.lock().unwrap().insert(fh, h);
-                    return;
+        if self.passthrough
+            && image.state() == State::Ready
+            && image.view_is_stored_bytes(view)
+            && o.cached == 0
+        {
+            if o.backing.is_none() {
+                let path = image.files.dir.join("data");
+                match File::open(&path).and_then(|f| reply.open_backing(&f)) {
+                    Ok(id) => o.backing = Some(id),
+                    Err(e) => {
+                        warn!(image = %image.name, error = %e, "passthrough unavailable, serving reads in the daemon")
+                    }
                 }
-                Err(e) => warn!(image = %image.name, error = %e, "passthrough unavailable, serving reads in the daemon"),
+            }
+            if let Some(id) = &o.backing {
+                o.passthrough += 1;
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+                let h = Handle {
+                    ra: Default::default(),
+                    ino: ino.0,
+                    passthrough: true,
+                };
+                self.handles.lock().unwrap().insert(fh, h);
+                return;
             }
         }
-        mode.0 += 1;
-        drop(modes);
-        self.handles
-            .lock()
-            .unwrap()
-            .insert(fh, Handle { ra: Default::default(), _backing: None, ino: ino.0, passthrough: false });
+        if o.passthrough > 0 {
+            // Cannot happen while ready is final; refuse rather than let the kernel fail it.
+            return reply.error(Errno::EBUSY);
+        }
+        o.cached += 1;
+        drop(opens);
+        self.handles.lock().unwrap().insert(
+            fh,
+            Handle {
+                ra: Default::default(),
+                ino: ino.0,
+                passthrough: false,
+            },
+        );
         // The bytes of an image never change, so the page cache stays valid across opens.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
@@ -223,8 +269,15 @@ impl fuser::Filesystem for BifsFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((image, view)) = self.image_of(ino.0) else { return reply.error(Errno::ENOENT) };
-        let ra = self.handles.lock().unwrap().get(&fh.0).map(|h| h.ra.clone());
+        let Some((image, view)) = self.image_of(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let ra = self
+            .handles
+            .lock()
+            .unwrap()
+            .get(&fh.0)
+            .map(|h| h.ra.clone());
         let span = debug_span!("read", image = %image.name, offset, size);
         self.rt.spawn(
             async move {
@@ -251,34 +304,47 @@ impl fuser::Filesystem for BifsFs {
         reply: ReplyEmpty,
     ) {
         if let Some(h) = self.handles.lock().unwrap().remove(&fh.0) {
-            let mut modes = self.modes.lock().unwrap();
-            if let Some(m) = modes.get_mut(&h.ino) {
+            let mut opens = self.opens.lock().unwrap();
+            if let Some(o) = opens.get_mut(&h.ino) {
                 if h.passthrough {
-                    m.1 -= 1;
+                    o.passthrough -= 1;
                 } else {
-                    m.0 -= 1;
+                    o.cached -= 1;
                 }
-                if *m == (0, 0) {
-                    modes.remove(&h.ino);
+                if o.cached == 0 && o.passthrough == 0 {
+                    opens.remove(&h.ino); // drops the backing id
                 }
             }
         }
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let (view, parent) = match ino.0 {
             1 => (View::Stored, 1),
             RAW_DIR => (View::Raw, 1),
             _ => return reply.error(Errno::ENOTDIR),
         };
-        let mut entries: Vec<(u64, FileType, String)> =
-            vec![(ino.0, FileType::Directory, ".".into()), (parent, FileType::Directory, "..".into())];
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (ino.0, FileType::Directory, ".".into()),
+            (parent, FileType::Directory, "..".into()),
+        ];
         if ino.0 == 1 {
             entries.push((RAW_DIR, FileType::Directory, ".raw".into()));
         }
         for image in self.node.list() {
-            entries.push((ino_of(&image, view), FileType::RegularFile, image.name.clone()));
+            entries.push((
+                ino_of(&image, view),
+                FileType::RegularFile,
+                image.name.clone(),
+            ));
         }
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
@@ -295,7 +361,9 @@ impl fuser::Filesystem for BifsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some((image, _)) = self.image_of(ino.0) else { return reply.error(Errno::ENODATA) };
+        let Some((image, _)) = self.image_of(ino.0) else {
+            return reply.error(Errno::ENODATA);
+        };
         match self.xattr(&image, &name.to_string_lossy()) {
             Some(v) => reply_xattr(reply, size, v.as_bytes()),
             None => reply.error(Errno::ENODATA),
@@ -314,7 +382,14 @@ impl fuser::Filesystem for BifsFs {
         reply_xattr(reply, size, &data);
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 

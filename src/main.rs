@@ -2,10 +2,18 @@ use clap::Parser;
 
 fn main() {
     let cli = bifs::cli::Cli::parse();
-    let default = if matches!(cli.cmd, bifs::cli::Cmd::Mount { .. } | bifs::cli::Cmd::Serve { .. }) { "info" } else { "warn" };
+    let default = if matches!(
+        cli.cmd,
+        bifs::cli::Cmd::Mount { .. } | bifs::cli::Cmd::Serve { .. }
+    ) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

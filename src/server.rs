@@ -42,7 +42,9 @@ pub fn status(e: &Error) -> StatusCode {
         Error::NotFound(_) => StatusCode::NOT_FOUND,
         Error::ReadOnly => StatusCode::METHOD_NOT_ALLOWED,
         Error::BadInput(_) => StatusCode::BAD_REQUEST,
-        Error::Conflict { .. } | Error::Checksum { .. } | Error::Failed { .. } => StatusCode::CONFLICT,
+        Error::Conflict { .. } | Error::Checksum { .. } | Error::Failed { .. } => {
+            StatusCode::CONFLICT
+        }
         Error::Source(SourceError::Changed { .. }) => StatusCode::CONFLICT,
         Error::Source(_) => StatusCode::BAD_GATEWAY,
         Error::Io { errno, .. } if *errno == libc::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
@@ -54,7 +56,11 @@ pub fn status(e: &Error) -> StatusCode {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (status(&self.0), Json(serde_json::json!({ "error": self.0.to_string() }))).into_response()
+        (
+            status(&self.0),
+            Json(serde_json::json!({ "error": self.0.to_string() })),
+        )
+            .into_response()
     }
 }
 
@@ -67,7 +73,10 @@ impl From<Error> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
-    let app = App { node, token: token.map(Into::into) };
+    let app = App {
+        node,
+        token: token.map(Into::into),
+    };
     Router::new()
         .route("/v1/images", get(list).post(create))
         .route("/v1/images/{name}", get(show).delete(delete))
@@ -87,7 +96,10 @@ async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| t == &**token);
         if !ok {
-            return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "missing or wrong bearer token"})))
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(serde_json::json!({"error": "missing or wrong bearer token"})),
+            )
                 .into_response();
         }
     }
@@ -99,9 +111,15 @@ async fn list(State(app): State<App>) -> Json<Vec<crate::core::Status>> {
     Json(app.node.list().iter().map(|i| app.node.status(i)).collect())
 }
 
-async fn create(State(app): State<App>, body: Result<Json<CreateRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult<impl IntoResponse> {
+async fn create(
+    State(app): State<App>,
+    body: Result<Json<CreateRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Json(req) = body.map_err(|e| Error::BadInput(format!("bad request body: {e}")))?;
-    let opts = CreateOptions { disk: req.disk, no_fill: req.no_fill };
+    let opts = CreateOptions {
+        disk: req.disk,
+        no_fill: req.no_fill,
+    };
     let image = app.node.create(req.spec, opts).await?;
     Ok((StatusCode::CREATED, Json(app.node.status(&image))))
 }
@@ -131,17 +149,47 @@ async fn metrics(State(app): State<App>) -> String {
         let mut add = |m: &'static str, help: &'static str, v: String| {
             gauges.entry(m).or_insert((help, Vec::new())).1.push(v);
         };
-        add("bifs_image_size_bytes", "image size in bytes", format!("{{{l}}} {}", st.size));
-        add("bifs_image_cached_bytes", "bytes present on this node", format!("{{{l}}} {}", st.bytes_cached));
-        add("bifs_image_fetched_bytes_total", "bytes fetched from sources", format!("{{{l}}} {}", st.bytes_fetched));
-        add("bifs_image_progress_percent", "progress in percent", format!("{{{l}}} {}", st.progress));
+        add(
+            "bifs_image_size_bytes",
+            "image size in bytes",
+            format!("{{{l}}} {}", st.size),
+        );
+        add(
+            "bifs_image_cached_bytes",
+            "bytes present on this node",
+            format!("{{{l}}} {}", st.bytes_cached),
+        );
+        add(
+            "bifs_image_fetched_bytes_total",
+            "bytes fetched from sources",
+            format!("{{{l}}} {}", st.bytes_fetched),
+        );
+        add(
+            "bifs_image_progress_percent",
+            "progress in percent",
+            format!("{{{l}}} {}", st.progress),
+        );
         for s in ["pending", "in-progress", "ready", "failed"] {
-            add("bifs_image_state", "1 for the image's current state", format!("{{{l},state=\"{s}\"}} {}", u8::from(st.state == s)));
+            add(
+                "bifs_image_state",
+                "1 for the image's current state",
+                format!("{{{l},state=\"{s}\"}} {}", u8::from(st.state == s)),
+            );
         }
     }
-    out.push_str(&format!("# HELP bifs_images images on this node\n# TYPE bifs_images gauge\nbifs_images {}\n", images.len()));
+    out.push_str(&format!(
+        "# HELP bifs_images images on this node\n# TYPE bifs_images gauge\nbifs_images {}\n",
+        images.len()
+    ));
     for (name, (help, samples)) in gauges {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {}\n", if name.ends_with("_total") { "counter" } else { "gauge" }));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {}\n",
+            if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            }
+        ));
         for s in samples {
             out.push_str(&format!("{name}{s}\n"));
         }
@@ -156,5 +204,7 @@ pub async fn run(
     token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(node, token)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(node, token))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

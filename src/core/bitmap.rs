@@ -20,7 +20,11 @@ pub struct BlockMap {
 impl BlockMap {
     pub fn new(blocks: u64) -> Self {
         let n = blocks.div_ceil(64) as usize;
-        Self { words: (0..n).map(|_| AtomicU64::new(0)).collect(), blocks, present: AtomicU64::new(0) }
+        Self {
+            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            blocks,
+            present: AtomicU64::new(0),
+        }
     }
 
     /// Loads the bits from their on-disk form (little-endian words); excess bits are ignored.
@@ -39,7 +43,11 @@ impl BlockMap {
             }
             w.store(v, Ordering::Relaxed);
         }
-        let count = map.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum();
+        let count = map
+            .words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum();
         map.present.store(count, Ordering::Relaxed);
         map
     }
@@ -83,7 +91,11 @@ impl BlockMap {
             let word = b / 64;
             let lo = b % 64;
             let hi = (end - word * 64).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
             let old = self.words[word as usize].fetch_or(mask, Ordering::AcqRel);
             added += (mask & !old).count_ones() as u64;
             b = word * 64 + hi;

@@ -9,13 +9,21 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
     #[error("source {url} answered HTTP {status}{hint}")]
-    Status { url: String, status: u16, hint: &'static str },
+    Status {
+        url: String,
+        status: u16,
+        hint: &'static str,
+    },
     #[error("cannot reach source {url}: {reason}; check the URL and that the server is up")]
     Unreachable { url: String, reason: String },
     #[error("source {url} broke off mid-transfer: {reason}")]
     Interrupted { url: String, reason: String },
     #[error("source changed ({what}: {was} -> {now}); the cached blocks belong to the old version: delete and recreate the image")]
-    Changed { what: &'static str, was: String, now: String },
+    Changed {
+        what: &'static str,
+        was: String,
+        now: String,
+    },
     #[error("source {url} sent a bad reply: {reason}")]
     Protocol { url: String, reason: String },
 }
@@ -40,13 +48,22 @@ pub enum Error {
     #[error("{0}")]
     BadInput(String),
     #[error("image {name:?} already exists with a different {field} ({have:?}, asked {want:?}); delete it first or use another name")]
-    Conflict { name: String, field: &'static str, have: String, want: String },
+    Conflict {
+        name: String,
+        field: &'static str,
+        have: String,
+        want: String,
+    },
     #[error("checksum mismatch: expected {want}, computed {got}; the source does not hold the image the checksum describes")]
     Checksum { want: String, got: String },
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("{path}: {msg}")]
-    Io { path: PathBuf, msg: String, errno: i32 },
+    Io {
+        path: PathBuf,
+        msg: String,
+        errno: i32,
+    },
     #[error("image {name:?} failed: {msg}")]
     Failed { name: String, msg: String },
     #[error("{0}")]
@@ -62,7 +79,11 @@ impl Error {
         if errno == libc::ENOSPC {
             msg.push_str("; free space on the cache disk or add another --disk");
         }
-        Self::Io { path: path.into(), msg, errno }
+        Self::Io {
+            path: path.into(),
+            msg,
+            errno,
+        }
     }
 
     /// The errno a FUSE reader sees. One table, no catch-all arm.
@@ -73,7 +94,9 @@ impl Error {
             Self::BadInput(_) | Self::Conflict { .. } => libc::EINVAL,
             Self::Unsupported(_) => libc::EIO,
             Self::Io { errno, .. } => *errno,
-            Self::Checksum { .. } | Self::Source(_) | Self::Failed { .. } | Self::ShuttingDown => libc::EIO,
+            Self::Checksum { .. } | Self::Source(_) | Self::Failed { .. } | Self::ShuttingDown => {
+                libc::EIO
+            }
         }
     }
 }

@@ -81,11 +81,18 @@ pub struct ReadState {
 
 impl ReadState {
     /// Records a read of `offset..end`; returns the byte range to prefetch, if any.
-    pub fn advance(&mut self, offset: u64, end: u64, size: u64, cfg: &ImageConfig) -> Option<Range<u64>> {
+    pub fn advance(
+        &mut self,
+        offset: u64,
+        end: u64,
+        size: u64,
+        cfg: &ImageConfig,
+    ) -> Option<Range<u64>> {
         // The kernel issues readahead requests concurrently, so they may arrive a little
         // out of order: anything near the expected offset still counts as sequential.
         let slack = 2 * 1024 * 1024;
-        let sequential = (self.reads == 0 && offset == 0) || (self.reads > 0 && offset + slack >= self.next && offset <= self.next + slack);
+        let sequential = (self.reads == 0 && offset == 0)
+            || (self.reads > 0 && offset + slack >= self.next && offset <= self.next + slack);
         self.reads += 1;
         self.next = self.next.max(end);
         if !sequential {
@@ -110,8 +117,15 @@ impl ReadState {
 }
 
 impl Image {
-    fn covering(inflight: &std::collections::BTreeMap<u64, Arc<Job>>, block: u64) -> Option<Arc<Job>> {
-        inflight.range(..=block).next_back().filter(|(_, j)| j.blocks.end > block).map(|(_, j)| j.clone())
+    fn covering(
+        inflight: &std::collections::BTreeMap<u64, Arc<Job>>,
+        block: u64,
+    ) -> Option<Arc<Job>> {
+        inflight
+            .range(..=block)
+            .next_back()
+            .filter(|(_, j)| j.blocks.end > block)
+            .map(|(_, j)| j.clone())
     }
 
     /// Plans jobs for the absent, uncovered blocks of `range`. Returns the jobs the
@@ -131,7 +145,9 @@ impl Image {
         let mut inflight = self.inflight.lock().unwrap();
         let mut b = range.start;
         while b < range.end {
-            let Some(m) = self.map.first_missing(b..range.end) else { break };
+            let Some(m) = self.map.first_missing(b..range.end) else {
+                break;
+            };
             if let Some(job) = Self::covering(&inflight, m) {
                 b = job.blocks.end;
                 if wait {
@@ -143,12 +159,20 @@ impl Image {
             let run = if ranged {
                 let next_job = inflight.range(m..).next().map_or(u64::MAX, |(s, _)| *s);
                 let present = self.map.first_present(m..range.end).unwrap_or(range.end);
-                m..range.end.min(next_job).min(present).min(m + max_blocks.max(1))
+                m..range
+                    .end
+                    .min(next_job)
+                    .min(present)
+                    .min(m + max_blocks.max(1))
             } else {
                 // Without range support the one stream covers the whole image.
                 0..self.blocks()
             };
-            let job = Arc::new(Job { blocks: run.clone(), progress: watch::channel(JobProgress::default()).0, from_fill });
+            let job = Arc::new(Job {
+                blocks: run.clone(),
+                progress: watch::channel(JobProgress::default()).0,
+                from_fill,
+            });
             inflight.insert(run.start, job.clone());
             tokio::spawn(self.clone().run_job(job.clone(), permit.take()));
             started = Some(run.clone());
@@ -185,7 +209,8 @@ impl Image {
 
     /// Starts fetching `bytes` in the background (readahead).
     pub fn prefetch(self: &Arc<Self>, bytes: Range<u64>) {
-        let blocks = bytes.start / self.block_size..bytes.end.div_ceil(self.block_size).min(self.blocks());
+        let blocks =
+            bytes.start / self.block_size..bytes.end.div_ceil(self.block_size).min(self.blocks());
         let max_blocks = (self.cfg.max_request / self.block_size).max(1);
         self.plan(blocks, false, max_blocks, None);
     }
@@ -253,7 +278,8 @@ impl Image {
             r = self.source.read(req_start..end_byte, &id) => r?,
             _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
         };
-        let mut buf = BytesMut::with_capacity(WRITE_BATCH.min((end_byte - *next * bs) as usize) + 64 * 1024);
+        let mut buf =
+            BytesMut::with_capacity(WRITE_BATCH.min((end_byte - *next * bs) as usize) + 64 * 1024);
         loop {
             let chunk = tokio::select! {
                 c = stream.next() => c,
@@ -267,11 +293,16 @@ impl Image {
                         let _ = c.split_to(n);
                         skip -= n;
                     }
-                    self.fetched_bytes.fetch_add(c.len() as u64, Ordering::Relaxed);
+                    self.fetched_bytes
+                        .fetch_add(c.len() as u64, Ordering::Relaxed);
                     buf.extend_from_slice(&c);
                     let have = *next * bs + buf.len() as u64;
                     if have > end_byte {
-                        return Err(SourceError::Protocol { url: self.source.describe(), reason: "reply longer than asked".into() }.into());
+                        return Err(SourceError::Protocol {
+                            url: self.source.describe(),
+                            reason: "reply longer than asked".into(),
+                        }
+                        .into());
                     }
                     at_end = have == end_byte;
                 }
@@ -279,12 +310,20 @@ impl Image {
                 None => {
                     return Err(SourceError::Interrupted {
                         url: self.source.describe(),
-                        reason: format!("body ended at byte {} of {}", *next * bs + buf.len() as u64, end_byte),
+                        reason: format!(
+                            "body ended at byte {} of {}",
+                            *next * bs + buf.len() as u64,
+                            end_byte
+                        ),
                     }
                     .into())
                 }
             }
-            let whole = if at_end { buf.len() } else { buf.len() / bs as usize * bs as usize };
+            let whole = if at_end {
+                buf.len()
+            } else {
+                buf.len() / bs as usize * bs as usize
+            };
             if whole > 0 && (at_end || whole >= WRITE_BATCH) {
                 if self.is_failed() {
                     return Err(self.failure());
@@ -332,7 +371,9 @@ mod tests {
             last_window = ra.window;
         }
         assert_eq!(ra.window, cfg.readahead_max);
-        assert!(ra.advance(700 << 20, (700 << 20) + 4096, size, &cfg).is_none());
+        assert!(ra
+            .advance(700 << 20, (700 << 20) + 4096, size, &cfg)
+            .is_none());
         assert_eq!(ra.window, 0);
     }
 }

@@ -267,7 +267,11 @@ impl Image {
                 msg: format!("{msg}; this cannot be retried: delete and recreate the image"),
             });
         }
-        st.state = if self.map.present_count() > 0 { State::InProgress } else { State::Pending };
+        st.state = if self.map.present_count() > 0 {
+            State::InProgress
+        } else {
+            State::Pending
+        };
         st.error = None;
         self.files.save_state(&st)?;
         self.failed.store(false, Ordering::Release);
@@ -276,12 +280,20 @@ impl Image {
     }
 
     pub(crate) fn failure(&self) -> Error {
-        Error::Failed { name: self.name.clone(), msg: self.error().unwrap_or_else(|| "unknown error".into()) }
+        Error::Failed {
+            name: self.name.clone(),
+            msg: self.error().unwrap_or_else(|| "unknown error".into()),
+        }
     }
 
     /// Reads `len` bytes at `offset` of the stored image, fetching what is absent.
     /// `ra` carries the caller's sequential-read state for readahead.
-    pub async fn read(self: &Arc<Self>, offset: u64, len: u32, ra: Option<&Mutex<ReadState>>) -> Result<Bytes> {
+    pub async fn read(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u32,
+        ra: Option<&Mutex<ReadState>>,
+    ) -> Result<Bytes> {
         if self.is_failed() {
             return Err(self.failure());
         }
@@ -290,7 +302,10 @@ impl Image {
         }
         let end = (offset + len as u64).min(self.size);
         if let Some(ra) = ra {
-            let ahead = ra.lock().unwrap().advance(offset, end, self.size, &self.cfg);
+            let ahead = ra
+                .lock()
+                .unwrap()
+                .advance(offset, end, self.size, &self.cfg);
             if let Some(ahead) = ahead {
                 self.prefetch(ahead);
             }
@@ -341,9 +356,19 @@ impl Image {
             state: st.state.as_str().into(),
             progress: self.progress(),
             bytes_cached: self.bytes_cached(),
-            checksum: if st.checksum.is_empty() { stored.spec.checksum.clone() } else { st.checksum },
-            source: SourceDoc { kind: stored.spec.source_type.as_str().into(), parameters: stored.spec.source_parameters.clone() },
-            disk: DiskDoc { uuid: self.disk.uuid.clone(), path: self.disk.path.display().to_string() },
+            checksum: if st.checksum.is_empty() {
+                stored.spec.checksum.clone()
+            } else {
+                st.checksum
+            },
+            source: SourceDoc {
+                kind: stored.spec.source_type.as_str().into(),
+                parameters: stored.spec.source_parameters.clone(),
+            },
+            disk: DiskDoc {
+                uuid: self.disk.uuid.clone(),
+                path: self.disk.path.display().to_string(),
+            },
             path: format!("{mountpoint}/{}", self.name),
             raw_path: format!("{mountpoint}/.raw/{}", self.name),
             error: st.error.unwrap_or_default(),

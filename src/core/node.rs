@@ -41,11 +41,20 @@ pub struct Node {
 
 impl Node {
     /// Opens the disks and every image on them; resumes unfinished images.
-    pub async fn start(disks: &[PathBuf], cfg: ImageConfig, mountpoint: String) -> Result<Arc<Node>> {
+    pub async fn start(
+        disks: &[PathBuf],
+        cfg: ImageConfig,
+        mountpoint: String,
+    ) -> Result<Arc<Node>> {
         if disks.is_empty() {
-            return Err(Error::BadInput("give at least one --disk DIR for the cache".into()));
+            return Err(Error::BadInput(
+                "give at least one --disk DIR for the cache".into(),
+            ));
         }
-        let disks = disks.iter().map(|d| Disk::open(d)).collect::<Result<Vec<_>>>()?;
+        let disks = disks
+            .iter()
+            .map(|d| Disk::open(d))
+            .collect::<Result<Vec<_>>>()?;
         let node = Arc::new(Node {
             disks,
             cfg,
@@ -70,7 +79,9 @@ impl Node {
                         node.images.write().unwrap().insert(name, image.clone());
                         node.run_background(&image);
                     }
-                    Err(e) => error!(image = %name, disk = %disk.uuid8(), error = %e, "cannot open image; leaving it on disk untouched"),
+                    Err(e) => {
+                        error!(image = %name, disk = %disk.uuid8(), error = %e, "cannot open image; leaving it on disk untouched")
+                    }
                 }
             }
         }
@@ -80,13 +91,27 @@ impl Node {
 
     fn source_for(&self, spec: &ImageSpec) -> Result<Arc<dyn Source>> {
         match (spec.source_type, spec.url()) {
-            (SourceType::Download, Some(url)) => Ok(Arc::new(HttpSource::new(url, self.client.clone()))),
-            _ => Err(Error::Unsupported(format!("sourceType {} is not supported yet", spec.source_type.as_str()))),
+            (SourceType::Download, Some(url)) => {
+                Ok(Arc::new(HttpSource::new(url, self.client.clone())))
+            }
+            _ => Err(Error::Unsupported(format!(
+                "sourceType {} is not supported yet",
+                spec.source_type.as_str()
+            ))),
         }
     }
 
-    fn build_image(&self, disk: Disk, files: Arc<ImageFiles>, stored: StoredSpec, state: StoredState, map: BlockMap) -> Arc<Image> {
-        let source = self.source_for(&stored.spec).unwrap_or_else(|_| Arc::new(super::source::MemSource::new(Vec::new())));
+    fn build_image(
+        &self,
+        disk: Disk,
+        files: Arc<ImageFiles>,
+        stored: StoredSpec,
+        state: StoredState,
+        map: BlockMap,
+    ) -> Arc<Image> {
+        let source = self
+            .source_for(&stored.spec)
+            .unwrap_or_else(|_| Arc::new(super::source::MemSource::new(Vec::new())));
         self.build_image_with(disk, files, stored, state, map, source)
     }
 
@@ -100,7 +125,17 @@ impl Node {
         source: Arc<dyn Source>,
     ) -> Arc<Image> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Image::new(id, disk, files, stored, state, map, source, self.cfg.clone(), self.cancel.child_token())
+        Image::new(
+            id,
+            disk,
+            files,
+            stored,
+            state,
+            map,
+            source,
+            self.cfg.clone(),
+            self.cancel.child_token(),
+        )
     }
 
     fn run_background(&self, image: &Arc<Image>) {
@@ -112,12 +147,22 @@ impl Node {
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Image>> {
-        self.images.read().unwrap().get(name).cloned().ok_or_else(|| Error::NotFound(name.to_string()))
+        self.images
+            .read()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(name.to_string()))
     }
 
     /// The image with instance id `id` (the FUSE shell's inode numbers derive from it).
     pub fn get_by_id(&self, id: u64) -> Option<Arc<Image>> {
-        self.images.read().unwrap().values().find(|i| i.id == id).cloned()
+        self.images
+            .read()
+            .unwrap()
+            .values()
+            .find(|i| i.id == id)
+            .cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<Image>> {
@@ -130,11 +175,24 @@ impl Node {
 
     fn pick_disk(&self, want: Option<&str>, size: u64) -> Result<Disk> {
         let disk = match want {
-            Some(w) => self.disks.iter().find(|d| d.uuid.starts_with(w)).cloned().ok_or_else(|| {
-                let known: Vec<_> = self.disks.iter().map(|d| d.uuid8().to_string()).collect();
-                Error::BadInput(format!("no disk with uuid {w:?} on this node; disks: {}", known.join(", ")))
-            })?,
-            None => self.disks.iter().max_by_key(|d| d.free_bytes()).cloned().expect("at least one disk"),
+            Some(w) => self
+                .disks
+                .iter()
+                .find(|d| d.uuid.starts_with(w))
+                .cloned()
+                .ok_or_else(|| {
+                    let known: Vec<_> = self.disks.iter().map(|d| d.uuid8().to_string()).collect();
+                    Error::BadInput(format!(
+                        "no disk with uuid {w:?} on this node; disks: {}",
+                        known.join(", ")
+                    ))
+                })?,
+            None => self
+                .disks
+                .iter()
+                .max_by_key(|d| d.free_bytes())
+                .cloned()
+                .expect("at least one disk"),
         };
         let free = disk.free_bytes();
         if free < size {
@@ -150,7 +208,11 @@ impl Node {
     }
 
     /// Creates an image (a no-op when it exists with the same spec).
-    pub async fn create(self: &Arc<Self>, spec: ImageSpec, opts: CreateOptions) -> Result<Arc<Image>> {
+    pub async fn create(
+        self: &Arc<Self>,
+        spec: ImageSpec,
+        opts: CreateOptions,
+    ) -> Result<Arc<Image>> {
         let source = self.source_for(&spec);
         spec.validate()?;
         self.create_with_source(spec, opts, source?).await
@@ -179,14 +241,30 @@ impl Node {
             identity,
             block_size: self.cfg.block_size,
             fill: !opts.no_fill,
-            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
         let files = ImageFiles::create(&disk, &stored)?;
         let blocks = stored.identity.size.div_ceil(stored.block_size);
-        let state = StoredState { state: State::Pending, checksum: String::new(), error: None };
-        let image = self.build_image_with(disk.clone(), files, stored, state, BlockMap::new(blocks), source);
+        let state = StoredState {
+            state: State::Pending,
+            checksum: String::new(),
+            error: None,
+        };
+        let image = self.build_image_with(
+            disk.clone(),
+            files,
+            stored,
+            state,
+            BlockMap::new(blocks),
+            source,
+        );
         info!(image = %image.name, disk = %disk.uuid8(), size = image.size, source = %image.source.describe(), "image created");
-        self.images.write().unwrap().insert(image.name.clone(), image.clone());
+        self.images
+            .write()
+            .unwrap()
+            .insert(image.name.clone(), image.clone());
         self.run_background(&image);
         // The first block tells the format; fetch it now so status shows it at once.
         if image.blocks() > 0 {
@@ -199,10 +277,17 @@ impl Node {
 
     /// Deletes an image: readers get ENOENT, its files go away.
     pub async fn delete(&self, name: &str) -> Result<()> {
-        let image = self.images.write().unwrap().remove(name).ok_or_else(|| Error::NotFound(name.to_string()))?;
+        let image = self
+            .images
+            .write()
+            .unwrap()
+            .remove(name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
         image.cancel.cancel();
         let files = image.files.clone();
-        tokio::task::spawn_blocking(move || files.remove()).await.map_err(|_| Error::ShuttingDown)??;
+        tokio::task::spawn_blocking(move || files.remove())
+            .await
+            .map_err(|_| Error::ShuttingDown)??;
         info!(image = %name, "image deleted");
         Ok(())
     }

@@ -33,14 +33,26 @@ pub struct Identity {
 
 impl Identity {
     /// Compares what a response says about its version with the pinned one.
-    pub fn check(&self, etag: Option<&str>, last_modified: Option<&str>) -> Result<(), SourceError> {
+    pub fn check(
+        &self,
+        etag: Option<&str>,
+        last_modified: Option<&str>,
+    ) -> Result<(), SourceError> {
         if let (Some(was), Some(now)) = (&self.etag, etag) {
             if was != now {
-                return Err(SourceError::Changed { what: "ETag", was: was.clone(), now: now.into() });
+                return Err(SourceError::Changed {
+                    what: "ETag",
+                    was: was.clone(),
+                    now: now.into(),
+                });
             }
         } else if let (Some(was), Some(now)) = (&self.last_modified, last_modified) {
             if was != now {
-                return Err(SourceError::Changed { what: "Last-Modified", was: was.clone(), now: now.into() });
+                return Err(SourceError::Changed {
+                    what: "Last-Modified",
+                    was: was.clone(),
+                    now: now.into(),
+                });
             }
         }
         Ok(())
@@ -80,17 +92,27 @@ pub fn http_client() -> reqwest::Client {
 
 impl HttpSource {
     pub fn new(url: &str, client: reqwest::Client) -> Self {
-        Self { url: url.to_string(), shown: redact_url(url), client }
+        Self {
+            url: url.to_string(),
+            shown: redact_url(url),
+            client,
+        }
     }
 
     fn status_error(&self, status: reqwest::StatusCode) -> SourceError {
         let hint = match status.as_u16() {
             404 | 410 => "; the file is not there: check the URL",
-            401 | 403 => "; access denied: the URL must be readable without credentials or carry them",
+            401 | 403 => {
+                "; access denied: the URL must be readable without credentials or carry them"
+            }
             s if s >= 500 => "; the server failed, retrying later may help",
             _ => "",
         };
-        SourceError::Status { url: self.shown.clone(), status: status.as_u16(), hint }
+        SourceError::Status {
+            url: self.shown.clone(),
+            status: status.as_u16(),
+            hint,
+        }
     }
 
     fn send_error(&self, e: reqwest::Error) -> SourceError {
@@ -100,12 +122,18 @@ impl HttpSource {
             reason = format!("{reason}: {s}");
             src = s.source();
         }
-        SourceError::Unreachable { url: self.shown.clone(), reason }
+        SourceError::Unreachable {
+            url: self.shown.clone(),
+            reason,
+        }
     }
 }
 
 fn header(resp: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Parses `bytes A-B/TOTAL`.
@@ -137,20 +165,39 @@ impl Source for HttpSource {
         match resp.status().as_u16() {
             206 => {
                 let cr = header(&resp, reqwest::header::CONTENT_RANGE).unwrap_or_default();
-                let size = content_range(&cr).and_then(|(_, _, t)| t).ok_or_else(|| SourceError::Protocol {
-                    url: self.shown.clone(),
-                    reason: format!("206 reply with unusable Content-Range {cr:?}"),
+                let size = content_range(&cr).and_then(|(_, _, t)| t).ok_or_else(|| {
+                    SourceError::Protocol {
+                        url: self.shown.clone(),
+                        reason: format!("206 reply with unusable Content-Range {cr:?}"),
+                    }
                 })?;
-                Ok(Identity { size, etag, last_modified, ranges: true })
+                Ok(Identity {
+                    size,
+                    etag,
+                    last_modified,
+                    ranges: true,
+                })
             }
             200 => {
                 let size = resp.content_length().ok_or_else(|| SourceError::Protocol {
                     url: self.shown.clone(),
-                    reason: "no Content-Length and no range support: the image size cannot be known".into(),
+                    reason:
+                        "no Content-Length and no range support: the image size cannot be known"
+                            .into(),
                 })?;
-                Ok(Identity { size, etag, last_modified, ranges: false })
+                Ok(Identity {
+                    size,
+                    etag,
+                    last_modified,
+                    ranges: false,
+                })
             }
-            416 => Ok(Identity { size: 0, etag, last_modified, ranges: true }),
+            416 => Ok(Identity {
+                size: 0,
+                etag,
+                last_modified,
+                ranges: true,
+            }),
             _ => Err(self.status_error(resp.status())),
         }
     }
@@ -159,7 +206,10 @@ impl Source for HttpSource {
         let mut req = self.client.get(&self.url);
         let ranged = id.ranges;
         if ranged {
-            req = req.header(reqwest::header::RANGE, format!("bytes={}-{}", range.start, range.end - 1));
+            req = req.header(
+                reqwest::header::RANGE,
+                format!("bytes={}-{}", range.start, range.end - 1),
+            );
             // If-Range makes a changed origin answer 200 instead of mixing versions.
             if let Some(etag) = id.etag.as_deref().filter(|e| !e.starts_with("W/")) {
                 req = req.header(reqwest::header::IF_RANGE, etag);
@@ -179,39 +229,64 @@ impl Source for HttpSource {
                 match content_range(&cr) {
                     Some((a, b, total)) if a == range.start && b + 1 == range.end => {
                         if let Some(t) = total.filter(|t| *t != id.size) {
-                            return Err(SourceError::Changed { what: "size", was: id.size.to_string(), now: t.to_string() });
+                            return Err(SourceError::Changed {
+                                what: "size",
+                                was: id.size.to_string(),
+                                now: t.to_string(),
+                            });
                         }
                     }
                     _ => {
                         return Err(SourceError::Protocol {
                             url: self.shown.clone(),
-                            reason: format!("asked bytes {}-{}, got Content-Range {cr:?}", range.start, range.end - 1),
+                            reason: format!(
+                                "asked bytes {}-{}, got Content-Range {cr:?}",
+                                range.start,
+                                range.end - 1
+                            ),
                         })
                     }
                 }
             }
             (200, false) => {
                 if let Some(len) = resp.content_length().filter(|l| *l != id.size) {
-                    return Err(SourceError::Changed { what: "size", was: id.size.to_string(), now: len.to_string() });
+                    return Err(SourceError::Changed {
+                        what: "size",
+                        was: id.size.to_string(),
+                        now: len.to_string(),
+                    });
                 }
             }
             (200, true) => {
                 // If-Range failed (the validator changed) or the server stopped honouring ranges.
                 return Err(SourceError::Changed {
                     what: "validator (If-Range answered with the whole file)",
-                    was: id.etag.clone().or(id.last_modified.clone()).unwrap_or_default(),
+                    was: id
+                        .etag
+                        .clone()
+                        .or(id.last_modified.clone())
+                        .unwrap_or_default(),
                     now: header(&resp, reqwest::header::ETAG).unwrap_or_default(),
                 });
             }
             (416, _) => {
-                return Err(SourceError::Changed { what: "size", was: id.size.to_string(), now: "smaller".into() });
+                return Err(SourceError::Changed {
+                    what: "size",
+                    was: id.size.to_string(),
+                    now: "smaller".into(),
+                });
             }
             _ => return Err(self.status_error(resp.status())),
         }
         let url = self.shown.clone();
         Ok(resp
             .bytes_stream()
-            .map(move |r| r.map_err(|e| SourceError::Interrupted { url: url.clone(), reason: e.to_string() }))
+            .map(move |r| {
+                r.map_err(|e| SourceError::Interrupted {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })
+            })
             .boxed())
     }
 }
@@ -228,7 +303,12 @@ pub struct MemSource {
 impl MemSource {
     pub fn new(data: impl Into<Bytes>) -> Self {
         let data = data.into();
-        let id = Identity { size: data.len() as u64, etag: Some("\"v1\"".into()), last_modified: None, ranges: true };
+        let id = Identity {
+            size: data.len() as u64,
+            etag: Some("\"v1\"".into()),
+            last_modified: None,
+            ranges: true,
+        };
         Self {
             data: Mutex::new((data, id)),
             served: AtomicU64::new(0),
@@ -247,7 +327,12 @@ impl MemSource {
     pub fn replace(&self, data: impl Into<Bytes>, etag: &str) {
         let data = data.into();
         let mut g = self.data.lock().unwrap();
-        g.1 = Identity { size: data.len() as u64, etag: Some(etag.into()), last_modified: None, ranges: true };
+        g.1 = Identity {
+            size: data.len() as u64,
+            etag: Some(etag.into()),
+            last_modified: None,
+            ranges: true,
+        };
         g.0 = data;
     }
 }
@@ -285,14 +370,22 @@ mod tests {
 
     #[test]
     fn parses_content_range() {
-        assert_eq!(content_range("bytes 0-9/67108864"), Some((0, 9, Some(67108864))));
+        assert_eq!(
+            content_range("bytes 0-9/67108864"),
+            Some((0, 9, Some(67108864)))
+        );
         assert_eq!(content_range("bytes 5-9/*"), Some((5, 9, None)));
         assert_eq!(content_range("items 0-1/2"), None);
     }
 
     #[test]
     fn identity_detects_a_new_etag() {
-        let id = Identity { size: 1, etag: Some("\"a\"".into()), last_modified: None, ranges: true };
+        let id = Identity {
+            size: 1,
+            etag: Some("\"a\"".into()),
+            last_modified: None,
+            ranges: true,
+        };
         assert!(id.check(Some("\"a\""), None).is_ok());
         let e = id.check(Some("\"b\""), None).unwrap_err();
         assert!(e.to_string().contains("source changed"), "{e}");

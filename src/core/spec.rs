@@ -94,7 +94,11 @@ impl ImageSpec {
             ));
         }
         if !other.checksum.is_empty() && self.checksum != other.checksum {
-            return Some(conflict("checksum", self.checksum.clone(), other.checksum.clone()));
+            return Some(conflict(
+                "checksum",
+                self.checksum.clone(),
+                other.checksum.clone(),
+            ));
         }
         None
     }
@@ -114,7 +118,10 @@ pub fn validate_name(name: &str) -> Result<()> {
     if name.len() > 253 {
         return bad(&format!("it has {} characters", name.len()));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.')) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.'))
+    {
         return bad(&format!("it contains {c:?}"));
     }
     let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
@@ -123,7 +130,9 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
     for label in name.split('.') {
         if label.is_empty() || label.starts_with('-') || label.ends_with('-') || label.len() > 63 {
-            return bad(&format!("its part {label:?} between dots is not a valid label"));
+            return bad(&format!(
+                "its part {label:?} between dots is not a valid label"
+            ));
         }
     }
     Ok(())
@@ -141,8 +150,11 @@ pub fn validate_checksum(sum: &str) -> Result<()> {
 }
 
 pub fn validate_url(url: &str) -> Result<()> {
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| Error::BadInput(format!("invalid URL {url:?}: {e}; give an http:// or https:// URL")))?;
+    let parsed = reqwest::Url::parse(url).map_err(|e| {
+        Error::BadInput(format!(
+            "invalid URL {url:?}: {e}; give an http:// or https:// URL"
+        ))
+    })?;
     if parsed.scheme() != "http" && parsed.scheme() != "https" {
         return Err(Error::BadInput(format!(
             "invalid URL {url:?}: scheme {:?} is not supported; give an http:// or https:// URL",
@@ -150,7 +162,9 @@ pub fn validate_url(url: &str) -> Result<()> {
         )));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(Error::BadInput(format!("invalid URL {url:?}: it names no host")));
+        return Err(Error::BadInput(format!(
+            "invalid URL {url:?}: it names no host"
+        )));
     }
     Ok(())
 }
@@ -178,7 +192,19 @@ mod tests {
         for ok in ["parrot", "bi-download", "a", "a.b-c.d1", &"a".repeat(63)] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", "A", "../x", "x/y", "-a", "a-", "a..b", ".a", &"a".repeat(300), "a_b", "é"] {
+        for bad in [
+            "",
+            "A",
+            "../x",
+            "x/y",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            &"a".repeat(300),
+            "a_b",
+            "é",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -188,7 +214,10 @@ mod tests {
         validate_checksum("").unwrap();
         validate_checksum(&"ab".repeat(64)).unwrap();
         let e = validate_checksum("abc").unwrap_err().to_string();
-        assert!(e.contains("128 hex digits") && e.contains("3 digits"), "{e}");
+        assert!(
+            e.contains("128 hex digits") && e.contains("3 digits"),
+            "{e}"
+        );
         assert!(validate_checksum(&"zz".repeat(64)).is_err());
     }
 

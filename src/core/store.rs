@@ -88,7 +88,8 @@ impl Disk {
     }
 
     pub fn free_bytes(&self) -> u64 {
-        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        let c =
+            std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
         // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
         unsafe {
             let mut s: libc::statvfs = std::mem::zeroed();
@@ -104,21 +105,34 @@ impl Disk {
 fn new_uuid() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(value).expect("our types serialize");
     let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(&body).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(&body)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     Ok(())
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Io { path: path.into(), msg: format!("unreadable: {e}"), errno: libc::EIO })
+    serde_json::from_slice(&bytes).map_err(|e| Error::Io {
+        path: path.into(),
+        msg: format!("unreadable: {e}"),
+        errno: libc::EIO,
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,17 +192,31 @@ impl ImageFiles {
     /// Creates the image's directory atomically: built under a dot-name, then renamed.
     pub fn create(disk: &Disk, stored: &StoredSpec) -> Result<Arc<ImageFiles>> {
         let dir = disk.image_dir(&stored.spec.name);
-        let tmp = disk.path.join("images").join(format!(".{}.creating", stored.spec.name));
+        let tmp = disk
+            .path
+            .join("images")
+            .join(format!(".{}.creating", stored.spec.name));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let build = || -> Result<()> {
             let data = tmp.join("data");
-            File::create(&data).and_then(|f| f.set_len(stored.identity.size)).map_err(|e| Error::io(&data, e))?;
+            File::create(&data)
+                .and_then(|f| f.set_len(stored.identity.size))
+                .map_err(|e| Error::io(&data, e))?;
             let blocks = stored.identity.size.div_ceil(stored.block_size);
             let bitmap = tmp.join("bitmap");
-            File::create(&bitmap).and_then(|f| f.set_len(blocks.div_ceil(64) * 8)).map_err(|e| Error::io(&bitmap, e))?;
+            File::create(&bitmap)
+                .and_then(|f| f.set_len(blocks.div_ceil(64) * 8))
+                .map_err(|e| Error::io(&bitmap, e))?;
             write_json_atomic(&tmp.join("spec.json"), stored)?;
-            write_json_atomic(&tmp.join("state.json"), &StoredState { state: State::Pending, checksum: String::new(), error: None })?;
+            write_json_atomic(
+                &tmp.join("state.json"),
+                &StoredState {
+                    state: State::Pending,
+                    checksum: String::new(),
+                    error: None,
+                },
+            )?;
             fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
         };
         if let Err(e) = build() {
@@ -201,7 +229,11 @@ impl ImageFiles {
     fn open_files(dir: PathBuf) -> Result<ImageFiles> {
         let open = |name: &str| {
             let p = dir.join(name);
-            OpenOptions::new().read(true).write(true).open(&p).map_err(|e| Error::io(&p, e))
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))
         };
         Ok(ImageFiles {
             data: open("data")?,
@@ -221,7 +253,10 @@ impl ImageFiles {
         let mut bits = Vec::new();
         let len = files.bitmap.metadata().map(|m| m.len()).unwrap_or(0) as usize;
         bits.resize(len, 0);
-        files.bitmap.read_exact_at(&mut bits, 0).map_err(|e| Error::io(files.dir.join("bitmap"), e))?;
+        files
+            .bitmap
+            .read_exact_at(&mut bits, 0)
+            .map_err(|e| Error::io(files.dir.join("bitmap"), e))?;
         let map = if state.state == State::Ready {
             let m = BlockMap::new(blocks);
             m.set_range(0..blocks);
@@ -233,11 +268,15 @@ impl ImageFiles {
     }
 
     pub fn write_data(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.data.write_all_at(buf, offset).map_err(|e| Error::io(self.dir.join("data"), e))
+        self.data
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io(self.dir.join("data"), e))
     }
 
     pub fn read_data(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.data.read_exact_at(buf, offset).map_err(|e| Error::io(self.dir.join("data"), e))
+        self.data
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(self.dir.join("data"), e))
     }
 
     pub fn save_state(&self, state: &StoredState) -> Result<()> {
@@ -250,7 +289,8 @@ impl ImageFiles {
 
     /// Notes that bits from `block` on were set in memory and await a flush.
     pub fn mark_dirty(&self, block: u64) {
-        self.dirty_from.fetch_min((block / 64) as usize, Ordering::AcqRel);
+        self.dirty_from
+            .fetch_min((block / 64) as usize, Ordering::AcqRel);
         self.dirty.store(true, Ordering::Release);
     }
 
@@ -259,7 +299,10 @@ impl ImageFiles {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let from = self.dirty_from.swap(usize::MAX, Ordering::AcqRel).min(map.word_count());
+        let from = self
+            .dirty_from
+            .swap(usize::MAX, Ordering::AcqRel)
+            .min(map.word_count());
         // Snapshot the bits first: every block they cover was written before now,
         // so the fdatasync below makes all of them durable.
         let snapshot = map.to_bytes(from..map.word_count());
@@ -267,7 +310,9 @@ impl ImageFiles {
             self.mark_dirty(from as u64 * 64);
             e
         };
-        self.data.sync_data().map_err(|e| restore(Error::io(self.dir.join("data"), e)))?;
+        self.data
+            .sync_data()
+            .map_err(|e| restore(Error::io(self.dir.join("data"), e)))?;
         self.bitmap
             .write_all_at(&snapshot, from as u64 * 8)
             .and_then(|_| self.bitmap.sync_data())
@@ -299,7 +344,12 @@ mod tests {
         let disk = Disk::open(t.path()).unwrap();
         let stored = StoredSpec {
             spec: ImageSpec::download("img", "http://h/x", ""),
-            identity: Identity { size: 100_000, etag: None, last_modified: None, ranges: true },
+            identity: Identity {
+                size: 100_000,
+                etag: None,
+                last_modified: None,
+                ranges: true,
+            },
             block_size: 4096,
             fill: true,
             created_unix: 0,

@@ -30,11 +30,19 @@ impl Image {
                 _ => {}
             }
             let block = hashed / self.block_size;
-            let run = if block < self.blocks() { self.map.present_run(block) } else { 0 };
+            let run = if block < self.blocks() {
+                self.map.present_run(block)
+            } else {
+                0
+            };
             let avail = ((block + run) * self.block_size).min(self.size);
             if avail > hashed {
                 let end = avail.min(hashed + HASH_CHUNK);
-                let (files, mut h, mut b) = (self.files.clone(), hasher.take().unwrap(), buf.take().unwrap());
+                let (files, mut h, mut b) = (
+                    self.files.clone(),
+                    hasher.take().unwrap(),
+                    buf.take().unwrap(),
+                );
                 let start = hashed;
                 let res = tokio::task::spawn_blocking(move || {
                     b.resize((end - start) as usize, 0);

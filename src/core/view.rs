@@ -31,7 +31,13 @@ impl Image {
         view == View::Stored || matches!(self.format(), Some(Format::Raw))
     }
 
-    pub async fn read_view(self: &Arc<Self>, view: View, offset: u64, len: u32, ra: Option<&Mutex<ReadState>>) -> Result<Bytes> {
+    pub async fn read_view(
+        self: &Arc<Self>,
+        view: View,
+        offset: u64,
+        len: u32,
+        ra: Option<&Mutex<ReadState>>,
+    ) -> Result<Bytes> {
         match (view, self.format()) {
             (View::Stored, _) | (View::Raw, Some(Format::Raw)) => self.read(offset, len, ra).await,
             (View::Raw, Some(Format::Qcow2(_))) => Err(Error::Unsupported(format!(

@@ -1,0 +1,270 @@
+//! Test harness: a real origin (`origin`), the real `bifs` binary mounted on a real FUSE
+//! mountpoint (`Daemon`), helpers to make images and run ordinary tools.
+#![allow(dead_code)]
+
+pub mod origin;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bifs");
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha512_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha512::digest(data))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn is_mounted(mp: &Path) -> bool {
+    let mp = mp.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(mp.as_str()))
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running `bifs mount` on a temporary mountpoint and disk.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub disk: PathBuf,
+    pub server: String,
+    pub extra: Vec<String>,
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        let disk = dir.path().join("disk");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let port = free_port();
+        let mut d = Daemon {
+            mnt,
+            disk,
+            server: format!("http://127.0.0.1:{port}"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            port,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts the daemon process (again) on the same disk and mountpoint.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("mount")
+            .arg("--mountpoint")
+            .arg(&self.mnt)
+            .arg("--disk")
+            .arg(&self.disk)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.extra)
+            .env("RUST_LOG", "bifs=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let server = self.server.clone();
+        let mnt = self.mnt.clone();
+        wait_for(
+            "the daemon to serve its API and mount",
+            Duration::from_secs(20),
+            || {
+                let ok = reqwest::blocking_get_ok(&format!("{server}/healthz")) && is_mounted(&mnt);
+                ok.then_some(())
+            },
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    pub fn raw_path(&self, name: &str) -> PathBuf {
+        self.mnt.join(".raw").join(name)
+    }
+
+    /// Runs a client command against this daemon.
+    pub fn bifs(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("BIFS_SERVER", &self.server)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a client command that must succeed; returns its stdout.
+    pub fn bifs_ok(&self, args: &[&str]) -> String {
+        let out = self.bifs(args);
+        assert!(
+            out.status.success(),
+            "bifs {args:?} failed ({:?}): {}\n--- daemon log ---\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 40)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn status(&self, name: &str) -> Value {
+        serde_json::from_str(&self.bifs_ok(&["status", name, "--json"])).unwrap()
+    }
+
+    /// Waits for `state` (panics with the status if the image ends in another state).
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        wait_for(&format!("{name} to be {state}"), timeout, || {
+            let s = self.status(name);
+            let now = s["state"].as_str().unwrap().to_string();
+            if now == state {
+                return Some(s);
+            }
+            if now == "failed" || now == "ready" {
+                panic!(
+                    "{name} is {now}, expected {state}: {s}\n--- daemon log ---\n{}",
+                    tail(&self.log(), 40)
+                );
+            }
+            None
+        })
+    }
+
+    /// Kills the daemon without any cleanup (as a crash would).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon as systemd would (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs a shell command; returns (exit code, stdout, stderr).
+pub fn sh(cmd: &str) -> (i32, String, String) {
+    let out = Command::new("bash").arg("-c").arg(cmd).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+mod reqwest {
+    /// A tiny blocking GET over std: the tests need no HTTP client of their own.
+    pub fn blocking_get_ok(url: &str) -> bool {
+        use std::io::{Read, Write};
+        let Some(rest) = url.strip_prefix("http://") else {
+            return false;
+        };
+        let (host, path) = rest
+            .split_once('/')
+            .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+        let Ok(mut s) = std::net::TcpStream::connect(host) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        if write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .is_err()
+        {
+            return false;
+        }
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        buf.starts_with("HTTP/1.1 200")
+    }
+}

@@ -1,0 +1,480 @@
+//! The core issue's promises, checked through a real mount of the real binary against a
+//! real HTTP origin on 127.0.0.1.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::origin::{Fault, Origin};
+use common::{random_bytes, sh, sha512_hex, Daemon};
+
+const MIB: usize = 1024 * 1024;
+
+fn read_at(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let f = File::open(path)?;
+    let mut buf = vec![0u8; len];
+    let n = f.read_at(&mut buf, offset)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+#[test]
+fn reads_right_after_create_return_the_source_bytes() {
+    let origin = Origin::start();
+    let data = random_bytes(24 * MIB + 12345, 1);
+    origin.put("parrot.raw", data.clone());
+    let d = Daemon::start();
+    let sum = sha512_hex(&data);
+    d.bifs_ok(&[
+        "create",
+        "parrot",
+        "--url",
+        &origin.url("parrot.raw"),
+        "--checksum",
+        &sum,
+    ]);
+    let p = d.path("parrot");
+    // Scattered reads first, from the end backwards: whatever order, the right bytes.
+    for off in [
+        data.len() as u64 - 100,
+        20 * MIB as u64 + 7,
+        3,
+        5 * MIB as u64 - 1,
+    ] {
+        let got = read_at(&p, off, 5000).unwrap();
+        let end = (off as usize + 5000).min(data.len());
+        assert_eq!(got, &data[off as usize..end], "bytes at {off}");
+    }
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), data.len() as u64);
+    let local = d.dir.path().join("local.raw");
+    std::fs::write(&local, &data).unwrap();
+    let (rc, _, err) = sh(&format!("cmp {} {}", p.display(), local.display()));
+    assert_eq!(rc, 0, "cmp: {err}");
+    let (rc, out, _) = sh(&format!("sha512sum {}", p.display()));
+    assert_eq!(rc, 0);
+    assert_eq!(out.split_whitespace().next().unwrap(), sum);
+    // The raw view of a RAW image is the same bytes.
+    let (rc, _, err) = sh(&format!(
+        "cmp {} {}",
+        d.raw_path("parrot").display(),
+        local.display()
+    ));
+    assert_eq!(rc, 0, "cmp raw view: {err}");
+}
+
+#[test]
+fn image_reaches_ready_with_every_status_field() {
+    let origin = Origin::start();
+    let data = random_bytes(8 * MIB, 2);
+    origin.put("a.raw", data.clone());
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "alpha", "--url", &origin.url("a.raw")]);
+    let s = d.wait_state("alpha", "ready", Duration::from_secs(60));
+    for field in [
+        "name",
+        "format",
+        "size",
+        "state",
+        "progress",
+        "bytesCached",
+        "checksum",
+        "source",
+        "disk",
+        "path",
+        "rawPath",
+        "error",
+    ] {
+        assert!(s.get(field).is_some(), "status lacks {field}: {s}");
+    }
+    assert_eq!(s["progress"], 100);
+    assert_eq!(s["size"], data.len() as u64);
+    assert_eq!(s["bytesCached"], data.len() as u64);
+    assert_eq!(s["format"], "raw");
+    assert_eq!(s["source"]["type"], "download");
+    assert_eq!(s["source"]["parameters"]["url"], origin.url("a.raw"));
+    assert_eq!(s["disk"]["uuid"].as_str().unwrap().len(), 36);
+    // No checksum given: the computed one is recorded.
+    assert_eq!(s["checksum"], sha512_hex(&data));
+    assert_eq!(s["path"], d.path("alpha").display().to_string());
+    let (rc, out, _) = sh(&format!("getfattr -d -m - {}", d.path("alpha").display()));
+    assert_eq!(rc, 0);
+    assert!(out.contains("user.bifs.state=\"ready\""), "{out}");
+    assert!(out.contains("user.bifs.progress=\"100\""), "{out}");
+    assert!(out.contains("user.bifs.format=\"raw\""), "{out}");
+    let list = d.bifs_ok(&["list"]);
+    assert!(list.contains("alpha") && list.contains("ready"), "{list}");
+    // After ready the reads go through passthrough / page cache and stay right.
+    let got = std::fs::read(d.path("alpha")).unwrap();
+    assert!(got == data);
+}
+
+#[test]
+fn wrong_checksum_fails_the_image_and_reads_give_eio() {
+    let origin = Origin::start();
+    let data = random_bytes(4 * MIB, 3);
+    origin.put("w.raw", data.clone());
+    let d = Daemon::start();
+    let wrong = sha512_hex(b"something else");
+    d.bifs_ok(&[
+        "create",
+        "wrong",
+        "--url",
+        &origin.url("w.raw"),
+        "--checksum",
+        &wrong,
+    ]);
+    let out = d.bifs(&["status", "wrong", "--wait", "ready", "--timeout", "60s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "status --wait ready of a failed image exits 1"
+    );
+    let s = d.status("wrong");
+    assert_eq!(s["state"], "failed");
+    let err = s["error"].as_str().unwrap();
+    assert!(
+        err.contains(&wrong) && err.contains(&sha512_hex(&data)),
+        "error names both digests: {err}"
+    );
+    let e = read_at(&d.path("wrong"), 0, 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let (_, out, _) = sh(&format!(
+        "getfattr -n user.bifs.error --only-values {}",
+        d.path("wrong").display()
+    ));
+    assert!(out.contains("checksum mismatch"), "{out}");
+}
+
+#[test]
+fn a_killed_daemon_resumes_without_refetching_what_it_had() {
+    let origin = Origin::start();
+    let size = 32 * MIB;
+    let data = random_bytes(size, 4);
+    origin.put("k.raw", data.clone());
+    origin.set_chunk_delay(Duration::from_millis(4));
+    let mut d = Daemon::start();
+    d.bifs_ok(&[
+        "create",
+        "kill",
+        "--url",
+        &origin.url("k.raw"),
+        "--checksum",
+        &sha512_hex(&data),
+    ]);
+    common::wait_for("a third of the image", Duration::from_secs(60), || {
+        (d.status("kill")["progress"].as_u64().unwrap() >= 35).then_some(())
+    });
+    // Let the flusher make at least one pass over what landed.
+    std::thread::sleep(Duration::from_millis(700));
+    d.kill9();
+    let (_, _, err) = sh(&format!("ls {}", d.mnt.display()));
+    assert!(
+        err.contains("not connected"),
+        "a killed daemon leaves a stale mount: {err}"
+    );
+    origin.set_chunk_delay(Duration::ZERO);
+    d.spawn(); // clears the stale mount, reopens the disk
+    let s = d.wait_state("kill", "ready", Duration::from_secs(60));
+    assert_eq!(s["progress"], 100);
+    let served = origin.served();
+    assert!(
+        served <= size as u64 * 5 / 4,
+        "fetched {served} bytes over both runs for a {size}-byte image (limit 1.25x)"
+    );
+    assert!(std::fs::read(d.path("kill")).unwrap() == data);
+}
+
+#[test]
+fn a_source_that_changes_mid_fill_fails_the_image_and_mixes_nothing() {
+    let origin = Origin::start();
+    let old = random_bytes(32 * MIB, 5);
+    origin.put("c.raw", old.clone());
+    origin.set_chunk_delay(Duration::from_millis(30));
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "changing", "--url", &origin.url("c.raw")]);
+    let head = read_at(&d.path("changing"), 0, 65536).unwrap();
+    assert_eq!(head, &old[..65536]);
+    let new = random_bytes(32 * MIB, 6);
+    origin.put("c.raw", new.clone());
+    origin.set_chunk_delay(Duration::ZERO);
+    let s = common::wait_for("the image to fail", Duration::from_secs(60), || {
+        let s = d.status("changing");
+        (s["state"] == "failed").then_some(s)
+    });
+    assert!(
+        s["error"].as_str().unwrap().contains("source changed"),
+        "{s}"
+    );
+    // Every read now fails; none returns bytes of the new version.
+    for off in [0u64, 8 * MIB as u64, 32 * MIB as u64 - 4096] {
+        match read_at(&d.path("changing"), off, 4096) {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO)),
+            Ok(b) => assert_eq!(
+                b,
+                &old[off as usize..off as usize + b.len()],
+                "served bytes not of the old version at {off}"
+            ),
+        }
+    }
+    let e = File::open(d.path("changing"))
+        .and_then(|mut f| f.read(&mut [0u8; 10]))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+}
+
+#[test]
+fn unreachable_and_missing_sources_give_clear_errors_and_create_nothing() {
+    let origin = Origin::start();
+    let d = Daemon::start();
+    let out = d.bifs(&["create", "missing", "--url", &origin.url("nope.raw")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("404") && err.contains("check the URL"),
+        "{err}"
+    );
+    // Nothing listens on port 9 of loopback: connection refused.
+    let out = d.bifs(&["create", "down", "--url", "http://127.0.0.1:9/x.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach source"), "{err}");
+    origin.fault(Fault::Status(403));
+    origin.put("forbidden.raw", vec![1u8; 1000]);
+    let out = d.bifs(&["create", "forbidden", "--url", &origin.url("forbidden.raw")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
+    let list: serde_json::Value = serde_json::from_str(&d.bifs_ok(&["list", "--json"])).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        0,
+        "failed creates left images behind: {list}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&d.mnt).unwrap().count(),
+        1,
+        "only .raw in the mount"
+    );
+}
+
+#[test]
+fn transient_faults_are_retried_and_the_image_still_verifies() {
+    let origin = Origin::start();
+    let data = random_bytes(12 * MIB, 7);
+    origin.put("t.raw", data.clone());
+    let d = Daemon::start();
+    d.bifs_ok(&[
+        "create",
+        "flaky",
+        "--url",
+        &origin.url("t.raw"),
+        "--checksum",
+        &sha512_hex(&data),
+        "--no-fill",
+    ]);
+    // The create's probe and first block are done; now the fill meets a reset, a 503 and a slow reply.
+    origin.fault(Fault::Truncate(100_000));
+    origin.fault(Fault::Status(503));
+    origin.fault(Fault::Delay(Duration::from_millis(500)));
+    d.bifs_ok(&["fill", "flaky"]);
+    d.wait_state("flaky", "ready", Duration::from_secs(60));
+    assert!(std::fs::read(d.path("flaky")).unwrap() == data);
+    assert!(
+        d.log().contains("retrying"),
+        "the daemon logged its retries"
+    );
+}
+
+#[test]
+fn a_failing_image_leaves_the_others_served() {
+    let origin = Origin::start();
+    let good = random_bytes(4 * MIB, 8);
+    origin.put("good.raw", good.clone());
+    origin.put("bad.raw", random_bytes(16 * MIB, 9));
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "good", "--url", &origin.url("good.raw")]);
+    d.wait_state("good", "ready", Duration::from_secs(60));
+    d.bifs_ok(&[
+        "create",
+        "bad",
+        "--url",
+        &origin.url("bad.raw"),
+        "--no-fill",
+    ]);
+    origin.remove("bad.raw");
+    d.bifs_ok(&["fill", "bad"]);
+    let s = common::wait_for("bad to fail", Duration::from_secs(60), || {
+        let s = d.status("bad");
+        (s["state"] == "failed").then_some(s)
+    });
+    assert!(s["error"].as_str().unwrap().contains("404"), "{s}");
+    assert!(std::fs::read(d.path("good")).unwrap() == good);
+    assert_eq!(d.status("good")["state"], "ready");
+}
+
+#[test]
+fn bad_input_exits_2_names_the_problem_and_creates_nothing() {
+    let origin = Origin::start();
+    origin.put("x.raw", vec![0u8; 4096]);
+    let d = Daemon::start();
+    let url = origin.url("x.raw");
+    let long = "a".repeat(300);
+    let nonhex = "g".repeat(128);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["create", "../x", "--url", &url], "invalid image name"),
+        (vec!["create", "A", "--url", &url], "invalid image name"),
+        (vec!["create", &long, "--url", &url], "300 characters"),
+        (
+            vec!["create", "ok", "--url", "ftp://127.0.0.1/x.raw"],
+            "not supported",
+        ),
+        (vec!["create", "ok", "--url", "not a url"], "invalid URL"),
+        (
+            vec!["create", "ok", "--url", &url, "--checksum", "abc123"],
+            "128 hex digits",
+        ),
+        (
+            vec!["create", "ok", "--url", &url, "--checksum", &nonhex],
+            "128 hex digits",
+        ),
+        (vec!["status", "Bad_Name"], "invalid image name"),
+        (vec!["frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, want) in cases {
+        let out = d.bifs(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err}");
+    }
+    // The API refuses the same input on its own (for programs that skip the CLI).
+    let (rc, out, _) = sh(&format!(
+        "curl -s -o /dev/stdout -w ' %{{http_code}}' -X POST -H 'content-type: application/json' \
+         -d '{{\"name\":\"../x\",\"sourceType\":\"download\",\"sourceParameters\":{{\"url\":\"{url}\"}}}}' {}/v1/images",
+        d.server
+    ));
+    assert_eq!(rc, 0);
+    assert!(
+        out.ends_with(" 400") && out.contains("invalid image name"),
+        "{out}"
+    );
+    let list: serde_json::Value = serde_json::from_str(&d.bifs_ok(&["list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    // An existing name with another spec is refused and names the field; the same spec is a no-op.
+    d.bifs_ok(&["create", "ok", "--url", &url]);
+    d.bifs_ok(&["create", "ok", "--url", &url]);
+    origin.put("y.raw", vec![0u8; 4096]);
+    let out = d.bifs(&["create", "ok", "--url", &origin.url("y.raw")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sourceParameters"));
+    let out = d.bifs(&["status", "nothere"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no image named"));
+}
+
+#[test]
+fn eight_concurrent_random_readers_during_the_fill_all_get_the_right_bytes() {
+    let origin = Origin::start();
+    let size = 32 * MIB;
+    let data = std::sync::Arc::new(random_bytes(size, 10));
+    origin.put("r.raw", data.to_vec());
+    origin.set_chunk_delay(Duration::from_micros(500));
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "conc", "--url", &origin.url("r.raw")]);
+    let path = d.path("conc");
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (data, path) = (data.clone(), path.clone());
+            std::thread::spawn(move || {
+                let f = File::open(&path).unwrap();
+                let mut x = t * 7919 + 1;
+                for _ in 0..150 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let off = (x >> 20) % size as u64;
+                    let len = 1 + ((x >> 8) % 200_000) as usize;
+                    let mut buf = vec![0u8; len];
+                    let n = f.read_at(&mut buf, off).unwrap();
+                    let want = &data[off as usize..(off as usize + len).min(size)];
+                    assert_eq!(n, want.len());
+                    assert!(
+                        &buf[..n] == want,
+                        "reader {t} got wrong bytes at {off}+{len}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    origin.set_chunk_delay(Duration::ZERO);
+    d.wait_state("conc", "ready", Duration::from_secs(60));
+}
+
+#[test]
+fn writes_truncates_and_creates_fail_with_erofs() {
+    let origin = Origin::start();
+    origin.put("ro.raw", random_bytes(MIB, 11));
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "ro", "--url", &origin.url("ro.raw")]);
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(
+        OpenOptions::new().write(true).open(d.path("ro")).map(drop),
+        "open for write",
+    );
+    erofs(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.path("ro"))
+            .map(drop),
+        "open read-write",
+    );
+    erofs(File::create(d.mnt.join("new")).map(drop), "create");
+    erofs(std::fs::create_dir(d.mnt.join("dir")), "mkdir");
+    erofs(std::fs::remove_file(d.path("ro")), "unlink");
+    erofs(
+        OpenOptions::new()
+            .write(true)
+            .open(d.path("ro"))
+            .and_then(|f| f.set_len(0)),
+        "truncate",
+    );
+    let (rc, _, err) = sh(&format!(
+        "dd if=/dev/zero of={} bs=4k count=1 conv=notrunc",
+        d.path("ro").display()
+    ));
+    assert_ne!(rc, 0);
+    assert!(err.contains("Read-only file system"), "{err}");
+    // The image is unchanged.
+    let mut f = File::open(d.path("ro")).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut b = vec![0u8; 16];
+    f.read_exact(&mut b).unwrap();
+    assert_eq!(b, random_bytes(16, 11));
+}
+
+#[test]
+fn sigterm_unmounts_cleanly_and_a_restart_serves_ready_images_at_once() {
+    let origin = Origin::start();
+    let data = random_bytes(2 * MIB, 12);
+    origin.put("s.raw", data.clone());
+    let mut d = Daemon::start();
+    d.bifs_ok(&["create", "stay", "--url", &origin.url("s.raw")]);
+    d.wait_state("stay", "ready", Duration::from_secs(60));
+    d.stop();
+    assert!(
+        !common::is_mounted(&d.mnt),
+        "SIGTERM leaves no mount behind"
+    );
+    drop(origin); // the origin is gone: a ready image needs nothing from it
+    d.spawn();
+    assert_eq!(d.status("stay")["state"], "ready");
+    assert!(std::fs::read(d.path("stay")).unwrap() == data);
+}
