@@ -27,6 +27,23 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// A large image cheaply: one random MiB repeated, each 4 KiB page stamped with its
+/// offset so that a byte served from the wrong place never compares equal.
+pub fn stamped_image(len: usize, seed: u64) -> bytes::Bytes {
+    let unit = random_bytes(1 << 20, seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = (len - out.len()).min(unit.len());
+        out.extend_from_slice(&unit[..n]);
+    }
+    for page in (0..len).step_by(4096) {
+        let stamp = (page as u64).to_le_bytes();
+        let n = stamp.len().min(len - page);
+        out[page..page + n].copy_from_slice(&stamp[..n]);
+    }
+    out.into()
+}
+
 pub fn sha512_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha512::digest(data))
