@@ -111,6 +111,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let session = fuser::spawn_mount(fs, &mp, &cfg)
         .with_context(|| format!("cannot mount FUSE at {mp_str}"))?;
     raise_readahead(&mp);
+    rt.spawn(crate::fs::invalidate_on_events(
+        node.clone(),
+        session.notifier(),
+    ));
     info!(mountpoint = %mp_str, api = %api_addr, images = node.list().len(), "bifs mounted");
 
     let external_unmount = rt.block_on(async {

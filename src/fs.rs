@@ -50,8 +50,43 @@ pub struct BifsFs {
     passthrough: bool,
 }
 
-fn ino_of(image: &Image, view: View) -> u64 {
-    16 + 2 * image.id + u64::from(view == View::Raw)
+pub fn ino_of(image: &Image, view: View) -> u64 {
+    ino_for(image.id, view)
+}
+
+pub fn ino_for(id: u64, view: View) -> u64 {
+    16 + 2 * id + u64::from(view == View::Raw)
+}
+
+/// Drops the kernel's caches of images that failed or went away, so that a failed image
+/// serves no page it cached earlier and a deleted name disappears at once.
+pub async fn invalidate_on_events(node: Arc<Node>, notifier: fuser::Notifier) {
+    let mut rx = node.subscribe();
+    loop {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        let n = notifier.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let r = match &ev {
+                crate::core::ImageEvent::Failed { id } => [View::Stored, View::Raw]
+                    .iter()
+                    .try_for_each(|v| n.inval_inode(INodeNo(ino_for(*id, *v)), 0, 0)),
+                crate::core::ImageEvent::Deleted { name, .. } => n
+                    .inval_entry(INodeNo::ROOT, OsStr::new(name))
+                    .and_then(|_| n.inval_entry(INodeNo(RAW_DIR), OsStr::new(name))),
+            };
+            // ENOENT: the kernel had nothing cached for it.
+            if let Err(e) = r {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    debug!(event = ?ev, error = %e, "cache invalidation failed");
+                }
+            }
+        })
+        .await;
+    }
 }
 
 fn errno(e: &crate::core::Error) -> Errno {

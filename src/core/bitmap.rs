@@ -38,7 +38,7 @@ impl BlockMap {
                 buf[..end - start].copy_from_slice(&bytes[start..end]);
             }
             let mut v = u64::from_le_bytes(buf);
-            if i == map.words.len() - 1 && blocks % 64 != 0 {
+            if i == map.words.len() - 1 && !blocks.is_multiple_of(64) {
                 v &= (1u64 << (blocks % 64)) - 1;
             }
             w.store(v, Ordering::Relaxed);

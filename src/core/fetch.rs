@@ -31,6 +31,10 @@ const MAX_ATTEMPTS: u32 = 6;
 /// Whole blocks buffered before they are written (a job smaller than this writes once).
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// What `plan` did: the jobs to wait on (each with the block index it must reach), and
+/// the run of the last job it started.
+pub(crate) type Plan = (Vec<(Arc<Job>, u64)>, Option<Range<u64>>);
+
 #[derive(Debug, Clone, Default)]
 pub struct JobProgress {
     /// Blocks before this index (within the job) have landed.
@@ -137,7 +141,7 @@ impl Image {
         wait: bool,
         max_blocks: u64,
         mut permit: Option<OwnedSemaphorePermit>,
-    ) -> (Vec<(Arc<Job>, u64)>, Option<Range<u64>>) {
+    ) -> Plan {
         let mut waits = Vec::new();
         let mut started = None;
         let from_fill = permit.is_some();

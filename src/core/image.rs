@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -68,6 +68,16 @@ pub struct Image {
     pub(crate) fetched_bytes: AtomicU64,
     pub(crate) cancel: CancellationToken,
     format: OnceLock<Format>,
+    events: broadcast::Sender<ImageEvent>,
+}
+
+/// What the shells hear about images: the FUSE shell drops kernel caches on these.
+#[derive(Debug, Clone)]
+pub enum ImageEvent {
+    /// The image failed: cached pages of it must not be served any more.
+    Failed { id: u64 },
+    /// The image is gone from the node.
+    Deleted { id: u64, name: String },
 }
 
 /// The status document (`bifs status --json`, `GET /v1/images/{name}`).
@@ -118,6 +128,7 @@ impl Image {
         source: Arc<dyn Source>,
         cfg: ImageConfig,
         cancel: CancellationToken,
+        events: broadcast::Sender<ImageEvent>,
     ) -> Arc<Image> {
         let (state_tx, _) = watch::channel(state.state);
         Arc::new(Image {
@@ -140,6 +151,7 @@ impl Image {
             fetched_bytes: AtomicU64::new(0),
             cancel,
             format: OnceLock::new(),
+            events,
         })
     }
 
@@ -249,6 +261,7 @@ impl Image {
         }
         drop(st);
         error!(image = %self.name, disk = %self.disk.uuid8(), error = %err, "image failed");
+        let _ = self.events.send(ImageEvent::Failed { id: self.id });
         self.state_tx.send_replace(State::Failed);
         self.landed.notify_waiters();
     }

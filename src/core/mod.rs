@@ -14,7 +14,7 @@ pub mod verify;
 pub mod view;
 
 pub use error::{Error, Result, SourceError};
-pub use image::{Image, ImageConfig, Status};
+pub use image::{Image, ImageConfig, ImageEvent, Status};
 pub use node::{CreateOptions, Node};
 pub use spec::ImageSpec;
 pub use store::State;

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result};
-use super::image::{Image, ImageConfig, Status};
+use super::image::{Image, ImageConfig, ImageEvent, Status};
 use super::source::{http_client, HttpSource, Source};
 use super::spec::{ImageSpec, SourceType};
 use super::store::{Disk, ImageFiles, State, StoredSpec, StoredState};
@@ -37,6 +37,7 @@ pub struct Node {
     next_id: AtomicU64,
     client: reqwest::Client,
     pub cancel: CancellationToken,
+    events: tokio::sync::broadcast::Sender<ImageEvent>,
 }
 
 impl Node {
@@ -64,6 +65,7 @@ impl Node {
             next_id: AtomicU64::new(1),
             client: http_client(),
             cancel: CancellationToken::new(),
+            events: tokio::sync::broadcast::channel(1024).0,
         });
         for disk in &node.disks {
             for name in disk.image_names()? {
@@ -135,6 +137,7 @@ impl Node {
             source,
             self.cfg.clone(),
             self.cancel.child_token(),
+            self.events.clone(),
         )
     }
 
@@ -153,6 +156,11 @@ impl Node {
             .get(name)
             .cloned()
             .ok_or_else(|| Error::NotFound(name.to_string()))
+    }
+
+    /// Failures and deletions, for the shells' caches.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ImageEvent> {
+        self.events.subscribe()
     }
 
     /// The image with instance id `id` (the FUSE shell's inode numbers derive from it).
@@ -284,6 +292,10 @@ impl Node {
             .remove(name)
             .ok_or_else(|| Error::NotFound(name.to_string()))?;
         image.cancel.cancel();
+        let _ = self.events.send(ImageEvent::Deleted {
+            id: image.id,
+            name: name.to_string(),
+        });
         let files = image.files.clone();
         tokio::task::spawn_blocking(move || files.remove())
             .await

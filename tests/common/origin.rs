@@ -176,7 +176,7 @@ async fn serve(
     let ranges = !s.no_ranges.load(Ordering::SeqCst);
     let if_range_ok = headers
         .get("if-range")
-        .map_or(true, |v| v.to_str().ok() == Some(etag.as_str()));
+        .is_none_or(|v| v.to_str().ok() == Some(etag.as_str()));
     let (status, body, content_range) =
         match parse_range(&headers, len).filter(|_| ranges && if_range_ok && len > 0) {
             Some((a, b)) if a < len && a <= b => (

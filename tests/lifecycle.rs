@@ -1,0 +1,225 @@
+//! Failures a user can cause beyond bad input: a full disk, deleting an image in use,
+//! a daemon guarded by a token; and the stricter `--require-verified` mode.
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::origin::Origin;
+use common::{random_bytes, sh, sha512_hex, wait_for, Daemon};
+
+const MIB: usize = 1 << 20;
+
+/// A small tmpfs for the disk, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn new(dir: &std::path::Path, mib: u64) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "bifs-test"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_image_with_a_clear_message_and_recovers_after_space_is_freed() {
+    let origin = Origin::start();
+    let data = random_bytes(24 * MIB, 31);
+    origin.put("f.raw", data.clone());
+    origin.put("huge.raw", vec![0u8; 64 * MIB]);
+    let base = tempfile::tempdir().unwrap();
+    let disk = base.path().join("disk");
+    let _tmpfs = SmallDisk::new(&disk, 40);
+    let d = Daemon::start_with(&["--disk", disk.to_str().unwrap()]);
+    // Two disks now: the daemon's own and the small one. Ask for the small one by uuid.
+    let uuid: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(disk.join("bifs-disk.json")).unwrap()).unwrap();
+    let uuid = uuid["uuid"].as_str().unwrap()[..8].to_string();
+    // Larger than the disk: refused at create, nothing made.
+    let out = d.bifs(&[
+        "create",
+        "huge",
+        "--url",
+        &origin.url("huge.raw"),
+        "--disk",
+        &uuid,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not enough space"), "{err}");
+    assert!(!disk.join("images/huge").exists());
+    // Fits at create, but the disk fills up under it while the fill runs.
+    origin.set_chunk_delay(Duration::from_millis(20));
+    d.bifs_ok(&[
+        "create",
+        "fits",
+        "--url",
+        &origin.url("f.raw"),
+        "--disk",
+        &uuid,
+        "--checksum",
+        &sha512_hex(&data),
+    ]);
+    let filler = disk.join("filler");
+    let (rc, _, _) = sh(&format!(
+        "dd if=/dev/zero of={} bs=1M count=40 2>/dev/null",
+        filler.display()
+    ));
+    assert_ne!(rc, 0, "the filler fills the disk");
+    origin.set_chunk_delay(Duration::ZERO);
+    let s = wait_for("the image to fail", Duration::from_secs(60), || {
+        let s = d.status("fits");
+        (s["state"] == "failed").then_some(s)
+    });
+    let msg = s["error"].as_str().unwrap();
+    assert!(
+        msg.contains("No space left") && msg.contains("free space"),
+        "{msg}"
+    );
+    // Other work goes on: the daemon answers, and after space is freed a retry completes it.
+    std::fs::remove_file(&filler).unwrap();
+    d.bifs_ok(&["fill", "fits"]);
+    d.wait_state("fits", "ready", Duration::from_secs(60));
+    assert!(std::fs::read(d.path("fits")).unwrap() == data);
+}
+
+#[test]
+fn a_checksum_failure_cannot_be_retried_away() {
+    let origin = Origin::start();
+    origin.put("c.raw", random_bytes(MIB, 32));
+    let d = Daemon::start();
+    d.bifs_ok(&[
+        "create",
+        "bad",
+        "--url",
+        &origin.url("c.raw"),
+        "--checksum",
+        &sha512_hex(b"x"),
+    ]);
+    let out = d.bifs(&["status", "bad", "--wait", "failed", "--timeout", "60s"]);
+    assert!(out.status.success());
+    let out = d.bifs(&["fill", "bad"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("delete and recreate"));
+    assert_eq!(d.status("bad")["state"], "failed");
+}
+
+#[test]
+fn deleting_an_image_in_use_ends_its_reads_and_frees_its_files() {
+    let origin = Origin::start();
+    let data = random_bytes(16 * MIB, 33);
+    origin.put("d.raw", data.clone());
+    origin.set_chunk_delay(Duration::from_millis(20));
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "gone", "--url", &origin.url("d.raw")]);
+    let f = File::open(d.path("gone")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    d.bifs_ok(&["delete", "gone"]);
+    assert!(!d.path("gone").exists());
+    assert!(!d.disk.join("images/gone").exists(), "its files are gone");
+    assert!(
+        f.read_exact_at(&mut buf, 15 * MIB as u64).is_err(),
+        "reads of a deleted image fail"
+    );
+    let out = d.bifs(&["delete", "gone"]);
+    assert_eq!(out.status.code(), Some(1));
+    // The name is free again, for a new image with another source.
+    origin.set_chunk_delay(Duration::ZERO);
+    origin.put("e.raw", random_bytes(MIB, 34));
+    d.bifs_ok(&["create", "gone", "--url", &origin.url("e.raw")]);
+    d.wait_state("gone", "ready", Duration::from_secs(60));
+    assert!(std::fs::read(d.path("gone")).unwrap() == random_bytes(MIB, 34));
+}
+
+#[test]
+fn require_verified_reads_wait_for_ready() {
+    let origin = Origin::start();
+    let data = random_bytes(8 * MIB, 35);
+    origin.put("v.raw", data.clone());
+    origin.set_chunk_delay(Duration::from_millis(10));
+    let d = Daemon::start_with(&["--require-verified"]);
+    d.bifs_ok(&["create", "strict", "--url", &origin.url("v.raw")]);
+    let path = d.path("strict");
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, 0)
+            .unwrap();
+        buf
+    });
+    wait_for("the reader", Duration::from_secs(60), || {
+        if reader.is_finished() {
+            return Some(());
+        }
+        // While the reader waits, the image is not ready yet.
+        assert_ne!(d.status("strict")["state"], "failed");
+        None
+    });
+    assert_eq!(
+        d.status("strict")["state"],
+        "ready",
+        "a read returned before the image was verified"
+    );
+    assert_eq!(reader.join().unwrap(), &data[..4096]);
+}
+
+#[test]
+fn a_token_guards_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let d = Daemon::start_with(&["--token-file", token.to_str().unwrap()]);
+    let out = d.bifs(&["list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bearer token"));
+    let out = Command::new(common::BIN)
+        .args(["list", "--json"])
+        .env("BIFS_SERVER", &d.server)
+        .env("BIFS_TOKEN_FILE", &token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, out, _) = sh(&format!("curl -s {}/healthz", d.server));
+    assert_eq!(out, "ok\n");
+    assert!(
+        !d.log().contains("s3cret"),
+        "the token never reaches the log"
+    );
+}
+
+#[test]
+fn metrics_show_each_image() {
+    let origin = Origin::start();
+    origin.put("m.raw", random_bytes(MIB, 36));
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "metered", "--url", &origin.url("m.raw")]);
+    d.wait_state("metered", "ready", Duration::from_secs(60));
+    let (rc, out, _) = sh(&format!("curl -sf {}/metrics", d.server));
+    assert_eq!(rc, 0);
+    assert!(out.contains("bifs_images 1"), "{out}");
+    assert!(
+        out.contains("bifs_image_size_bytes{name=\"metered\""),
+        "{out}"
+    );
+    assert!(out.contains("state=\"ready\"} 1"), "{out}");
+}
