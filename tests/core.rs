@@ -478,3 +478,79 @@ fn sigterm_unmounts_cleanly_and_a_restart_serves_ready_images_at_once() {
     assert_eq!(d.status("stay")["state"], "ready");
     assert!(std::fs::read(d.path("stay")).unwrap() == data);
 }
+
+#[test]
+fn a_server_without_range_support_still_serves_the_image() {
+    let origin = Origin::start();
+    let data = random_bytes(6 * MIB + 3, 13);
+    origin.put("n.raw", data.clone());
+    origin.set_no_ranges(true);
+    let d = Daemon::start();
+    d.bifs_ok(&[
+        "create",
+        "noranges",
+        "--url",
+        &origin.url("n.raw"),
+        "--checksum",
+        &sha512_hex(&data),
+    ]);
+    // A read near the end waits for the one stream to get there.
+    let got = read_at(&d.path("noranges"), data.len() as u64 - 1000, 1000).unwrap();
+    assert_eq!(got, &data[data.len() - 1000..]);
+    d.wait_state("noranges", "ready", Duration::from_secs(60));
+    assert!(std::fs::read(d.path("noranges")).unwrap() == data);
+    assert!(
+        origin.served() <= 2 * data.len() as u64,
+        "served {}",
+        origin.served()
+    );
+}
+
+#[test]
+fn bifs_serve_is_an_origin_with_ranges() {
+    let www = tempfile::tempdir().unwrap();
+    let data = random_bytes(3 * MIB + 17, 14);
+    std::fs::write(www.path().join("img.raw"), &data).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut serve = std::process::Command::new(common::BIN)
+        .args([
+            "serve",
+            www.path().to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/img.raw");
+    common::wait_for("bifs serve", Duration::from_secs(10), || {
+        (sh(&format!("curl -sf -o /dev/null {url}")).0 == 0).then_some(())
+    });
+    let (_, out, _) = sh(&format!(
+        "curl -s -D - -o /dev/null -H 'Range: bytes=5-9' {url}"
+    ));
+    assert!(
+        out.starts_with("HTTP/1.1 206") && out.to_lowercase().contains("content-range: bytes 5-9/"),
+        "{out}"
+    );
+    let d = Daemon::start();
+    d.bifs_ok(&[
+        "create",
+        "served",
+        "--url",
+        &url,
+        "--checksum",
+        &sha512_hex(&data),
+    ]);
+    d.wait_state("served", "ready", Duration::from_secs(60));
+    assert!(std::fs::read(d.path("served")).unwrap() == data);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let out = d.bifs(&["serve", "/nonexistent/dir"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+}
