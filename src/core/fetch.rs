@@ -335,9 +335,7 @@ impl Image {
                 let data = buf.split_to(whole).freeze();
                 let offset = *next * bs;
                 let files = self.files.clone();
-                tokio::task::spawn_blocking(move || files.write_data(offset, &data))
-                    .await
-                    .map_err(|_| Error::ShuttingDown)??;
+                super::store::page_io(whole, move || files.write_data(offset, &data)).await?;
                 let landed = (offset + whole as u64).div_ceil(bs).min(job.blocks.end);
                 self.map.set_range(*next..landed);
                 self.files.mark_dirty(*next);

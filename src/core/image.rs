@@ -329,12 +329,12 @@ impl Image {
             self.wait_ready().await?;
         }
         let files = self.files.clone();
-        let buf = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; (end - offset) as usize];
+        let len = (end - offset) as usize;
+        let buf = super::store::page_io(len, move || {
+            let mut buf = vec![0u8; len];
             files.read_data(offset, &mut buf).map(|_| buf)
         })
-        .await
-        .map_err(|_| Error::ShuttingDown)??;
+        .await?;
         if self.is_failed() {
             return Err(self.failure());
         }

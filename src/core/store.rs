@@ -372,3 +372,17 @@ mod tests {
         assert_eq!(buf, [7; 4]);
     }
 }
+
+/// Up to this many bytes, a data-file read or write runs on the async worker itself: it is
+/// a copy to or from the page cache, a few microseconds, less than handing it to the
+/// blocking pool and back (which dominated the latency of a random 4 KiB read). Larger
+/// transfers go to the blocking pool so that a worker never stalls for long.
+const INLINE_IO_BYTES: usize = 256 * 1024;
+
+/// Runs page-cache I/O of `len` bytes inline or on the blocking pool (see above).
+pub(crate) async fn page_io<T: Send + 'static>(len: usize, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    if len <= INLINE_IO_BYTES {
+        return f();
+    }
+    tokio::task::spawn_blocking(f).await.map_err(|_| Error::ShuttingDown)?
+}
