@@ -28,11 +28,45 @@ pub struct CreateOptions {
     pub no_fill: bool,
 }
 
+/// Images by name (sorted, for listings) and by instance id (for inode lookups).
+#[derive(Default)]
+struct Registry {
+    by_name: BTreeMap<String, Arc<Image>>,
+    by_id: std::collections::HashMap<u64, Arc<Image>>,
+}
+
+impl Registry {
+    fn insert(&mut self, image: Arc<Image>) {
+        self.by_id.insert(image.id, image.clone());
+        self.by_name.insert(image.name.clone(), image);
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<Image>> {
+        let image = self.by_name.remove(name)?;
+        self.by_id.remove(&image.id);
+        Some(image)
+    }
+}
+
+fn check_space(disk: &Disk, need: u64) -> Result<()> {
+    let free = disk.free_bytes();
+    if free < need {
+        return Err(Error::Io {
+            path: disk.path.clone(),
+            msg: format!(
+                "not enough space for the image: {need} more bytes needed, {free} free; free space or add another --disk"
+            ),
+            errno: libc::ENOSPC,
+        });
+    }
+    Ok(())
+}
+
 pub struct Node {
     pub disks: Vec<Disk>,
     pub cfg: ImageConfig,
     pub mountpoint: String,
-    images: RwLock<BTreeMap<String, Arc<Image>>>,
+    images: RwLock<Registry>,
     creating: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
     client: reqwest::Client,
@@ -60,7 +94,7 @@ impl Node {
             disks,
             cfg,
             mountpoint,
-            images: RwLock::new(BTreeMap::new()),
+            images: RwLock::new(Registry::default()),
             creating: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
             client: http_client(),
@@ -69,7 +103,7 @@ impl Node {
         });
         for disk in &node.disks {
             for name in disk.image_names()? {
-                if node.images.read().unwrap().contains_key(&name) {
+                if node.images.read().unwrap().by_name.contains_key(&name) {
                     warn!(image = %name, disk = %disk.uuid8(), "image also on another disk; using the first copy");
                     continue;
                 }
@@ -78,7 +112,7 @@ impl Node {
                         let image = node.build_image(disk.clone(), files, stored, state, map);
                         info!(image = %name, disk = %disk.uuid8(), state = image.state().as_str(),
                               present = image.map.present_count(), blocks = image.blocks(), "image found on disk");
-                        node.images.write().unwrap().insert(name, image.clone());
+                        node.images.write().unwrap().insert(image.clone());
                         node.run_background(&image);
                     }
                     Err(e) => {
@@ -153,6 +187,7 @@ impl Node {
         self.images
             .read()
             .unwrap()
+            .by_name
             .get(name)
             .cloned()
             .ok_or_else(|| Error::NotFound(name.to_string()))
@@ -165,23 +200,26 @@ impl Node {
 
     /// The image with instance id `id` (the FUSE shell's inode numbers derive from it).
     pub fn get_by_id(&self, id: u64) -> Option<Arc<Image>> {
-        self.images
-            .read()
-            .unwrap()
-            .values()
-            .find(|i| i.id == id)
-            .cloned()
+        self.images.read().unwrap().by_id.get(&id).cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<Image>> {
-        self.images.read().unwrap().values().cloned().collect()
+        self.images
+            .read()
+            .unwrap()
+            .by_name
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn status(&self, image: &Image) -> Status {
         image.status(&self.mountpoint)
     }
 
-    fn pick_disk(&self, want: Option<&str>, size: u64) -> Result<Disk> {
+    /// Picks the disk for a new image; `size`: the space it must have free (None: an
+    /// image that is fetched only as it is read, `--no-fill`, is checked when its fill starts).
+    fn pick_disk(&self, want: Option<&str>, size: Option<u64>) -> Result<Disk> {
         let disk = match want {
             Some(w) => self
                 .disks
@@ -202,15 +240,8 @@ impl Node {
                 .cloned()
                 .expect("at least one disk"),
         };
-        let free = disk.free_bytes();
-        if free < size {
-            return Err(Error::Io {
-                path: disk.path.clone(),
-                msg: format!(
-                    "not enough space for the image: {size} bytes needed, {free} free; free space or add another --disk"
-                ),
-                errno: libc::ENOSPC,
-            });
+        if let Some(need) = size {
+            check_space(&disk, need)?;
         }
         Ok(disk)
     }
@@ -243,7 +274,7 @@ impl Node {
             };
         }
         let identity = source.probe().await?;
-        let disk = self.pick_disk(opts.disk.as_deref(), identity.size)?;
+        let disk = self.pick_disk(opts.disk.as_deref(), (!opts.no_fill).then_some(identity.size))?;
         let stored = StoredSpec {
             spec,
             identity,
@@ -269,10 +300,7 @@ impl Node {
             source,
         );
         info!(image = %image.name, disk = %disk.uuid8(), size = image.size, source = %image.source.describe(), "image created");
-        self.images
-            .write()
-            .unwrap()
-            .insert(image.name.clone(), image.clone());
+        self.images.write().unwrap().insert(image.clone());
         self.run_background(&image);
         // The first block tells the format; fetch it now so status shows it at once.
         if image.blocks() > 0 {
@@ -307,6 +335,7 @@ impl Node {
     /// Starts (or restarts after a recoverable failure) the fill of an image.
     pub fn fill(&self, name: &str) -> Result<Arc<Image>> {
         let image = self.get(name)?;
+        check_space(&image.disk, image.size - image.bytes_cached())?;
         let recovered = image.clear_recoverable_failure()?;
         {
             let mut stored = image.stored.lock().unwrap();

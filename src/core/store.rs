@@ -380,9 +380,14 @@ mod tests {
 const INLINE_IO_BYTES: usize = 256 * 1024;
 
 /// Runs page-cache I/O of `len` bytes inline or on the blocking pool (see above).
-pub(crate) async fn page_io<T: Send + 'static>(len: usize, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn page_io<T: Send + 'static>(
+    len: usize,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     if len <= INLINE_IO_BYTES {
         return f();
     }
-    tokio::task::spawn_blocking(f).await.map_err(|_| Error::ShuttingDown)?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Error::ShuttingDown)?
 }
