@@ -16,7 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tracing::{debug, debug_span, warn, Instrument};
 
@@ -159,7 +159,30 @@ impl BifsFs {
         }
     }
 
+    /// The entries of directory `ino` with their attributes, or None if it is no directory.
+    fn entries(&self, ino: u64) -> Option<Vec<(FileAttr, String)>> {
+        let view = match ino {
+            1 => View::Stored,
+            RAW_DIR => View::Raw,
+            _ => return None,
+        };
+        let mut entries = vec![
+            (self.dir_attr(ino), ".".to_string()),
+            (self.dir_attr(1), "..".to_string()),
+        ];
+        if ino == 1 {
+            entries.push((self.dir_attr(RAW_DIR), ".raw".into()));
+        }
+        for image in self.node.list() {
+            entries.push((self.file_attr(&image, view), image.name.clone()));
+        }
+        Some(entries)
+    }
+
     fn xattr(&self, image: &Image, name: &str) -> Option<String> {
+        if !XATTRS.contains(&name) {
+            return None; // security.*, system.posix_acl_*: asked by `ls -l` for every file
+        }
         let st = self.node.status(image);
         Some(match name {
             "user.bifs.state" => st.state,
@@ -201,6 +224,7 @@ impl fuser::Filesystem for BifsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.set_max_background(64);
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(2).is_ok()
         {
@@ -362,27 +386,31 @@ impl fuser::Filesystem for BifsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let (view, parent) = match ino.0 {
-            1 => (View::Stored, 1),
-            RAW_DIR => (View::Raw, 1),
-            _ => return reply.error(Errno::ENOTDIR),
+        let Some(entries) = self.entries(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
         };
-        let mut entries: Vec<(u64, FileType, String)> = vec![
-            (ino.0, FileType::Directory, ".".into()),
-            (parent, FileType::Directory, "..".into()),
-        ];
-        if ino.0 == 1 {
-            entries.push((RAW_DIR, FileType::Directory, ".raw".into()));
+        for (i, (attr, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(attr.ino, (i + 1) as u64, attr.kind, name) {
+                break;
+            }
         }
-        for image in self.node.list() {
-            entries.push((
-                ino_of(&image, view),
-                FileType::RegularFile,
-                image.name.clone(),
-            ));
-        }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+        reply.ok();
+    }
+
+    /// With READDIRPLUS an `ls -l` of a thousand images needs no LOOKUP per image.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.entries(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (attr, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(attr.ino, (i + 1) as u64, name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }

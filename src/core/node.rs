@@ -274,7 +274,10 @@ impl Node {
             };
         }
         let identity = source.probe().await?;
-        let disk = self.pick_disk(opts.disk.as_deref(), (!opts.no_fill).then_some(identity.size))?;
+        let disk = self.pick_disk(
+            opts.disk.as_deref(),
+            (!opts.no_fill).then_some(identity.size),
+        )?;
         let stored = StoredSpec {
             spec,
             identity,
