@@ -554,3 +554,22 @@ fn bifs_serve_is_an_origin_with_ranges() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
 }
+
+#[test]
+fn redirects_are_followed() {
+    let origin = Origin::start();
+    let data = random_bytes(3 * MIB, 15);
+    origin.put("r.raw", data.clone());
+    let d = Daemon::start();
+    let url = format!("http://{}/moved/r.raw", origin.addr);
+    d.bifs_ok(&[
+        "create",
+        "moved",
+        "--url",
+        &url,
+        "--checksum",
+        &sha512_hex(&data),
+    ]);
+    d.wait_state("moved", "ready", Duration::from_secs(60));
+    assert!(std::fs::read(d.path("moved")).unwrap() == data);
+}

@@ -59,6 +59,7 @@ impl Origin {
                 atx.send(listener.local_addr().unwrap()).unwrap();
                 let app = axum::Router::new()
                     .route("/{name}", axum::routing::get(serve))
+                    .route("/moved/{name}", axum::routing::get(moved))
                     .with_state(state);
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async {
@@ -132,6 +133,15 @@ impl Drop for Origin {
             let _ = t.join();
         }
     }
+}
+
+/// `/moved/NAME` redirects to `/NAME`, as object stores and CDNs do.
+async fn moved(Path(name): Path<String>) -> Response {
+    Response::builder()
+        .status(302)
+        .header("location", format!("/{name}"))
+        .body(Body::empty())
+        .unwrap()
 }
 
 fn parse_range(h: &HeaderMap, len: u64) -> Option<(u64, u64)> {
