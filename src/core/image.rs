@@ -325,7 +325,16 @@ impl Image {
         }
         let blocks = offset / self.block_size..end.div_ceil(self.block_size);
         self.ensure(blocks).await?;
-        if self.cfg.require_verified {
+        if self.cfg.require_verified && self.state() != State::Ready {
+            if !self.stored().fill {
+                // Nothing would ever make it ready: say so instead of hanging the reader.
+                return Err(Error::Failed {
+                    name: self.name.clone(),
+                    msg: "not verified yet and its fill is off (--no-fill) while the daemon runs with \
+                          --require-verified; run `bifs fill` to complete it"
+                        .into(),
+                });
+            }
             self.wait_ready().await?;
         }
         let files = self.files.clone();
