@@ -18,6 +18,56 @@ pub struct Qcow2Header {
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
+/// Incompatible feature bits of a v3 header (qcow2 spec, "incompatible_features").
+const INCOMPAT_NAMES: [&str; 5] = [
+    "the dirty bit (refcounts may be stale: run `qemu-img check -r all` on the source)",
+    "the corrupt bit (the image is damaged: repair it with `qemu-img check -r all`)",
+    "an external data file",
+    "zstd compression (qcow2-rs decodes zlib only: convert with `-o compression_type=zlib`)",
+    "extended L2 entries (subclusters: convert without `-o extended_l2=on`)",
+];
+
+impl Qcow2Header {
+    /// Why qcow2-rs cannot decode this image's guest view, if it cannot: checked before
+    /// the decoder opens it, because qcow2-rs panics on a missing backing file and a
+    /// backing image must not reach out to other files anyway.
+    pub fn raw_view_problem(&self, name: &str) -> Option<String> {
+        if self.has_backing_file {
+            return Some(format!(
+                "qcow2 image {name:?} has a backing file of its own; a backing image must be self-contained"
+            ));
+        }
+        if self.version < 2 {
+            return Some(format!(
+                "qcow2 image {name:?} is version {}, which is unsupported for the raw view",
+                self.version
+            ));
+        }
+        // qcow2-rs reads clusters of 512 bytes to 2 MiB.
+        if !(9..=21).contains(&self.cluster_bits) {
+            return Some(format!(
+                "qcow2 image {name:?} has {}-bit clusters, which is unsupported for the raw view",
+                self.cluster_bits
+            ));
+        }
+        if self.incompatible_features != 0 {
+            let what: Vec<String> = (0..64)
+                .filter(|bit| self.incompatible_features & (1 << bit) != 0)
+                .map(|bit| match INCOMPAT_NAMES.get(bit) {
+                    Some(n) => n.to_string(),
+                    None => format!("incompatible feature bit {bit}"),
+                })
+                .collect();
+            return Some(format!(
+                "qcow2 image {name:?} uses {}, which is unsupported for the raw view; \
+                 the stored image itself stays readable",
+                what.join(" and ")
+            ));
+        }
+        None
+    }
+}
+
 impl Format {
     /// Detects the format from the first bytes of an image.
     pub fn detect(head: &[u8]) -> Format {
@@ -71,5 +121,43 @@ mod tests {
             f => panic!("{f:?}"),
         }
         assert_eq!(Format::detect(&[0u8; 512]), Format::Raw);
+    }
+
+    fn header(version: u32, incompat: u64, backing: bool) -> Qcow2Header {
+        Qcow2Header {
+            version,
+            virtual_size: 1 << 30,
+            cluster_bits: 16,
+            has_backing_file: backing,
+            incompatible_features: incompat,
+        }
+    }
+
+    #[test]
+    fn raw_view_problems_name_the_feature() {
+        assert_eq!(header(3, 0, false).raw_view_problem("a"), None);
+        assert_eq!(header(2, 0, false).raw_view_problem("a"), None);
+        let zstd = header(3, 1 << 3, false).raw_view_problem("z").unwrap();
+        assert!(
+            zstd.contains("zstd") && zstd.contains("unsupported for the raw view"),
+            "{zstd}"
+        );
+        let ext = header(3, 1 << 4, false).raw_view_problem("e").unwrap();
+        assert!(ext.contains("extended L2"), "{ext}");
+        let both = header(3, (1 << 3) | (1 << 40), false)
+            .raw_view_problem("b")
+            .unwrap();
+        assert!(both.contains("zstd") && both.contains("bit 40"), "{both}");
+        let back = header(3, 0, true).raw_view_problem("o").unwrap();
+        assert_eq!(
+            back,
+            "qcow2 image \"o\" has a backing file of its own; a backing image must be self-contained"
+        );
+        let mut big = header(3, 0, false);
+        big.cluster_bits = 22;
+        assert!(big
+            .raw_view_problem("c")
+            .unwrap()
+            .contains("22-bit clusters"));
     }
 }
