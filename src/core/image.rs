@@ -69,6 +69,8 @@ pub struct Image {
     pub(crate) cancel: CancellationToken,
     format: OnceLock<Format>,
     events: broadcast::Sender<ImageEvent>,
+    /// The QCOW2 guest view's decoder (`qcow2.rs`), started by the first raw read.
+    pub(crate) raw_view: super::qcow2::RawViewSlot,
 }
 
 /// What the shells hear about images: the FUSE shell drops kernel caches on these.
@@ -152,6 +154,7 @@ impl Image {
             cancel,
             format: OnceLock::new(),
             events,
+            raw_view: Default::default(),
         })
     }
 
@@ -393,7 +396,11 @@ impl Image {
             },
             path: format!("{mountpoint}/{}", self.name),
             raw_path: format!("{mountpoint}/.raw/{}", self.name),
-            error: st.error.unwrap_or_default(),
+            // A broken raw view does not fail the image, but status must say why it EIOs.
+            error: st
+                .error
+                .or_else(|| self.raw_view_error())
+                .unwrap_or_default(),
             fill: stored.fill,
             block_size: self.block_size,
             bytes_fetched: self.fetched_bytes.load(Ordering::Relaxed),

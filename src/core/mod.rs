@@ -7,6 +7,7 @@ pub mod fill;
 pub mod format;
 pub mod image;
 pub mod node;
+pub mod qcow2;
 pub mod source;
 pub mod spec;
 pub mod store;

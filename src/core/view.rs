@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::error::{Error, Result};
+use super::error::Result;
 use super::fetch::ReadState;
 use super::format::Format;
 use super::image::Image;
@@ -40,10 +40,7 @@ impl Image {
     ) -> Result<Bytes> {
         match (view, self.format()) {
             (View::Stored, _) | (View::Raw, Some(Format::Raw)) => self.read(offset, len, ra).await,
-            (View::Raw, Some(Format::Qcow2(_))) => Err(Error::Unsupported(format!(
-                "the raw view of qcow2 image {:?} is not available in this build; read {} instead",
-                self.name, self.name
-            ))),
+            (View::Raw, Some(Format::Qcow2(h))) => self.read_qcow2(&h, offset, len).await,
             (View::Raw, None) => {
                 self.ensure(0..1).await?;
                 Box::pin(self.read_view(view, offset, len, ra)).await

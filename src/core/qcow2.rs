@@ -1,0 +1,481 @@
+//! The guest view of a QCOW2 image (`<mnt>/.raw/<name>`), decoded by qcow2-rs from the
+//! stored bytes as the lazy store serves them: a guest read fetches the header, the L1
+//! and refcount tables, one L2 slice and the clusters that hold it, nothing more.
+//!
+//! - Threading: qcow2-rs's device is `!Sync` and its futures are `!Send`, so each image's
+//!   decoder lives on a thread of its own (a current-thread runtime and a `LocalSet`),
+//!   started by the first raw read and ended with the image (delete, shutdown). Readers
+//!   send it requests over a channel and wait on a oneshot; every request runs as a
+//!   local task, so a read waiting on the network does not hold up the others.
+//! - I/O engine (`LazyIo`): blocks already present are read from the data file on the
+//!   decoder thread (a page-cache `pread`, cheaper than a hop to another thread);
+//!   absent ones go through `Image::read` on the node's runtime, with the decoder's own
+//!   readahead state, by `Handle::spawn` and awaiting the `JoinHandle` (awaitable from
+//!   any runtime, so nothing `!Send` crosses over). Bytes past the end of the stored
+//!   image read as zeros, as qcow2 defines them.
+//! - Caches: qcow2-rs keeps the whole L1 table and refcount table (read at open), L2
+//!   tables in 4 KiB slices in its own LRU bounded to 32 MiB per image (less when that
+//!   maps the whole disk), and up to 256 KiB of refcount blocks (untouched by reads).
+//!   Compressed clusters are inflated on every read. That is bounded already, so no
+//!   cache is added here.
+//! - qcow2-rs quirks (FACTS.md §2): offsets and lengths must be 512-aligned (requests are
+//!   widened and sliced); a read crossing the end of the virtual disk returns a wrong
+//!   length, and a failed cluster in a multi-cluster read shows only as a short count
+//!   (reads are clamped and counts checked); a missing backing file panics, and zstd or
+//!   extended L2 images fail to open (refused up front by
+//!   `Qcow2Header::raw_view_problem`). A panic ends the decoder, never the daemon: the
+//!   raw view answers EIO from then on and status names the cause, while the stored
+//!   bytes keep being served and the image is not failed.
+
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
+use qcow2_rs::error::Qcow2Result;
+use qcow2_rs::ops::Qcow2IoOps;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use super::error::{Error, Result};
+use super::fetch::ReadState;
+use super::format::Qcow2Header;
+use super::image::Image;
+use super::store::State;
+
+/// qcow2-rs's I/O unit: offsets and lengths of guest reads are multiples of it.
+const SECTOR: u64 = 512;
+/// The largest single `Image::read` (its length is a u32).
+const MAX_STORED_READ: u64 = 64 * 1024 * 1024;
+
+struct Request {
+    offset: u64,
+    len: u64,
+    reply: oneshot::Sender<Result<Bytes>>,
+}
+
+/// The raw-view decoder of one image: absent until the first raw read.
+#[derive(Default)]
+pub(crate) struct RawViewSlot {
+    decoder: Mutex<Decoder>,
+}
+
+#[derive(Default)]
+enum Decoder {
+    #[default]
+    Idle,
+    Running(mpsc::UnboundedSender<Request>),
+    /// The raw view cannot be served (unsupported image, decoder panicked): the reason.
+    Broken(Error),
+}
+
+impl RawViewSlot {
+    fn broken(&self) -> Option<Error> {
+        match &*self.decoder.lock().unwrap() {
+            Decoder::Broken(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    fn set_broken(&self, e: Error) {
+        *self.decoder.lock().unwrap() = Decoder::Broken(e);
+    }
+
+    /// Hands `req` to the image's decoder, starting one if there is none (or the last
+    /// ended after an I/O error while opening).
+    fn send(&self, image: &Arc<Image>, header: &Qcow2Header, mut req: Request) -> Result<()> {
+        let mut decoder = self.decoder.lock().unwrap();
+        match &*decoder {
+            Decoder::Broken(e) => return Err(e.clone()),
+            Decoder::Running(tx) => match tx.send(req) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(r)) => req = r,
+            },
+            Decoder::Idle => {}
+        }
+        if image.cancel.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(problem) = header.raw_view_problem(&image.name) {
+            warn!(image = %image.name, reason = %problem, "raw view unavailable");
+            let e = Error::Unsupported(problem);
+            *decoder = Decoder::Broken(e.clone());
+            return Err(e);
+        }
+        let tx = start_decoder(image, header)?;
+        // The receiver lives until the thread has answered or failed what it holds.
+        let _ = tx.send(req);
+        *decoder = Decoder::Running(tx);
+        Ok(())
+    }
+}
+
+impl Image {
+    /// Why the raw view of this image does not work, once a raw read found out.
+    pub fn raw_view_error(&self) -> Option<String> {
+        self.raw_view.broken().map(|e| e.to_string())
+    }
+
+    /// Reads `len` bytes at `offset` of the guest view of this QCOW2 image.
+    pub(crate) async fn read_qcow2(
+        self: &Arc<Self>,
+        header: &Qcow2Header,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes> {
+        if self.is_failed() {
+            return Err(self.failure());
+        }
+        if offset >= header.virtual_size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = Request {
+            offset,
+            len: u64::from(len),
+            reply,
+        };
+        self.raw_view.send(self, header, req)?;
+        match rx.await {
+            Ok(r) => r,
+            // The decoder dropped the request: it broke down, or the image is going away.
+            Err(_) => Err(self.raw_view.broken().unwrap_or(Error::ShuttingDown)),
+        }
+    }
+}
+
+fn decoder_error(name: &str, msg: String) -> Error {
+    Error::Io {
+        path: PathBuf::from(".raw").join(name),
+        msg,
+        errno: libc::EIO,
+    }
+}
+
+fn start_decoder(
+    image: &Arc<Image>,
+    header: &Qcow2Header,
+) -> Result<mpsc::UnboundedSender<Request>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let ctx = DecoderCtx {
+        image: Arc::downgrade(image),
+        name: image.name.clone(),
+        disk: image.disk.uuid8().to_string(),
+        header: header.clone(),
+        rt: Handle::current(),
+        cancel: image.cancel.clone(),
+    };
+    std::thread::Builder::new()
+        .name("bifs-qcow2".into())
+        .spawn(move || ctx.run(rx))
+        .map_err(|e| {
+            decoder_error(
+                &image.name,
+                format!("cannot start the qcow2 decoder thread: {e}"),
+            )
+        })?;
+    Ok(tx)
+}
+
+struct DecoderCtx {
+    /// Weak: the image owns the decoder's channel, so a strong handle here would keep a
+    /// deleted image (and its thread) alive for ever.
+    image: Weak<Image>,
+    name: String,
+    disk: String,
+    header: Qcow2Header,
+    rt: Handle,
+    cancel: CancellationToken,
+}
+
+impl DecoderCtx {
+    fn run(self, rx: mpsc::UnboundedReceiver<Request>) {
+        let span = info_span!("image", name = %self.name, disk = %self.disk);
+        let local_rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let err = decoder_error(&self.name, format!("cannot start its runtime: {e}"));
+                self.fail_all(rx, err);
+                return;
+            }
+        };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&local_rt, self.serve(rx).instrument(span));
+    }
+
+    /// Marks the raw view broken, so waiting and later readers get `err`.
+    fn break_view(&self, err: &Error) {
+        error!(error = %err, "raw view broken; the stored image is still served");
+        if let Some(image) = self.image.upgrade() {
+            image.raw_view.set_broken(err.clone());
+        }
+    }
+
+    fn fail_all(&self, mut rx: mpsc::UnboundedReceiver<Request>, err: Error) {
+        rx.close();
+        while let Ok(req) = rx.try_recv() {
+            let _ = req.reply.send(Err(err.clone()));
+        }
+    }
+
+    async fn serve(self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        let last_io_error = Rc::new(RefCell::new(None));
+        let io = LazyIo {
+            image: self.image.clone(),
+            rt: self.rt.clone(),
+            ra: Default::default(),
+            last_error: last_io_error.clone(),
+        };
+        let dev = match AssertUnwindSafe(open(io, &self.name, &self.header))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(dev)) => Rc::new(dev),
+            Ok(Err(msg)) => {
+                let err = match last_io_error.take() {
+                    // Fetching failed (source down...): a later raw read opens afresh.
+                    Some(io_err) => {
+                        warn!(error = %io_err, "qcow2 header or tables not readable; will retry on the next raw read");
+                        io_err
+                    }
+                    None => {
+                        let e = Error::Unsupported(format!(
+                            "the raw view of qcow2 image {:?} is unsupported: qcow2-rs cannot open it: {msg}",
+                            self.name
+                        ));
+                        self.break_view(&e);
+                        e
+                    }
+                };
+                self.fail_all(rx, err);
+                return;
+            }
+            Err(panic) => {
+                let e = decoder_error(
+                    &self.name,
+                    format!(
+                        "the qcow2 decoder panicked opening the image ({}); the raw view is off until the daemon restarts",
+                        panic_text(&*panic)
+                    ),
+                );
+                self.break_view(&e);
+                self.fail_all(rx, e);
+                return;
+            }
+        };
+        info!(
+            virtual_size = dev.info.virtual_size(),
+            cluster_size = dev.info.cluster_size(),
+            "qcow2 decoder started"
+        );
+        // Stops the loop after a panic: the device's state may be half-updated.
+        let stop = self.cancel.child_token();
+        let me = Rc::new(self);
+        loop {
+            let req = tokio::select! {
+                r = rx.recv() => r,
+                _ = stop.cancelled() => None,
+            };
+            let Some(req) = req else { break };
+            let (dev, me, stop, last) =
+                (dev.clone(), me.clone(), stop.clone(), last_io_error.clone());
+            let span = tracing::Span::current();
+            tokio::task::spawn_local(async move {
+                let read = read_guest(&dev, req.offset, req.len, me.header.virtual_size, &me.name, &last);
+                let r = match AssertUnwindSafe(read).catch_unwind().await {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        let e = decoder_error(
+                            &me.name,
+                            format!(
+                                "the qcow2 decoder panicked reading guest bytes {}+{} ({}); the raw view is off until the daemon restarts",
+                                req.offset,
+                                req.len,
+                                panic_text(&*panic)
+                            ),
+                        );
+                        me.break_view(&e);
+                        stop.cancel();
+                        Err(e)
+                    }
+                };
+                let _ = req.reply.send(r);
+            }.instrument(span));
+        }
+        // Requests still queued or in flight drop their replies: their readers find the
+        // broken view's reason, or that the image is going away.
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// qcow2-rs's own cache sizing, except that a slice is at most one cluster: its default
+/// 4 KiB slices break images with clusters under 4 KiB.
+fn dev_params(header: &Qcow2Header) -> Qcow2DevParams {
+    let cluster_bits = header.cluster_bits as u8;
+    let slice_bits = cluster_bits.min(12);
+    let l2_bytes = (header.virtual_size >> (cluster_bits - 3)).min(32 << 20) as usize;
+    let l2 = (slice_bits, l2_bytes.max(2 << slice_bits));
+    let rb = (slice_bits, (256usize << 10).max(2 << slice_bits));
+    // 512-byte I/O unit, read-only, no O_DIRECT.
+    Qcow2DevParams::new(9, Some(rb), Some(l2), true, false)
+}
+
+async fn open(
+    io: LazyIo,
+    name: &str,
+    header: &Qcow2Header,
+) -> std::result::Result<Qcow2Dev<LazyIo>, String> {
+    let params = dev_params(header);
+    let path = Path::new(".raw").join(name);
+    let (dev, backing) = qcow2_rs::utils::qcow2_alloc_dev(&path, io, &params)
+        .await
+        .map_err(|e| e.to_string())?;
+    if backing.is_some() {
+        return Err("it names a backing file".into());
+    }
+    dev.qcow2_prep_io().await.map_err(|e| e.to_string())?;
+    Ok(dev)
+}
+
+/// Reads guest bytes `offset..offset+len`, clamped to the virtual size, working around
+/// qcow2-rs's alignment rules and its miscounted reads at the end of the disk.
+async fn read_guest(
+    dev: &Qcow2Dev<LazyIo>,
+    offset: u64,
+    len: u64,
+    virtual_size: u64,
+    name: &str,
+    last_io_error: &RefCell<Option<Error>>,
+) -> Result<Bytes> {
+    let end = (offset + len).min(virtual_size);
+    if offset >= end {
+        return Ok(Bytes::new());
+    }
+    let start = offset / SECTOR * SECTOR;
+    let aligned_end = end.div_ceil(SECTOR) * SECTOR;
+    // A read must not cross the virtual size: the whole sectors before it in one read,
+    // then (for a size that is not a multiple of 512) the last partial sector alone.
+    let whole_end = aligned_end.min(virtual_size / SECTOR * SECTOR);
+    let mut buf = vec![0u8; (aligned_end - start) as usize];
+    let mut at = start;
+    for part_end in [whole_end, aligned_end] {
+        if part_end <= at {
+            continue;
+        }
+        let part = &mut buf[(at - start) as usize..(part_end - start) as usize];
+        let want = part.len();
+        let got = dev.read_at(part, at).await;
+        if !matches!(got, Ok(n) if n == want) {
+            // An engine error is the real cause (and may be worth a retry); qcow2-rs
+            // reports it as a plain message, or only as a short count.
+            if let Some(e) = last_io_error.take() {
+                return Err(e);
+            }
+            let what = match got {
+                Ok(n) => format!("short read: {n} of {want} bytes"),
+                Err(e) => e.to_string(),
+            };
+            warn!(offset = at, len = want, error = %what, "qcow2 decode failed");
+            return Err(decoder_error(
+                name,
+                format!("qcow2 decode of guest bytes {at}+{want} failed: {what}"),
+            ));
+        }
+        at = part_end;
+    }
+    Ok(Bytes::from(buf).slice((offset - start) as usize..(end - start) as usize))
+}
+
+/// qcow2-rs's I/O engine: reads of the stored image through the lazy store.
+struct LazyIo {
+    image: Weak<Image>,
+    rt: Handle,
+    /// Sequential detection over the stored bytes the decoder reads.
+    ra: Arc<Mutex<ReadState>>,
+    /// The last error of a read, for the reply (qcow2-rs keeps only its text).
+    last_error: Rc<RefCell<Option<Error>>>,
+}
+
+impl LazyIo {
+    async fn read_stored(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let image = self.image.upgrade().ok_or(Error::ShuttingDown)?;
+        let end = (offset + buf.len() as u64).min(image.size);
+        let have = end.saturating_sub(offset) as usize;
+        buf[have..].fill(0);
+        if have == 0 {
+            return Ok(());
+        }
+        let blocks = offset / image.block_size..end.div_ceil(image.block_size);
+        let local = !image.is_failed()
+            && image.map.all_set(blocks)
+            && (!image.cfg.require_verified || image.state() == State::Ready);
+        if local {
+            // Present blocks: read the data file right here (see the module comment).
+            image.files.read_data(offset, &mut buf[..have])?;
+            if image.is_failed() {
+                return Err(image.failure());
+            }
+            return Ok(());
+        }
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(MAX_STORED_READ);
+            let (reader, ra) = (image.clone(), self.ra.clone());
+            let bytes = self
+                .rt
+                .spawn(async move { reader.read(at, n as u32, Some(&*ra)).await })
+                .await
+                .map_err(|_| Error::ShuttingDown)??;
+            if bytes.len() as u64 != n {
+                return Err(decoder_error(
+                    &image.name,
+                    format!("stored bytes {at}+{n}: read returned {} bytes", bytes.len()),
+                ));
+            }
+            let from = (at - offset) as usize;
+            buf[from..from + n as usize].copy_from_slice(&bytes);
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+impl Qcow2IoOps for LazyIo {
+    async fn read_to(&self, offset: u64, buf: &mut [u8]) -> Qcow2Result<usize> {
+        match self.read_stored(offset, buf).await {
+            Ok(()) => Ok(buf.len()),
+            Err(e) => {
+                let msg = e.to_string();
+                *self.last_error.borrow_mut() = Some(e);
+                Err(msg.into())
+            }
+        }
+    }
+
+    async fn write_from(&self, _offset: u64, _buf: &[u8]) -> Qcow2Result<()> {
+        Err("the raw view is read-only".into())
+    }
+
+    async fn fallocate(&self, _offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
+        Err("the raw view is read-only".into())
+    }
+
+    async fn fsync(&self, _offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
+        Ok(())
+    }
+}
