@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::origin::Origin;
+use common::origin::{Fault, Origin};
 use common::{random_bytes, sh, sha512_hex, Daemon};
 
 const MIB: u64 = 1024 * 1024;
@@ -205,6 +205,7 @@ fn one_guest_block_of_a_1_gib_qcow2_fetches_only_its_metadata_and_cluster() {
     let got = read_at(&d.raw_path("big"), guest, 4096).unwrap();
     assert_eq!(got, read_at(&raw, guest, 4096).unwrap());
     let fetched = origin.served() - before;
+    eprintln!("one 4 KiB guest block: fetched {fetched} of {stored} bytes");
     assert!(
         fetched < stored / 20,
         "reading one 4 KiB guest block fetched {fetched} of {stored} bytes (limit 5%)"
@@ -410,4 +411,36 @@ fn unsupported_qcow2_features_fail_the_raw_view_only_and_say_why() {
         d.log().contains("raw view broken"),
         "the daemon logged the panic"
     );
+}
+
+#[test]
+fn a_raw_read_the_origin_cannot_serve_gives_eio_and_a_later_one_succeeds() {
+    let origin = Origin::start();
+    let d = Daemon::start();
+    let work = d.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let base = variant_base(&work);
+    let qcow = work.join("flaky.qcow2");
+    sh_ok(&format!(
+        "qemu-img convert -O qcow2 {} {}",
+        base.display(),
+        qcow.display()
+    ));
+    serve_image(&origin, &d, &qcow, "flaky");
+    // Every request fails with a retryable status until the reader's fetch gives up.
+    for _ in 0..100 {
+        origin.fault(Fault::Status(503));
+    }
+    let e = read_at(&d.raw_path("flaky"), 8 * MIB, 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let s = d.status("flaky");
+    assert_eq!(
+        s["error"], "",
+        "a failed fetch is not a broken raw view: {s}"
+    );
+    assert_ne!(s["state"], "failed", "{s}");
+    origin.clear_faults();
+    let got = read_at(&d.raw_path("flaky"), 8 * MIB, 4096).unwrap();
+    assert_eq!(got, read_at(&base, 8 * MIB, 4096).unwrap());
+    assert_same(&d.raw_path("flaky"), &base);
 }
