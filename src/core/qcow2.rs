@@ -162,13 +162,20 @@ fn start_decoder(
     image: &Arc<Image>,
     header: &Qcow2Header,
 ) -> Result<mpsc::UnboundedSender<Request>> {
+    // The decoder's engine fetches on the node's runtime: the one this read runs on.
+    let rt = Handle::try_current().map_err(|e| {
+        decoder_error(
+            &image.name,
+            format!("raw reads need the node's runtime: {e}"),
+        )
+    })?;
     let (tx, rx) = mpsc::unbounded_channel();
     let ctx = DecoderCtx {
         image: Arc::downgrade(image),
         name: image.name.clone(),
         disk: image.disk.uuid8().to_string(),
         header: header.clone(),
-        rt: Handle::current(),
+        rt,
         pool: BufPool::default(),
         cancel: image.cancel.clone(),
     };
@@ -246,7 +253,7 @@ impl DecoderCtx {
                 let err = match last_io_error.take() {
                     // Fetching failed (source down...): a later raw read opens afresh.
                     Some(io_err) => {
-                        warn!(error = %io_err, "qcow2 header or tables not readable; will retry on the next raw read");
+                        warn!(error = %io_err, "qcow2 metadata not readable; the next raw read retries");
                         io_err
                     }
                     None => {
@@ -265,8 +272,9 @@ impl DecoderCtx {
                 let e = decoder_error(
                     &self.name,
                     format!(
-                        "the qcow2 decoder panicked opening the image ({}); the raw view is off until the daemon restarts",
-                        panic_text(&*panic)
+                        "the qcow2 decoder panicked opening the image ({}); {}",
+                        panic_text(&*panic),
+                        "the raw view is off until the daemon restarts"
                     ),
                 );
                 self.break_view(&e);
@@ -288,33 +296,53 @@ impl DecoderCtx {
                 _ = stop.cancelled() => None,
             };
             let Some(req) = req else { break };
-            let (dev, me, stop, last) =
-                (dev.clone(), me.clone(), stop.clone(), last_io_error.clone());
             let span = tracing::Span::current();
-            tokio::task::spawn_local(async move {
-                let read = read_guest(&dev, req.offset, req.len, me.header.virtual_size, &me.name, &last, &me.pool);
-                let r = match AssertUnwindSafe(read).catch_unwind().await {
-                    Ok(r) => r,
-                    Err(panic) => {
-                        let e = decoder_error(
-                            &me.name,
-                            format!(
-                                "the qcow2 decoder panicked reading guest bytes {}+{} ({}); the raw view is off until the daemon restarts",
-                                req.offset,
-                                req.len,
-                                panic_text(&*panic)
-                            ),
-                        );
-                        me.break_view(&e);
-                        stop.cancel();
-                        Err(e)
-                    }
-                };
-                let _ = req.reply.send(r);
-            }.instrument(span));
+            let task = me
+                .clone()
+                .answer(dev.clone(), req, stop.clone(), last_io_error.clone());
+            tokio::task::spawn_local(task.instrument(span));
         }
         // Requests still queued or in flight drop their replies: their readers find the
         // broken view's reason, or that the image is going away.
+        info!("qcow2 decoder stopped");
+    }
+
+    /// Reads one request's guest bytes and replies; a panic breaks the raw view.
+    async fn answer(
+        self: Rc<Self>,
+        dev: Rc<Qcow2Dev<LazyIo>>,
+        req: Request,
+        stop: CancellationToken,
+        last_io_error: Rc<RefCell<Option<Error>>>,
+    ) {
+        let read = read_guest(
+            &dev,
+            req.offset,
+            req.len,
+            self.header.virtual_size,
+            &self.name,
+            &last_io_error,
+            &self.pool,
+        );
+        let r = match AssertUnwindSafe(read).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => {
+                let e = decoder_error(
+                    &self.name,
+                    format!(
+                        "the qcow2 decoder panicked reading guest bytes {}+{} ({}); {}",
+                        req.offset,
+                        req.len,
+                        panic_text(&*panic),
+                        "the raw view is off until the daemon restarts"
+                    ),
+                );
+                self.break_view(&e);
+                stop.cancel();
+                Err(e)
+            }
+        };
+        let _ = req.reply.send(r);
     }
 }
 
