@@ -443,4 +443,21 @@ fn a_raw_read_the_origin_cannot_serve_gives_eio_and_a_later_one_succeeds() {
     let got = read_at(&d.raw_path("flaky"), 8 * MIB, 4096).unwrap();
     assert_eq!(got, read_at(&base, 8 * MIB, 4096).unwrap());
     assert_same(&d.raw_path("flaky"), &base);
+
+    // Deleting the image ends its decoder thread.
+    let pid = d.pid().unwrap();
+    assert_eq!(decoder_threads(pid), 1);
+    d.bifs_ok(&["delete", "flaky"]);
+    common::wait_for("the decoder thread to end", Duration::from_secs(20), || {
+        (decoder_threads(pid) == 0).then_some(())
+    });
+}
+
+/// Threads of process `pid` that decode a qcow2 raw view.
+fn decoder_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == "bifs-qcow2")
+        .count()
 }
