@@ -14,8 +14,9 @@
 //!   any runtime, so nothing `!Send` crosses over). Bytes past the end of the stored
 //!   image read as zeros, as qcow2 defines them.
 //! - Caches: qcow2-rs keeps the whole L1 table and refcount table (read at open), L2
-//!   tables in 4 KiB slices in its own LRU bounded to 32 MiB per image (less when that
-//!   maps the whole disk), and up to 256 KiB of refcount blocks (untouched by reads).
+//!   tables in slices of 4 KiB (or one smaller cluster) in its own LRU bounded to 32 MiB
+//!   per image (less when that maps the whole disk), and up to 256 KiB of refcount
+//!   blocks (untouched by reads). Reply buffers are pooled (at most 8 MiB per image).
 //!   Compressed clusters are inflated on every read. That is bounded already, so no
 //!   cache is added here.
 //! - qcow2-rs quirks (FACTS.md §2): offsets and lengths must be 512-aligned (requests are
