@@ -12,7 +12,8 @@
 #   raw warm   dd bs=1M again without dropping: the kernel page cache (KEEP_CACHE)
 # Best of RUNS (default 3) each; the table prints MiB/s and the ratio to the baseline
 # (target: raw cold >= 0.8x).
-# BENCH_DIR (default /tmp/bifs-bench-qcow2) holds everything; needs root (FUSE).
+# BENCH_DIR (default /tmp/bifs-bench-qcow2) holds everything (about 2 GiB), removed at
+# the end unless BENCH_KEEP=1; needs root (FUSE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: bifs mounts a FUSE filesystem" >&2; exit 1; }
@@ -36,6 +37,8 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   mountpoint -q "$DIR/mnt" 2>/dev/null && umount -l "$DIR/mnt" || true
+  rm -f /dev/shm/bifs-bench-qcow2.raw
+  if [ "${BENCH_KEEP:-0}" != 1 ] && ! mountpoint -q "$DIR/mnt" 2>/dev/null; then rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 
@@ -61,15 +64,15 @@ RAW="$DIR/mnt/.raw/big"
 secs() {
   local t0 t1
   t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N)
-  echo "$t1 - $t0" | bc -l
+  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f", b - a }'
 }
-mibs() { echo "scale=0; $SIZE / 1048576 / $1" | bc -l; }
+mibs() { awk -v s="$SIZE" -v t="$1" 'BEGIN { printf "%d", s / 1048576 / t }'; }
 best() { # best (lowest) time of RUNS runs of a command, after an optional setup command
   local setup=$1; shift; local b=
   for _ in $(seq "$RUNS"); do
     [ -n "$setup" ] && eval "$setup"
     local t; t=$(secs "$@")
-    if [ -z "$b" ] || [ "$(echo "$t < $b" | bc -l)" = 1 ]; then b=$t; fi
+    if [ -z "$b" ] || awk -v t="$t" -v b="$b" 'BEGIN { exit !(t < b) }'; then b=$t; fi
   done
   echo "$b"
 }
@@ -93,7 +96,8 @@ tb=$(mibs "$t_tmpfs")
 printf '%-58s %8s %7s %7s\n' "read" "MiB/s" "/null" "/tmpfs"
 row() {
   local m; m=$(mibs "$2")
-  printf '%-58s %8s %6.2fx %6.2fx\n' "$1" "$m" "$(echo "$m / $b" | bc -l)" "$(echo "$m / $tb" | bc -l)"
+  printf '%-58s %8s %6.2fx %6.2fx\n' "$1" "$m" "$(awk -v m="$m" -v b="$b" 'BEGIN { print m / b }')" \
+    "$(awk -v m="$m" -v b="$tb" 'BEGIN { print m / b }')"
 }
 row "baseline: qemu-img convert local qcow2 -> null-co" "$t_base"
 row "qemu-img convert local qcow2 -> raw file on tmpfs" "$t_tmpfs"
