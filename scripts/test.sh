@@ -7,4 +7,14 @@ scripts/deps.sh
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests mount FUSE and loop filesystems" >&2; exit 1; }
 # Build once; every test binary shares target/.
 cargo build --tests --bins --quiet
-cargo test --no-fail-fast -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --lib --tests --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '; ([0-9]+) failed' "$log" | grep -Eo '[0-9]+' | awk '{s+=$1} END {print s+0}')
+echo
+echo "bifs tests: $passed passed, $failed failed"
+exit "$rc"
