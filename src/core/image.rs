@@ -32,6 +32,8 @@ pub struct ImageConfig {
     pub readahead_max: u64,
     /// Reads wait until the image is verified (Longhorn's semantics).
     pub require_verified: bool,
+    /// Read buffers shared by all images of the node.
+    pub buffers: Arc<super::store::BufPool>,
 }
 
 impl Default for ImageConfig {
@@ -42,6 +44,7 @@ impl Default for ImageConfig {
             fill_parallel: 4,
             readahead_max: 64 * 1024 * 1024,
             require_verified: false,
+            buffers: Default::default(),
         }
     }
 }
@@ -342,15 +345,15 @@ impl Image {
         }
         let files = self.files.clone();
         let len = (end - offset) as usize;
+        let mut buf = self.cfg.buffers.take(len);
         let buf = super::store::page_io(len, move || {
-            let mut buf = vec![0u8; len];
-            files.read_data(offset, &mut buf).map(|_| buf)
+            files.read_data(offset, buf.as_mut_slice()).map(|_| buf)
         })
         .await?;
         if self.is_failed() {
             return Err(self.failure());
         }
-        Ok(Bytes::from(buf))
+        Ok(Bytes::from_owner(buf))
     }
 
     /// Waits until the image is ready (verified) or failed.

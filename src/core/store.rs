@@ -391,3 +391,64 @@ pub(crate) async fn page_io<T: Send + 'static>(
         .await
         .map_err(|_| Error::ShuttingDown)?
 }
+
+/// Read buffers shared by the images of a node. Replies to FUSE reads are up to 1 MiB; a
+/// fresh zeroed allocation for each cost page faults and zeroing, and with many threads
+/// freeing them the allocator's heaps grew the daemon's RSS. A few buffers reused keep
+/// both flat.
+#[derive(Debug, Default)]
+pub struct BufPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+/// Buffers kept for reuse, and the largest one kept.
+const POOL_BUFFERS: usize = 8;
+const POOL_MIN_BYTES: usize = 64 << 10;
+const POOL_MAX_BYTES: usize = 1 << 20;
+
+/// A buffer of a `BufPool`; dropping it gives it back.
+pub struct PooledBuf {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Arc<BufPool>,
+}
+
+impl BufPool {
+    /// A buffer of `len` bytes (contents unspecified).
+    pub fn take(self: &Arc<Self>, len: usize) -> PooledBuf {
+        // Small reads (random 4 KiB) take a small fresh buffer; large ones reuse 1 MiB ones.
+        let pooled = (POOL_MIN_BYTES..=POOL_MAX_BYTES).contains(&len);
+        let buf = match pooled.then(|| self.free.lock().unwrap().pop()).flatten() {
+            Some(buf) => buf,
+            None => vec![0u8; if pooled { POOL_MAX_BYTES } else { len }],
+        };
+        PooledBuf {
+            buf,
+            len,
+            pool: self.clone(),
+        }
+    }
+}
+
+impl PooledBuf {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if self.buf.len() == POOL_MAX_BYTES {
+            let mut free = self.pool.free.lock().unwrap();
+            if free.len() < POOL_BUFFERS {
+                free.push(std::mem::take(&mut self.buf));
+            }
+        }
+    }
+}

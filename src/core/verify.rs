@@ -13,7 +13,7 @@ use super::image::Image;
 use super::store::State;
 
 /// Bytes hashed per blocking call: large enough to amortise the hand-off.
-const HASH_CHUNK: u64 = 8 * 1024 * 1024;
+const HASH_CHUNK: u64 = 4 * 1024 * 1024;
 
 impl Image {
     /// Runs until the image is ready or failed (or the daemon stops).
