@@ -17,7 +17,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{debug, warn};
@@ -282,8 +284,9 @@ impl Image {
             r = self.source.read(req_start..end_byte, &id) => r?,
             _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
         };
-        let mut buf =
-            BytesMut::with_capacity(WRITE_BATCH.min((end_byte - *next * bs) as usize) + 64 * 1024);
+        // Received chunks wait here, uncopied, until whole blocks can be written with one pwritev.
+        let mut pending: VecDeque<Bytes> = VecDeque::new();
+        let mut pending_len = 0usize;
         loop {
             let chunk = tokio::select! {
                 c = stream.next() => c,
@@ -299,8 +302,9 @@ impl Image {
                     }
                     self.fetched_bytes
                         .fetch_add(c.len() as u64, Ordering::Relaxed);
-                    buf.extend_from_slice(&c);
-                    let have = *next * bs + buf.len() as u64;
+                    pending_len += c.len();
+                    pending.push_back(c);
+                    let have = *next * bs + pending_len as u64;
                     if have > end_byte {
                         return Err(SourceError::Protocol {
                             url: self.source.describe(),
@@ -316,7 +320,7 @@ impl Image {
                         url: self.source.describe(),
                         reason: format!(
                             "body ended at byte {} of {}",
-                            *next * bs + buf.len() as u64,
+                            *next * bs + pending_len as u64,
                             end_byte
                         ),
                     }
@@ -324,18 +328,28 @@ impl Image {
                 }
             }
             let whole = if at_end {
-                buf.len()
+                pending_len
             } else {
-                buf.len() / bs as usize * bs as usize
+                pending_len / bs as usize * bs as usize
             };
             if whole > 0 && (at_end || whole >= WRITE_BATCH) {
                 if self.is_failed() {
                     return Err(self.failure());
                 }
-                let data = buf.split_to(whole).freeze();
+                let mut batch = Vec::with_capacity(pending.len());
+                let mut need = whole;
+                while need > 0 {
+                    let mut c = pending.pop_front().expect("pending holds `whole` bytes");
+                    if c.len() > need {
+                        pending.push_front(c.split_off(need));
+                    }
+                    need -= c.len();
+                    batch.push(c);
+                }
+                pending_len -= whole;
                 let offset = *next * bs;
                 let files = self.files.clone();
-                super::store::page_io(whole, move || files.write_data(offset, &data)).await?;
+                super::store::page_io(whole, move || files.write_chunks(offset, &batch)).await?;
                 let landed = (offset + whole as u64).div_ceil(bs).min(job.blocks.end);
                 self.map.set_range(*next..landed);
                 self.files.mark_dirty(*next);

@@ -34,6 +34,8 @@ pub struct ImageConfig {
     pub require_verified: bool,
     /// Read buffers shared by all images of the node.
     pub buffers: Arc<super::store::BufPool>,
+    /// The node's hashing thread.
+    pub hasher: Arc<super::verify::HashWorker>,
 }
 
 impl Default for ImageConfig {
@@ -45,6 +47,7 @@ impl Default for ImageConfig {
             readahead_max: 64 * 1024 * 1024,
             require_verified: false,
             buffers: Default::default(),
+            hasher: Default::default(),
         }
     }
 }
