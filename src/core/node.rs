@@ -145,6 +145,8 @@ impl Node {
         state: StoredState,
         map: BlockMap,
     ) -> Arc<Image> {
+        // An image left on disk by a later bifs with a source type this one lacks still
+        // serves the blocks it has; an empty source fails any fetch of the rest.
         let source = self
             .source_for(&stored.spec)
             .unwrap_or_else(|_| Arc::new(super::source::MemSource::new(Vec::new())));
