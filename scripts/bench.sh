@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# bifs against the limits of this machine (issues 2 and 11).
+#
+#   sudo scripts/bench.sh                 # 1 GiB image, 3 runs per figure (~10 min)
+#   BENCH_QUICK=1 scripts/bench.sh        # 256 MiB, 1 run, 500 random reads (~2 min)
+#
+# Env: BIFS_BIN (default target/release/bifs), BENCH_RUNS, BENCH_SIZE_MIB, BENCH_BIG_MIB,
+# BENCH_READS, BENCH_OUT (default target/bench), BENCH_KEEP=1 (keep the work dir),
+# BIFS_LOG (RUST_LOG of the daemon, default warn).
+#
+# Every figure is the median of the runs, printed beside a baseline measured in the same
+# runs on the same origin. The origin is nginx on 127.0.0.1 serving from page cache (the
+# page cache is dropped before each cold run and the origin file read back in, so the
+# origin behaves as a fast server and the figures show bifs' own overhead).
+# CSV: target/bench/bench.csv (and a timestamped copy).
+
+source "$(dirname "$0")/bench-lib.sh"
+
+bench_init
+ensure_pkgs nginx:nginx curl:curl bc:bc python3:python3 sha512sum:coreutils pidstat:sysstat
+
+if [ "$QUICK" = 1 ]; then
+    RUNS=${BENCH_RUNS:-1}; SIZE_MIB=${BENCH_SIZE_MIB:-256}; BIG_MIB=${BENCH_BIG_MIB:-1024}; NREAD=${BENCH_READS:-500}
+else
+    RUNS=${BENCH_RUNS:-3}; SIZE_MIB=${BENCH_SIZE_MIB:-1024}; BIG_MIB=${BENCH_BIG_MIB:-4096}; NREAD=${BENCH_READS:-2000}
+fi
+SIZE=$((SIZE_MIB * MIB))
+SEED=42
+DATA=$TMP/origin
+mkdir -p "$DATA"
+log "making ${SIZE_MIB} MiB and ${BIG_MIB} MiB random images"
+make_image "$DATA/img.img" "$SIZE"
+make_image "$DATA/big.img" $((BIG_MIB * MIB))
+SUM=$(sha512sum "$DATA/img.img" | cut -d' ' -f1)
+BIGSUM=$(sha512sum "$DATA/big.img" | cut -d' ' -f1)
+nginx_start "$DATA"
+URL=$ORIGIN/img.img
+warm_origin() { cat "$DATA/${1:-img.img}" >/dev/null; }
+
+declare -a cold curl_t warm local_t ready sha_t base_ready p50 p99 hp50 hp99 ampl fetched_ampl \
+    cold_cpu cold_reqs cold_req_med ready_cpu rss1 rss4
+n=0
+for ((r = 1; r <= RUNS; r++)); do
+    log "run $r/$RUNS"
+    # A. cold sequential read right after create (the fill runs alongside), then warm re-read.
+    drop_caches; warm_origin
+    bifs_start "$TMP/mnt-a$r" "$TMP/disk-a$r"
+    bifs create img --url "$URL" --checksum "$SUM" >/dev/null
+    mark=$(log_mark); c0=$(cpu_secs "$BIFS_PID")
+    cold[n]=$(timed dd_read "$TMP/mnt-a$r/img")
+    cold_cpu[n]=$(calc "($(cpu_secs "$BIFS_PID") - $c0) / ${cold[n]} * 100")
+    read -r cold_reqs[n] cold_req_med[n] _ < <(log_sizes "$mark")
+    bifs status img --wait ready --timeout 10m >/dev/null
+    warm[n]=$(timed dd_read "$TMP/mnt-a$r/img")
+    bifs_stop; rm -rf "$TMP/disk-a$r"
+    local_t[n]=$(timed dd_read "$DATA/img.img") # origin file, in page cache
+    drop_caches; warm_origin
+    curl_t[n]=$(timed curl -fsS -o /dev/null "$URL")
+    sha_t[n]=$(timed sha512sum "$DATA/img.img")
+    base_ready[n]=$(python3 -c "print(max(${curl_t[n]}, ${sha_t[n]}))")
+
+    # B. create -> ready (fetch everything, verify, flush), nothing else reading.
+    drop_caches; warm_origin
+    bifs_start "$TMP/mnt-b$r" "$TMP/disk-b$r"
+    c0=$(cpu_secs "$BIFS_PID"); t0=$(now)
+    bifs create img --url "$URL" --checksum "$SUM" >/dev/null
+    bifs status img --wait ready --timeout 10m >/dev/null
+    ready[n]=$(since "$t0")
+    ready_cpu[n]=$(calc "($(cpu_secs "$BIFS_PID") - $c0) / ${ready[n]} * 100")
+    bifs_stop; rm -rf "$TMP/disk-b$r"
+
+    # C. 4 KiB cold random reads, no fill, against Range GETs of the same offsets.
+    drop_caches; warm_origin
+    bifs_start "$TMP/mnt-c$r" "$TMP/disk-c$r"
+    bifs create img --url "$URL" --no-fill >/dev/null
+    f0=$(bifs_field img bytesFetched); mark=$(log_mark)
+    read -r p50[n] p99[n] _ < <(python3 "$TMP/randread.py" "$TMP/mnt-c$r/img" "$SIZE" "$NREAD" "$SEED" 4096)
+    sent=$(log_bytes "$mark")
+    ampl[n]=$(calc "$sent / ($NREAD * 4096)")
+    fetched_ampl[n]=$(calc "($(bifs_field img bytesFetched) - $f0) / ($NREAD * 4096)")
+    bifs_stop; rm -rf "$TMP/disk-c$r"
+    read -r hp50[n] hp99[n] _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /img.img "$SIZE" "$NREAD" "$SEED" 4096)
+
+    # D. daemon peak RSS: fill + a full read through the mount + verify, small and big image.
+    for which in img big; do
+        drop_caches; warm_origin "$which.img"
+        bifs_start "$TMP/mnt-d$r" "$TMP/disk-d$r"
+        sum=$SUM; [ "$which" = big ] && sum=$BIGSUM
+        bifs create "$which" --url "$ORIGIN/$which.img" --checksum "$sum" >/dev/null
+        dd_read "$TMP/mnt-d$r/$which"
+        bifs status "$which" --wait ready --timeout 20m >/dev/null
+        if [ "$which" = img ]; then rss1[n]=$(peak_rss_mib "$BIFS_PID"); else rss4[n]=$(peak_rss_mib "$BIFS_PID"); fi
+        bifs_stop; rm -rf "$TMP/disk-d$r"
+    done
+    n=$((n + 1))
+done
+
+# --- the table --------------------------------------------------------------------------
+mibs() { calc "$SIZE_MIB / $1"; }
+m() { median "$@"; }
+raw() { echo "$*"; }
+runs="median of $RUNS"
+
+b=$(mibs "$(m "${cold[@]}")"); c=$(mibs "$(m "${curl_t[@]}")"); ra=$(calc "$b / $c")
+row "cold sequential read (dd bs=1M) after create" "$(fmt "$b" 0)" MiB/s "curl -o /dev/null" "$(fmt "$c" 0)" \
+    "$(fmt "$ra")" ">= 0.90x" "$(verdict "$ra" '>=' 0.9)" "bifs s: $(raw "${cold[@]}"); curl s: $(raw "${curl_t[@]}")"
+row "  daemon CPU during that read" "$(fmt "$(m "${cold_cpu[@]}")" 0)" "%" "(of 200% on 2 cores)" "-" "-" "info" "-" "$(raw "${cold_cpu[@]}")"
+row "  origin requests / median request size" "$(m "${cold_reqs[@]}")" reqs "median bytes per request" "$(m "${cold_req_med[@]}")" "-" "info" "-"
+
+b=$(mibs "$(m "${warm[@]}")"); c=$(mibs "$(m "${local_t[@]}")"); ra=$(calc "$b / $c")
+row "warm re-read (same mount, after ready)" "$(fmt "$b" 0)" MiB/s "local file in page cache (dd)" "$(fmt "$c" 0)" \
+    "$(fmt "$ra")" ">= 0.90x" "$(verdict "$ra" '>=' 0.9)" "bifs s: $(raw "${warm[@]}"); local s: $(raw "${local_t[@]}")"
+
+b=$(m "${ready[@]}"); c=$(m "${base_ready[@]}"); ra=$(calc "$b / $c")
+row "create -> ready (fetch + SHA-512 + flush)" "$(fmt "$b")" s "max(curl, sha512sum)" "$(fmt "$c")" \
+    "$(fmt "$ra")" "<= 1.10x" "$(verdict "$ra" '<=' 1.1)" "bifs: $(raw "${ready[@]}"); curl: $(raw "${curl_t[@]}"); sha512sum: $(raw "${sha_t[@]}")"
+row "  daemon CPU during create -> ready" "$(fmt "$(m "${ready_cpu[@]}")" 0)" "%" "(of 200% on 2 cores)" "-" "-" "info" "-" "$(raw "${ready_cpu[@]}")"
+
+b=$(m "${p50[@]}"); c=$(m "${hp50[@]}"); ra=$(calc "$b / $c")
+row "4 KiB cold random read p50 ($NREAD reads)" "$(fmt "$b" 3)" ms "4 KiB Range GET, keep-alive" "$(fmt "$c" 3)" \
+    "$(fmt "$ra")" "info" "-" "bifs: $(raw "${p50[@]}"); http: $(raw "${hp50[@]}")"
+b=$(m "${p99[@]}"); c=$(m "${hp99[@]}"); ra=$(calc "$b / $c")
+row "4 KiB cold random read p99" "$(fmt "$b" 3)" ms "4 KiB Range GET, keep-alive" "$(fmt "$c" 3)" \
+    "$(fmt "$ra")" "<= 2.00x" "$(verdict "$ra" '<=' 2)" "bifs: $(raw "${p99[@]}"); http: $(raw "${hp99[@]}")"
+b=$(m "${ampl[@]}")
+row "origin amplification (nginx bytes / asked)" "$(fmt "$b")" x "Range GETs of the same offsets" "1.00" \
+    "$(fmt "$b")" "<= 16x" "$(verdict "$b" '<=' 16)" "nginx: $(raw "${ampl[@]}"); bytesFetched: $(raw "${fetched_ampl[@]}")"
+
+b=$(m "${rss1[@]}")
+row "daemon peak RSS (VmHWM), ${SIZE_MIB} MiB image" "$(fmt "$b" 1)" MiB "limit" "64" "$(fmt "$(calc "$b / 64")")" "< 64 MiB" \
+    "$(verdict "$b" '<' 64)" "$(raw "${rss1[@]}")"
+c=$(m "${rss4[@]}"); ra=$(calc "$c / $b")
+row "daemon peak RSS (VmHWM), ${BIG_MIB} MiB image" "$(fmt "$c" 1)" MiB "the ${SIZE_MIB} MiB image" "$(fmt "$b" 1)" \
+    "$(fmt "$ra")" "flat, < 64 MiB" "$( [ "$(verdict "$c" '<' 64)" = ok ] && verdict "$ra" '<=' 1.25 || echo MISS)" "$(raw "${rss4[@]}")"
+
+print_table "bifs vs this machine's limits: ${SIZE_MIB} MiB random image, nginx on loopback, $runs ($(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
+write_csv bench
