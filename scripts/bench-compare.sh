@@ -138,8 +138,8 @@ for ((r = 1; r <= RUNS; r++)); do
         sys_mount "$sys" "$mnt" "$cache" img
         mark=$(log_mark)
         add remount "$sys" "$(timed dd_read "$FILE")"
+        sys_umount "$sys" "$mnt" # streams still open are logged when they close
         add remount_origin "$sys" "$(calc "$(log_bytes "$mark") / $MIB")"
-        sys_umount "$sys" "$mnt"
 
         # Cold 4 KiB random reads (bifs without fill: only what is read is fetched).
         fresh "$cache" img
@@ -147,16 +147,17 @@ for ((r = 1; r <= RUNS; r++)); do
         mark=$(log_mark)
         read -r p50 p99 _ < <(python3 "$TMP/randread.py" "$FILE" $((SIZE_MIB * MIB)) "$NREAD" "$SEED" 4096)
         add p50 "$sys" "$p50"; add p99 "$sys" "$p99"
-        add rand_origin "$sys" "$(calc "$(log_bytes "$mark") / $MIB")"
         sys_umount "$sys" "$mnt"
+        add rand_origin "$sys" "$(calc "$(log_bytes "$mark") / $MIB")"
 
         # VM-boot-like pattern right after create (bifs with its fill running).
         fresh "$cache" img
         sys_mount "$sys" "$mnt" "$cache" img
         mark=$(log_mark)
-        read -r t _ < <(python3 "$TMP/bootpattern.py" "$FILE" $((SIZE_MIB * MIB)) "$SEED")
+        read -r t bytes < <(python3 "$TMP/bootpattern.py" "$FILE" $((SIZE_MIB * MIB)) "$SEED")
         add boot "$sys" "$t"
         sys_umount "$sys" "$mnt"
+        add boot_origin "$sys" "$(calc "$(log_bytes "$mark") / $MIB")"
 
         # Whole image local and verified.
         fresh "$cache" img
@@ -170,8 +171,8 @@ for ((r = 1; r <= RUNS; r++)); do
     add sha local "$(timed sha512sum "$DATA/img.img")"
     read -r p50 p99 _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /img.img $((SIZE_MIB * MIB)) "$NREAD" "$SEED" 4096)
     add p50 http "$p50"; add p99 http "$p99"
-    read -r t _ < <(python3 "$TMP/bootpattern.py" "$DATA/img.img" $((SIZE_MIB * MIB)) "$SEED")
-    add boot local "$t"
+    read -r t bytes < <(python3 "$TMP/bootpattern.py" "$DATA/img.img" $((SIZE_MIB * MIB)) "$SEED")
+    add boot local "$t"; add boot_read mib "$(calc "$bytes / $MIB")"
 done
 
 for ((r = 1; r <= BIG_RUNS; r++)); do
@@ -214,7 +215,7 @@ for sys in "${SYSTEMS[@]}"; do
     got=$(($(stat -c %s "$TMP/chg.out") / MIB))
     if [ -n "$err" ]; then
         verdict="ERROR after $got MiB: ${err##*: }"
-        [ "$sys" = bifs ] && verdict="$verdict; status: $(bifs_field chg error | cut -c1-80)"
+        [ "$sys" = bifs ] && verdict="$verdict; status: $(bifs_field chg error | cut -c1-140)"
     else
         verdict="${verdict//_/ } ($old MiB old, $new MiB new, $neither MiB neither)"
     fi
@@ -255,6 +256,7 @@ trow "cold 4 KiB random read p50 ($NREAD reads)" ms p50 ms "" "Range GET, keep-a
 trow "cold 4 KiB random read p99" ms p99 ms "" "Range GET, keep-alive" p99 http
 trow "  origin MiB sent for them ($(calc "$NREAD * 4 / 1024" | xargs printf '%.1f') MiB asked)" MiB rand_origin mib "" "" "" ""
 trow "VM-boot-like pattern, total" s boot s "" "same pattern on a local file" boot local
+trow "  origin MiB sent until unmount (bifs: fill on)" MiB boot_origin mib "" "MiB the pattern reads" boot_read mib
 trow "create -> whole image local + verified" s verified s "" "sha512sum of a page-cached file" sha local
 if [ "$BIG_RUNS" -gt 0 ]; then
     trow "cold sequential read, $B MiB" MiB/s big_cold mibs "$B" "curl -o /dev/null" big_cold curl

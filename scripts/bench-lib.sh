@@ -159,7 +159,9 @@ nginx_stop() {
 
 # The access log is read from a mark: `mark=$(log_mark)`, then `log_bytes $mark`.
 log_mark() { wc -l <"$NGINX_LOG"; }
-log_bytes() { sleep 0.2; tail -n +"$(($1 + 1))" "$NGINX_LOG" | awk '{s += $2} END {print s + 0}'; }
+# nginx logs a request when it ends: read after the client closed (e.g. after unmounting).
+# printf, not print: mawk prints sums over 2^31 as 1.07374e+09.
+log_bytes() { sleep 0.2; tail -n +"$(($1 + 1))" "$NGINX_LOG" | awk '{s += $2} END {printf "%.0f\n", s}'; }
 log_requests() { sleep 0.2; tail -n +"$(($1 + 1))" "$NGINX_LOG" | wc -l; }
 # Request sizes seen since the mark: "count median_bytes max_bytes".
 log_sizes() {
