@@ -90,14 +90,16 @@ fn bitmap(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(words as u64 * 8));
     let full = BlockMap::new(blocks);
     full.set_range(0..blocks - 1);
-    g.bench_function("first_missing over the whole map (last block absent)", |b| {
-        b.iter(|| black_box(full.first_missing(black_box(0..blocks))))
-    });
+    g.bench_function(
+        "first_missing over the whole map (last block absent)",
+        |b| b.iter(|| black_box(full.first_missing(black_box(0..blocks)))),
+    );
     let mut plain = vec![u64::MAX; words];
     *plain.last_mut().unwrap() = 0;
-    g.bench_function("baseline: position of first non-full word in a Vec<u64>", |b| {
-        b.iter(|| black_box(black_box(&plain).iter().position(|w| *w != u64::MAX)))
-    });
+    g.bench_function(
+        "baseline: position of first non-full word in a Vec<u64>",
+        |b| b.iter(|| black_box(black_box(&plain).iter().position(|w| *w != u64::MAX))),
+    );
     g.bench_function("set_range over the whole map", |b| {
         b.iter(|| black_box(full.set_range(black_box(0..blocks))))
     });
@@ -132,7 +134,8 @@ fn store(c: &mut Criterion) {
     let data = random_bytes(len);
     let dir = bench_dir();
     let disk = Disk::open(dir.path()).expect("bench disk");
-    let files = ImageFiles::create(&disk, &stored_spec("store", len, 16 * KIB)).expect("image files");
+    let files =
+        ImageFiles::create(&disk, &stored_spec("store", len, 16 * KIB)).expect("image files");
     let plain_path = dir.path().join("plain");
     let plain = std::fs::OpenOptions::new()
         .create(true)
@@ -156,13 +159,16 @@ fn store(c: &mut Criterion) {
                 }
             })
         });
-        g.bench_function(format!("baseline: pwrite to a plain file, {label} pieces"), |b| {
-            b.iter(|| {
-                for (i, chunk) in data.chunks(piece as usize).enumerate() {
-                    plain.write_all_at(chunk, i as u64 * piece).unwrap();
-                }
-            })
-        });
+        g.bench_function(
+            format!("baseline: pwrite to a plain file, {label} pieces"),
+            |b| {
+                b.iter(|| {
+                    for (i, chunk) in data.chunks(piece as usize).enumerate() {
+                        plain.write_all_at(chunk, i as u64 * piece).unwrap();
+                    }
+                })
+            },
+        );
         let mut buf = vec![0u8; piece as usize];
         g.bench_function(format!("ImageFiles::read_data, {label} pieces"), |b| {
             b.iter(|| {
@@ -172,14 +178,17 @@ fn store(c: &mut Criterion) {
                 black_box(&buf);
             })
         });
-        g.bench_function(format!("baseline: pread of a plain file, {label} pieces"), |b| {
-            b.iter(|| {
-                for i in 0..len / piece {
-                    plain.read_exact_at(&mut buf, i * piece).unwrap();
-                }
-                black_box(&buf);
-            })
-        });
+        g.bench_function(
+            format!("baseline: pread of a plain file, {label} pieces"),
+            |b| {
+                b.iter(|| {
+                    for i in 0..len / piece {
+                        plain.read_exact_at(&mut buf, i * piece).unwrap();
+                    }
+                    black_box(&buf);
+                })
+            },
+        );
     }
     g.throughput(Throughput::Elements(1));
     let map = BlockMap::new(len / (16 * KIB));
@@ -188,7 +197,9 @@ fn store(c: &mut Criterion) {
         let mut i = 0u64;
         b.iter(|| {
             i = (i + 1) % (len / (4 * MIB));
-            files.write_data(i * 4 * MIB, &data[..(4 * MIB) as usize]).unwrap();
+            files
+                .write_data(i * 4 * MIB, &data[..(4 * MIB) as usize])
+                .unwrap();
             files.mark_dirty(i * 256);
             files.flush(&map).unwrap();
         })
@@ -215,11 +226,20 @@ impl Bench {
         let node = rt
             .block_on(Node::start(&[disk], cfg, "/bench".into()))
             .expect("node");
-        Bench { rt, node, _dir: dir, n: 0 }
+        Bench {
+            rt,
+            node,
+            _dir: dir,
+            n: 0,
+        }
     }
 
     /// A fresh image over `data` (a fresh name, so nothing is cached).
-    fn image(&mut self, data: &bytes::Bytes, fill: bool) -> (Arc<bifs::core::Image>, Arc<MemSource>) {
+    fn image(
+        &mut self,
+        data: &bytes::Bytes,
+        fill: bool,
+    ) -> (Arc<bifs::core::Image>, Arc<MemSource>) {
         self.n += 1;
         let name = format!("img-{}", self.n);
         let src = Arc::new(MemSource::new(data.clone()));
@@ -238,7 +258,9 @@ impl Bench {
     }
 
     fn delete(&self, image: &bifs::core::Image) {
-        self.rt.block_on(self.node.delete(&image.name)).expect("delete");
+        self.rt
+            .block_on(self.node.delete(&image.name))
+            .expect("delete");
     }
 }
 
@@ -320,7 +342,9 @@ fn fetch(c: &mut Criterion) {
         let mut x: u64 = 42;
         (0..n_reads)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (x >> 11) % (len / 4096) * 4096
             })
             .collect()
@@ -346,16 +370,22 @@ fn fetch(c: &mut Criterion) {
             total
         })
     });
-    eprintln!("    (origin amplification of those reads: {:.2}x)", amplification.get());
-    g.bench_function("baseline: 4 KiB pread of present blocks (2000 reads)", |b| {
-        let mut buf = [0u8; 4096];
-        b.iter(|| {
-            for &o in &offsets {
-                warm.files.read_data(o, &mut buf).unwrap();
-            }
-            black_box(&buf);
-        })
-    });
+    eprintln!(
+        "    (origin amplification of those reads: {:.2}x)",
+        amplification.get()
+    );
+    g.bench_function(
+        "baseline: 4 KiB pread of present blocks (2000 reads)",
+        |b| {
+            let mut buf = [0u8; 4096];
+            b.iter(|| {
+                for &o in &offsets {
+                    warm.files.read_data(o, &mut buf).unwrap();
+                }
+                black_box(&buf);
+            })
+        },
+    );
     g.finish();
     bench.delete(&warm);
 }
@@ -371,19 +401,22 @@ fn verify(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .measurement_time(Duration::from_secs(5))
         .throughput(Throughput::Bytes(len));
-    g.bench_function("create -> ready (fill + incremental SHA-512 + flush)", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let t = Instant::now();
-                let (image, _) = bench.image(&data, true);
-                bench.rt.block_on(image.wait_ready()).expect("ready");
-                total += t.elapsed();
-                bench.delete(&image);
-            }
-            total
-        })
-    });
+    g.bench_function(
+        "create -> ready (fill + incremental SHA-512 + flush)",
+        |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let (image, _) = bench.image(&data, true);
+                    bench.rt.block_on(image.wait_ready()).expect("ready");
+                    total += t.elapsed();
+                    bench.delete(&image);
+                }
+                total
+            })
+        },
+    );
     g.bench_function("baseline: sha2 Sha512 over the bytes in memory", |b| {
         b.iter(|| {
             let mut h = Sha512::new();
@@ -391,15 +424,18 @@ fn verify(c: &mut Criterion) {
             black_box(h.finalize())
         })
     });
-    g.bench_function("baseline: sha2 Sha512 in 8 MiB pieces read from a file", |b| {
-        let dir = bench_dir();
-        let path = dir.path().join("plain");
-        std::fs::write(&path, &data).unwrap();
-        let mut buf = vec![0u8; 8 * MIB as usize];
-        b.iter(|| {
-            read_and_hash(&path, &mut buf);
-        })
-    });
+    g.bench_function(
+        "baseline: sha2 Sha512 in 8 MiB pieces read from a file",
+        |b| {
+            let dir = bench_dir();
+            let path = dir.path().join("plain");
+            std::fs::write(&path, &data).unwrap();
+            let mut buf = vec![0u8; 8 * MIB as usize];
+            b.iter(|| {
+                read_and_hash(&path, &mut buf);
+            })
+        },
+    );
     g.finish();
 }
 
