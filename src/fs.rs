@@ -71,9 +71,11 @@ pub async fn invalidate_on_events(node: Arc<Node>, notifier: fuser::Notifier) {
         let n = notifier.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let r = match &ev {
-                crate::core::ImageEvent::Failed { id } => [View::Stored, View::Raw]
-                    .iter()
-                    .try_for_each(|v| n.inval_inode(INodeNo(ino_for(*id, *v)), 0, 0)),
+                crate::core::ImageEvent::Failed { id } | crate::core::ImageEvent::Ready { id } => {
+                    [View::Stored, View::Raw]
+                        .iter()
+                        .try_for_each(|v| n.inval_inode(INodeNo(ino_for(*id, *v)), 0, 0))
+                }
                 crate::core::ImageEvent::Deleted { name, .. } => n
                     .inval_entry(INodeNo::ROOT, OsStr::new(name))
                     .and_then(|_| n.inval_entry(INodeNo(RAW_DIR), OsStr::new(name))),

@@ -86,6 +86,9 @@ pub enum ImageEvent {
     Failed { id: u64 },
     /// The image is gone from the node.
     Deleted { id: u64, name: String },
+    /// The image is verified: new opens go through passthrough, so the pages that
+    /// in-progress reads cached in the FUSE inode are dropped now, off the next reader's path.
+    Ready { id: u64 },
 }
 
 /// The status document (`bifs status --json`, `GET /v1/images/{name}`).
@@ -248,6 +251,7 @@ impl Image {
         self.files.save_state(&st)?;
         drop(st);
         info!(image = %self.name, disk = %self.disk.uuid8(), "ready: all blocks present and SHA-512 verified");
+        let _ = self.events.send(ImageEvent::Ready { id: self.id });
         self.state_tx.send_replace(State::Ready);
         self.landed.notify_waiters();
         Ok(())
