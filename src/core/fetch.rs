@@ -97,8 +97,17 @@ impl ReadState {
         // The kernel issues readahead requests concurrently, so they may arrive a little
         // out of order: anything near the expected offset still counts as sequential.
         let slack = 2 * 1024 * 1024;
+        // A stream starts only at the exact offset the last read ended (or at 0); random
+        // reads that land near each other must not open a window (they did: 1 MiB
+        // prefetches among 16 KiB misses raised amplification from 4.4x to 7.9x).
+        let near = offset + slack >= self.next && offset <= self.next + slack;
         let sequential = (self.reads == 0 && offset == 0)
-            || (self.reads > 0 && offset + slack >= self.next && offset <= self.next + slack);
+            || (self.reads > 0
+                && if self.window == 0 {
+                    offset == self.next
+                } else {
+                    near
+                });
         self.reads += 1;
         self.next = self.next.max(end);
         if !sequential {
