@@ -140,7 +140,7 @@ impl BifsFs {
     }
 
     fn file_attr(&self, image: &Image, view: View) -> FileAttr {
-        let t = UNIX_EPOCH + Duration::from_secs(image.stored().created_unix);
+        let t = UNIX_EPOCH + Duration::from_secs(image.created_unix());
         FileAttr {
             ino: INodeNo(ino_of(image, view)),
             size: image.view_size(view),

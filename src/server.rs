@@ -40,7 +40,6 @@ pub struct ApiError(Error);
 pub fn status(e: &Error) -> StatusCode {
     match e {
         Error::NotFound(_) => StatusCode::NOT_FOUND,
-        Error::ReadOnly => StatusCode::METHOD_NOT_ALLOWED,
         Error::BadInput(_) => StatusCode::BAD_REQUEST,
         Error::Conflict { .. } | Error::Checksum { .. } | Error::Failed { .. } => {
             StatusCode::CONFLICT

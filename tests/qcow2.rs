@@ -111,20 +111,27 @@ fn serve_image(origin: &Origin, d: &Daemon, file: &Path, name: &str) -> Vec<u8> 
     data
 }
 
-#[test]
-fn ext4_in_a_compressed_qcow2_is_readable_by_qemu_cmp_and_a_loop_mount() {
-    let origin = Origin::start();
-    let d = Daemon::start();
+/// An ext4 image converted to compressed qcow2 and created as image `name` (no fill).
+/// Returns the work dir, the raw original and the SHA-512 of the blob inside.
+fn serve_compressed_ext4(origin: &Origin, d: &Daemon, name: &str) -> (PathBuf, PathBuf, String) {
     let work = d.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let (raw, blob_sum) = make_ext4(&work);
-    let qcow = work.join("ext4.qcow2");
+    let qcow = work.join(format!("{name}.qcow2"));
     sh_ok(&format!(
         "qemu-img convert -c -O qcow2 {} {}",
         raw.display(),
         qcow.display()
     ));
-    serve_image(&origin, &d, &qcow, "ext4");
+    serve_image(origin, d, &qcow, name);
+    (work, raw, blob_sum)
+}
+
+#[test]
+fn ext4_in_a_compressed_qcow2_is_readable_by_qemu_cmp_and_a_loop_mount() {
+    let origin = Origin::start();
+    let d = Daemon::start();
+    let (work, raw, blob_sum) = serve_compressed_ext4(&origin, &d, "ext4");
     let s = d.status("ext4");
     assert_eq!(s["format"], "qcow2", "{s}");
     assert_eq!(s["virtualSize"], 64 * MIB, "{s}");
@@ -157,16 +164,7 @@ fn ext4_in_a_compressed_qcow2_is_readable_by_qemu_cmp_and_a_loop_mount() {
 fn a_qcow2_overlay_on_the_mounted_image_reads_back_the_original() {
     let origin = Origin::start();
     let d = Daemon::start();
-    let work = d.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let (raw, _) = make_ext4(&work);
-    let qcow = work.join("base.qcow2");
-    sh_ok(&format!(
-        "qemu-img convert -c -O qcow2 {} {}",
-        raw.display(),
-        qcow.display()
-    ));
-    serve_image(&origin, &d, &qcow, "base");
+    let (work, raw, _) = serve_compressed_ext4(&origin, &d, "base");
     let overlay = work.join("overlay.qcow2");
     sh_ok(&format!(
         "qemu-img create -f qcow2 -b {} -F qcow2 {}",

@@ -43,8 +43,6 @@ impl SourceError {
 pub enum Error {
     #[error("no image named {0:?}; `bifs list` shows the images this node has")]
     NotFound(String),
-    #[error("images are read-only")]
-    ReadOnly,
     #[error("{0}")]
     BadInput(String),
     #[error("image {name:?} already exists with a different {field} ({have:?}, asked {want:?}); delete it first or use another name")]
@@ -90,7 +88,6 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Self::NotFound(_) => libc::ENOENT,
-            Self::ReadOnly => libc::EROFS,
             Self::BadInput(_) | Self::Conflict { .. } => libc::EINVAL,
             Self::Unsupported(_) => libc::EIO,
             Self::Io { errno, .. } => *errno,

@@ -15,7 +15,7 @@ use super::store::State;
 impl Image {
     /// Starts the fill unless it runs already, it is switched off, or there is nothing to do.
     pub fn start_fill(self: &Arc<Self>) {
-        if !self.stored().fill || matches!(self.state(), State::Ready | State::Failed) {
+        if !self.fill_enabled() || matches!(self.state(), State::Ready | State::Failed) {
             return;
         }
         if self.fill_running.swap(true, Ordering::AcqRel) {
@@ -34,7 +34,7 @@ impl Image {
         let max_blocks = (self.cfg.max_request / self.block_size).max(1);
         let mut cursor = 0;
         loop {
-            if self.cancel.is_cancelled() || self.is_failed() || !self.stored().fill {
+            if self.cancel.is_cancelled() || self.is_failed() || !self.fill_enabled() {
                 return;
             }
             let permit = tokio::select! {

@@ -183,6 +183,16 @@ impl Image {
         self.stored.lock().unwrap().clone()
     }
 
+    /// Whether the background fill is switched on (no clone of the spec: asked per job).
+    pub fn fill_enabled(&self) -> bool {
+        self.stored.lock().unwrap().fill
+    }
+
+    /// When the image was created (the mount shows it as mtime; asked per getattr).
+    pub fn created_unix(&self) -> u64 {
+        self.stored.lock().unwrap().created_unix
+    }
+
     pub fn error(&self) -> Option<String> {
         self.state.lock().unwrap().error.clone()
     }
@@ -339,7 +349,7 @@ impl Image {
         let blocks = offset / self.block_size..end.div_ceil(self.block_size);
         self.ensure(blocks).await?;
         if self.cfg.require_verified && self.state() != State::Ready {
-            if !self.stored().fill {
+            if !self.fill_enabled() {
                 // Nothing would ever make it ready: say so instead of hanging the reader.
                 return Err(Error::Failed {
                     name: self.name.clone(),
