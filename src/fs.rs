@@ -107,6 +107,23 @@ impl BifsFs {
         }
     }
 
+    /// How the kernel caches an open served by the daemon.
+    ///
+    /// While the stored bytes are still arriving they already sit in the page cache of
+    /// the image's data file; a second copy in the FUSE inode's page cache would double
+    /// the memory an image costs and, on a cold read, double the fresh pages filled per
+    /// byte: FOPEN_DIRECT_IO sends every read to the daemon instead (cold sequential
+    /// read of 1 GiB: 240-490 -> 560-770 MiB/s here). Everything else (a ready image
+    /// without passthrough, a qcow2 raw view, whose decoded bytes exist nowhere else)
+    /// keeps the page cache across opens: the bytes of an image never change.
+    fn open_flags(image: &Image, view: View) -> FopenFlags {
+        if image.state() != State::Ready && image.view_is_stored_bytes(view) {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        }
+    }
+
     fn image_of(&self, ino: u64) -> Option<(Arc<Image>, View)> {
         if ino < 16 {
             return None;
@@ -227,6 +244,9 @@ impl fuser::Filesystem for BifsFs {
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        // mmap of a FOPEN_DIRECT_IO open (an image still arriving) goes through the page
+        // cache instead of failing with ENODEV (Linux >= 6.6).
+        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(2).is_ok()
         {
@@ -315,8 +335,7 @@ impl fuser::Filesystem for BifsFs {
                 passthrough: false,
             },
         );
-        // The bytes of an image never change, so the page cache stays valid across opens.
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        reply.opened(FileHandle(fh), Self::open_flags(&image, view));
     }
 
     fn read(

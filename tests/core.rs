@@ -573,3 +573,49 @@ fn redirects_are_followed() {
     d.wait_state("moved", "ready", Duration::from_secs(60));
     assert!(std::fs::read(d.path("moved")).unwrap() == data);
 }
+
+/// An image still arriving is opened with FOPEN_DIRECT_IO (no second copy in the FUSE
+/// page cache); programs that mmap it (file managers, some checksummers) must still work.
+#[test]
+fn mmap_of_an_image_still_arriving_reads_the_source_bytes() {
+    use std::os::fd::AsRawFd;
+    let origin = Origin::start();
+    let data = random_bytes(16 * MIB + 4321, 21);
+    origin.put("m.raw", data.clone());
+    let d = Daemon::start();
+    d.bifs_ok(&[
+        "create",
+        "mapped",
+        "--url",
+        &origin.url("m.raw"),
+        "--no-fill",
+    ]);
+    let f = File::open(d.path("mapped")).unwrap();
+    let len = data.len();
+    // SAFETY: a private read-only mapping of a file we hold open; unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        ptr,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the mapping is `len` bytes long and lives until munmap below.
+    let mapped = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+    for off in [len - 10, 9 * MIB + 17, 0, 3 * MIB] {
+        let end = (off + 8192).min(len);
+        assert_eq!(&mapped[off..end], &data[off..end], "mapped bytes at {off}");
+    }
+    assert_eq!(sha512_hex(mapped), sha512_hex(&data));
+    // SAFETY: ptr/len come from the mmap above.
+    unsafe { libc::munmap(ptr, len) };
+}
