@@ -213,6 +213,9 @@ impl Image {
                 return Ok(());
             }
             let (waits, _) = self.plan(range.clone(), true, max_blocks, None);
+            if !waits.is_empty() {
+                self.cfg.hasher.reader_waiting();
+            }
             for (job, upto) in waits {
                 tokio::select! {
                     r = job.wait_landed(upto) => r?,
@@ -358,7 +361,9 @@ impl Image {
                 pending_len -= whole;
                 let offset = *next * bs;
                 let files = self.files.clone();
+                let one_writer = self.writer.lock().await;
                 super::store::page_io(whole, move || files.write_chunks(offset, &batch)).await?;
+                drop(one_writer);
                 let landed = (offset + whole as u64).div_ceil(bs).min(job.blocks.end);
                 self.map.set_range(*next..landed);
                 self.files.mark_dirty(*next);

@@ -3,7 +3,9 @@
 //! re-reading the image afterwards. The hashing runs on a blocking thread (the second
 //! core) while fetches continue on the async workers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha512};
 use tracing::{debug, error};
@@ -18,11 +20,34 @@ const HASH_CHUNK: u64 = 4 * 1024 * 1024;
 type HashJob = Box<dyn FnOnce() + Send>;
 
 /// The node's hashing thread. SHA-512 costs a core at ~500 MiB/s here, as much as the
-/// whole fetch path at line rate: run at a lower CPU priority (nice 10), it takes the
-/// time that readers leave and catches up when they are done, instead of halving a cold
-/// reader's throughput on a 2-core host. One thread serves every image of the node.
+/// whole fetch path at line rate, so on a 2-core host it must not take the CPU a waiting
+/// reader needs. While readers wait on fetches (within the last `READER_QUIET`), the
+/// thread runs as SCHED_IDLE: it gets only CPU time nobody else wants. Otherwise it
+/// runs at nice 10 and catches up at full speed. One thread serves every image of the
+/// node; the policy is checked between 4 MiB chunks (~8 ms of hashing).
 pub struct HashWorker {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>,
+    pressure: Arc<ReaderPressure>,
+}
+
+/// How long after the last reader waited on a fetch hashing stays in the background.
+const READER_QUIET: Duration = Duration::from_millis(250);
+
+/// When a reader last waited on a fetch, in milliseconds since `epoch`.
+struct ReaderPressure {
+    epoch: Instant,
+    last_wait_ms: AtomicU64,
+}
+
+impl ReaderPressure {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn readers_waiting(&self) -> bool {
+        let last = self.last_wait_ms.load(Ordering::Relaxed);
+        last != 0 && self.now_ms().saturating_sub(last) < READER_QUIET.as_millis() as u64
+    }
 }
 
 impl std::fmt::Debug for HashWorker {
@@ -31,23 +56,47 @@ impl std::fmt::Debug for HashWorker {
     }
 }
 
+/// Sets the calling thread's scheduling: SCHED_IDLE, or SCHED_OTHER at nice 10.
+fn set_background(idle: bool) {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: both calls act on the calling thread only (pid/tid 0) and read `param`.
+    unsafe {
+        libc::sched_setscheduler(0, policy, &param);
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}
+
 impl Default for HashWorker {
     fn default() -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
+        let pressure = Arc::new(ReaderPressure {
+            epoch: Instant::now(),
+            last_wait_ms: AtomicU64::new(0),
+        });
+        let p = pressure.clone();
         std::thread::Builder::new()
             .name("bifs-hash".into())
             .spawn(move || {
-                // SAFETY: setpriority on this thread's own tid; no memory is shared.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
-                }
+                let mut idle = false;
+                set_background(idle);
                 while let Ok(job) = rx.recv() {
+                    let want = p.readers_waiting();
+                    if want != idle {
+                        idle = want;
+                        set_background(idle);
+                    }
                     job();
                 }
             })
             .expect("a thread can be started at start-up");
         Self {
             tx: std::sync::Mutex::new(tx),
+            pressure,
         }
     }
 }
@@ -64,6 +113,12 @@ impl HashWorker {
         });
         self.tx.lock().unwrap().send(job).ok()?;
         rx.await.ok()
+    }
+
+    /// A reader is waiting on a fetch: hashing yields the CPU for a while.
+    pub fn reader_waiting(&self) {
+        let now = self.pressure.now_ms();
+        self.pressure.last_wait_ms.store(now, Ordering::Relaxed);
     }
 }
 
