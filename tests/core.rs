@@ -104,6 +104,18 @@ fn image_reaches_ready_with_every_status_field() {
     assert!(out.contains("user.bifs.state=\"ready\""), "{out}");
     assert!(out.contains("user.bifs.progress=\"100\""), "{out}");
     assert!(out.contains("user.bifs.format=\"raw\""), "{out}");
+    // No security labels, no ACLs: EOPNOTSUPP, so `ls -l` stops asking after one file.
+    let errno_of = |name: &str| {
+        let path = std::ffi::CString::new(d.path("alpha").to_str().unwrap()).unwrap();
+        let name = std::ffi::CString::new(name).unwrap();
+        // SAFETY: NUL-terminated strings; a null buffer of size 0 asks for the length only.
+        let r = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        assert_eq!(r, -1);
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    };
+    assert_eq!(errno_of("security.selinux"), libc::EOPNOTSUPP);
+    assert_eq!(errno_of("system.posix_acl_access"), libc::EOPNOTSUPP);
+    assert_eq!(errno_of("user.bifs.nothing"), libc::ENODATA);
     let list = d.bifs_ok(&["list"]);
     assert!(list.contains("alpha") && list.contains("ready"), "{list}");
     // After ready the reads go through passthrough / page cache and stay right.

@@ -20,9 +20,14 @@ pub enum View {
 impl Image {
     /// The size a view shows (`st_size`).
     pub fn view_size(&self, view: View) -> u64 {
-        match (view, self.format()) {
-            (View::Raw, Some(Format::Qcow2(h))) => h.virtual_size,
-            _ => self.size,
+        // The stored view needs no format: `ls -l` of a thousand images must not read
+        // a thousand headers.
+        match view {
+            View::Stored => self.size,
+            View::Raw => match self.format() {
+                Some(Format::Qcow2(h)) => h.virtual_size,
+                _ => self.size,
+            },
         }
     }
 
