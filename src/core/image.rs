@@ -90,8 +90,8 @@ pub enum ImageEvent {
     Failed { id: u64 },
     /// The image is gone from the node.
     Deleted { id: u64, name: String },
-    /// The image is verified: new opens go through passthrough, so the pages that
-    /// in-progress reads cached in the FUSE inode are dropped now, off the next reader's path.
+    /// The image is verified: new opens go through passthrough, so pages cached in the
+    /// FUSE inode before (mmaps, raw views) are dropped now, off the next reader's path.
     Ready { id: u64 },
 }
 
