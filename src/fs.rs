@@ -358,6 +358,18 @@ impl fuser::Filesystem for BifsFs {
             .unwrap()
             .get(&fh.0)
             .map(|h| h.ra.clone());
+        if image.view_is_stored_bytes(view) {
+            let _rt = self.rt.enter();
+            if let Some(r) = image.read_present(offset, size, ra.as_deref()) {
+                return match r {
+                    Ok(bytes) => reply.data(&bytes),
+                    Err(e) => {
+                        warn!(image = %image.name, offset, size, error = %e, "read failed");
+                        reply.error(errno(&e))
+                    }
+                };
+            }
+        }
         let span = debug_span!("read", image = %image.name, offset, size);
         self.rt.spawn(
             async move {

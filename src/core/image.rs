@@ -329,6 +329,51 @@ impl Image {
 
     /// Reads `len` bytes at `offset` of the stored image, fetching what is absent.
     /// `ra` carries the caller's sequential-read state for readahead.
+    /// The read of `offset..offset+len` if it needs no waiting: every block present (and
+    /// verified, when that is required). Runs on the caller's thread, so the FUSE shell
+    /// answers such reads without a hop to an async worker: on a VM a thread wake-up
+    /// costs as much as reading 1 MiB from the page cache. Must run inside the runtime
+    /// (readahead may start fetches). None: use `read`.
+    pub fn read_present(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u32,
+        ra: Option<&Mutex<ReadState>>,
+    ) -> Option<Result<Bytes>> {
+        if self.is_failed() {
+            return Some(Err(self.failure()));
+        }
+        if offset >= self.size || len == 0 {
+            return Some(Ok(Bytes::new()));
+        }
+        let end = (offset + len as u64).min(self.size);
+        let blocks = offset / self.block_size..end.div_ceil(self.block_size);
+        if !self.map.all_set(blocks) || (self.cfg.require_verified && self.state() != State::Ready)
+        {
+            return None;
+        }
+        if let Some(ra) = ra {
+            let ahead = ra
+                .lock()
+                .unwrap()
+                .advance(offset, end, self.size, &self.cfg);
+            if let Some(ahead) = ahead {
+                self.prefetch(ahead);
+            }
+        }
+        Some(self.read_landed(offset, end))
+    }
+
+    fn read_landed(&self, offset: u64, end: u64) -> Result<Bytes> {
+        let len = (end - offset) as usize;
+        let mut buf = self.cfg.buffers.take(len);
+        self.files.read_data(offset, buf.as_mut_slice())?;
+        if self.is_failed() {
+            return Err(self.failure());
+        }
+        Ok(Bytes::from_owner(buf))
+    }
+
     pub async fn read(
         self: &Arc<Self>,
         offset: u64,
