@@ -214,7 +214,7 @@ impl Image {
             }
             let (waits, _) = self.plan(range.clone(), true, max_blocks, None);
             if !waits.is_empty() {
-                self.cfg.hasher.reader_waiting();
+                self.cfg.hasher.reader_active();
             }
             for (job, upto) in waits {
                 tokio::select! {

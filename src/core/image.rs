@@ -352,6 +352,9 @@ impl Image {
         {
             return None;
         }
+        if self.state() != State::Ready {
+            self.cfg.hasher.reader_active();
+        }
         if let Some(ra) = ra {
             let ahead = ra
                 .lock()

@@ -20,8 +20,8 @@ const HASH_CHUNK: u64 = 4 * 1024 * 1024;
 type HashJob = Box<dyn FnOnce() + Send>;
 
 /// The node's hashing thread. SHA-512 costs a core at ~500 MiB/s here, as much as the
-/// whole fetch path at line rate, so on a 2-core host it must not take the CPU a waiting
-/// reader needs. While readers wait on fetches (within the last `READER_QUIET`), the
+/// whole fetch path at line rate, so on a 2-core host it must not take the CPU a reader
+/// needs. While readers read images still arriving (within the last `READER_QUIET`), the
 /// thread runs as SCHED_IDLE: it gets only CPU time nobody else wants. Otherwise it
 /// runs at nice 10 and catches up at full speed. One thread serves every image of the
 /// node; the policy is checked between 4 MiB chunks (~8 ms of hashing).
@@ -30,10 +30,10 @@ pub struct HashWorker {
     pressure: Arc<ReaderPressure>,
 }
 
-/// How long after the last reader waited on a fetch hashing stays in the background.
+/// How long after the last such read hashing stays in the background.
 const READER_QUIET: Duration = Duration::from_millis(250);
 
-/// When a reader last waited on a fetch, in milliseconds since `epoch`.
+/// When a reader last read an image still arriving, in milliseconds since `epoch`.
 struct ReaderPressure {
     epoch: Instant,
     last_wait_ms: AtomicU64,
@@ -44,7 +44,7 @@ impl ReaderPressure {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    fn readers_waiting(&self) -> bool {
+    fn readers_active(&self) -> bool {
         let last = self.last_wait_ms.load(Ordering::Relaxed);
         last != 0 && self.now_ms().saturating_sub(last) < READER_QUIET.as_millis() as u64
     }
@@ -85,7 +85,7 @@ impl Default for HashWorker {
                 let mut idle = false;
                 set_background(idle);
                 while let Ok(job) = rx.recv() {
-                    let want = p.readers_waiting();
+                    let want = p.readers_active();
                     if want != idle {
                         idle = want;
                         set_background(idle);
@@ -115,8 +115,9 @@ impl HashWorker {
         rx.await.ok()
     }
 
-    /// A reader is waiting on a fetch: hashing yields the CPU for a while.
-    pub fn reader_waiting(&self) {
+    /// A reader is reading an image that is still arriving (waiting on a fetch, or
+    /// served what readahead landed): hashing yields the CPU for a while.
+    pub fn reader_active(&self) {
         let now = self.pressure.now_ms();
         self.pressure.last_wait_ms.store(now, Ordering::Relaxed);
     }
