@@ -631,3 +631,34 @@ fn mmap_of_an_image_still_arriving_reads_the_source_bytes() {
     // SAFETY: ptr/len come from the mmap above.
     unsafe { libc::munmap(ptr, len) };
 }
+
+/// An origin replaced while the daemon was down fails the unfinished image at start-up,
+/// before anything reads it, instead of after the cached blocks were served.
+#[test]
+fn an_origin_replaced_while_the_daemon_was_down_fails_the_image_at_start_up() {
+    let origin = Origin::start();
+    let old = random_bytes(8 * MIB, 22);
+    origin.put("r.raw", old.clone());
+    let mut d = Daemon::start();
+    d.bifs_ok(&[
+        "create",
+        "replaced",
+        "--url",
+        &origin.url("r.raw"),
+        "--no-fill",
+    ]);
+    assert_eq!(read_at(&d.path("replaced"), 0, 4096).unwrap(), &old[..4096]);
+    d.stop();
+    origin.put("r.raw", random_bytes(8 * MIB, 23));
+    d.spawn();
+    let s = common::wait_for("the image to fail", Duration::from_secs(30), || {
+        let s = d.status("replaced");
+        (s["state"] == "failed").then_some(s)
+    });
+    assert!(
+        s["error"].as_str().unwrap().contains("source changed"),
+        "{s}"
+    );
+    let e = read_at(&d.path("replaced"), 0, 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+}

@@ -10,10 +10,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::bitmap::BlockMap;
-use super::error::{Error, Result};
+use super::error::{Error, Result, SourceError};
 use super::fetch::{Job, ReadState};
 use super::format::Format;
 use super::source::Source;
@@ -327,8 +327,36 @@ impl Image {
         }
     }
 
-    /// Reads `len` bytes at `offset` of the stored image, fetching what is absent.
-    /// `ra` carries the caller's sequential-read state for readahead.
+    /// Asks the source whether it still holds the version this image pinned, and fails
+    /// the image if not. Run at start-up for unfinished images: an origin replaced while
+    /// the daemon was down is reported at once, not when the first absent block is read
+    /// (the cached blocks are never mixed with the new version either way). A source that
+    /// cannot be asked is left to the fetches, which report it their own way.
+    pub async fn recheck_source(self: Arc<Self>) {
+        let pinned = self.stored.lock().unwrap().identity.clone();
+        let now = tokio::select! {
+            r = self.source.probe() => r,
+            _ = self.cancel.cancelled() => return,
+        };
+        let changed = match now {
+            Ok(now) if now.size != pinned.size => Some(SourceError::Changed {
+                what: "size",
+                was: pinned.size.to_string(),
+                now: now.size.to_string(),
+            }),
+            Ok(now) => pinned
+                .check(now.etag.as_deref(), now.last_modified.as_deref())
+                .err(),
+            Err(e) => {
+                warn!(image = %self.name, error = %e, "cannot check the source at start-up; fetches will tell");
+                None
+            }
+        };
+        if let Some(e) = changed {
+            self.fail(&Error::Source(e));
+        }
+    }
+
     /// The read of `offset..offset+len` if it needs no waiting: every block present (and
     /// verified, when that is required). Runs on the caller's thread, so the FUSE shell
     /// answers such reads without a hop to an async worker: on a VM a thread wake-up
@@ -355,6 +383,13 @@ impl Image {
         if self.state() != State::Ready {
             self.cfg.hasher.reader_active();
         }
+        self.read_ahead(offset, end, ra);
+        Some(self.read_landed(offset, end))
+    }
+
+    /// Records a read in the caller's sequential-read state and starts the readahead
+    /// it calls for.
+    fn read_ahead(self: &Arc<Self>, offset: u64, end: u64, ra: Option<&Mutex<ReadState>>) {
         if let Some(ra) = ra {
             let ahead = ra
                 .lock()
@@ -364,7 +399,6 @@ impl Image {
                 self.prefetch(ahead);
             }
         }
-        Some(self.read_landed(offset, end))
     }
 
     fn read_landed(&self, offset: u64, end: u64) -> Result<Bytes> {
@@ -377,6 +411,8 @@ impl Image {
         Ok(Bytes::from_owner(buf))
     }
 
+    /// Reads `len` bytes at `offset` of the stored image, fetching what is absent.
+    /// `ra` carries the caller's sequential-read state for readahead.
     pub async fn read(
         self: &Arc<Self>,
         offset: u64,
@@ -390,15 +426,7 @@ impl Image {
             return Ok(Bytes::new());
         }
         let end = (offset + len as u64).min(self.size);
-        if let Some(ra) = ra {
-            let ahead = ra
-                .lock()
-                .unwrap()
-                .advance(offset, end, self.size, &self.cfg);
-            if let Some(ahead) = ahead {
-                self.prefetch(ahead);
-            }
-        }
+        self.read_ahead(offset, end, ra);
         let blocks = offset / self.block_size..end.div_ceil(self.block_size);
         self.ensure(blocks).await?;
         if self.cfg.require_verified && self.state() != State::Ready {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -20,6 +21,8 @@ use super::store::{Disk, ImageFiles, State, StoredSpec, StoredState};
 
 /// How often landed blocks are made durable (data fdatasync, then bitmap).
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Sources asked at once at start-up whether unfinished images' versions still exist.
+const STARTUP_PROBES: usize = 8;
 
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
@@ -122,6 +125,18 @@ impl Node {
             }
         }
         tokio::spawn(node.clone().flush_loop());
+        let unfinished: Vec<_> = node
+            .list()
+            .into_iter()
+            .filter(|i| !matches!(i.state(), State::Ready | State::Failed))
+            .collect();
+        if !unfinished.is_empty() {
+            tokio::spawn(async move {
+                futures::stream::iter(unfinished)
+                    .for_each_concurrent(STARTUP_PROBES, |image| image.recheck_source())
+                    .await;
+            });
+        }
         Ok(node)
     }
 

@@ -1,7 +1,7 @@
 //! Verification: SHA-512 of the whole image, computed incrementally over the prefix of
 //! present blocks, so that it ends moments after the last block lands instead of
-//! re-reading the image afterwards. The hashing runs on a blocking thread (the second
-//! core) while fetches continue on the async workers.
+//! re-reading the image afterwards. The hashing runs on one thread per node (the second
+//! core, or whatever CPU readers leave) while fetches continue on the async workers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,7 +36,7 @@ const READER_QUIET: Duration = Duration::from_millis(250);
 /// When a reader last read an image still arriving, in milliseconds since `epoch`.
 struct ReaderPressure {
     epoch: Instant,
-    last_wait_ms: AtomicU64,
+    last_read_ms: AtomicU64,
 }
 
 impl ReaderPressure {
@@ -45,7 +45,7 @@ impl ReaderPressure {
     }
 
     fn readers_active(&self) -> bool {
-        let last = self.last_wait_ms.load(Ordering::Relaxed);
+        let last = self.last_read_ms.load(Ordering::Relaxed);
         last != 0 && self.now_ms().saturating_sub(last) < READER_QUIET.as_millis() as u64
     }
 }
@@ -76,7 +76,7 @@ impl Default for HashWorker {
         let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
         let pressure = Arc::new(ReaderPressure {
             epoch: Instant::now(),
-            last_wait_ms: AtomicU64::new(0),
+            last_read_ms: AtomicU64::new(0),
         });
         let p = pressure.clone();
         std::thread::Builder::new()
@@ -119,7 +119,7 @@ impl HashWorker {
     /// served what readahead landed): hashing yields the CPU for a while.
     pub fn reader_active(&self) {
         let now = self.pressure.now_ms();
-        self.pressure.last_wait_ms.store(now, Ordering::Relaxed);
+        self.pressure.last_read_ms.store(now, Ordering::Relaxed);
     }
 }
 
@@ -201,5 +201,23 @@ impl Image {
         if let Err(e) = self.set_ready(got) {
             error!(image = %self.name, error = %e, "cannot record ready state");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashing_stays_in_the_background_only_while_readers_are_active() {
+        let w = HashWorker::default();
+        assert!(!w.pressure.readers_active(), "no reader yet");
+        w.reader_active();
+        assert!(w.pressure.readers_active());
+        std::thread::sleep(READER_QUIET + Duration::from_millis(50));
+        assert!(
+            !w.pressure.readers_active(),
+            "quiet again after READER_QUIET"
+        );
     }
 }
