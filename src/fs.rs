@@ -48,6 +48,8 @@ pub struct BifsFs {
     opens: Mutex<HashMap<u64, InodeOpens>>,
     next_fh: AtomicU64,
     passthrough: bool,
+    /// The kernel lets FOPEN_DIRECT_IO files be mmapped (see `open_flags`).
+    direct_io: bool,
 }
 
 pub fn ino_of(image: &Image, view: View) -> u64 {
@@ -104,6 +106,7 @@ impl BifsFs {
             opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough: false,
+            direct_io: false,
         }
     }
 
@@ -115,9 +118,10 @@ impl BifsFs {
     /// byte: FOPEN_DIRECT_IO sends every read to the daemon instead (cold sequential
     /// read of 1 GiB: 240-490 -> 560-770 MiB/s here). Everything else (a ready image
     /// without passthrough, a qcow2 raw view, whose decoded bytes exist nowhere else)
-    /// keeps the page cache across opens: the bytes of an image never change.
-    fn open_flags(image: &Image, view: View) -> FopenFlags {
-        if image.state() != State::Ready && image.view_is_stored_bytes(view) {
+    /// keeps the page cache across opens: the bytes of an image never change. So do
+    /// kernels older than 6.6, which cannot mmap a FOPEN_DIRECT_IO file.
+    fn open_flags(&self, image: &Image, view: View) -> FopenFlags {
+        if self.direct_io && image.state() != State::Ready && image.view_is_stored_bytes(view) {
             FopenFlags::FOPEN_DIRECT_IO
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
@@ -245,14 +249,21 @@ impl fuser::Filesystem for BifsFs {
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         // mmap of a FOPEN_DIRECT_IO open (an image still arriving) goes through the page
-        // cache instead of failing with ENODEV (Linux >= 6.6).
-        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        // cache instead of failing with ENODEV (Linux >= 6.6). Older kernels keep the
+        // page-cached opens, so mmap works everywhere.
+        self.direct_io = config
+            .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_ok();
         if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(2).is_ok()
         {
             self.passthrough = true;
         }
-        debug!(passthrough = self.passthrough, "FUSE session initialised");
+        debug!(
+            passthrough = self.passthrough,
+            direct_io = self.direct_io,
+            "FUSE session initialised"
+        );
         Ok(())
     }
 
@@ -335,7 +346,7 @@ impl fuser::Filesystem for BifsFs {
                 passthrough: false,
             },
         );
-        reply.opened(FileHandle(fh), Self::open_flags(&image, view));
+        reply.opened(FileHandle(fh), self.open_flags(&image, view));
     }
 
     fn read(
