@@ -127,11 +127,11 @@ fn stored_spec(name: &str, size: u64, block_size: u64) -> StoredSpec {
     }
 }
 
-/// The block store: `ImageFiles::write_data` / `read_data` in 4 MiB and 16 KiB pieces,
+/// The block store: `ImageFiles::write_chunks` / `read_data` in 4 MiB and 16 KiB pieces,
 /// against a plain file written and read the same way.
 fn store(c: &mut Criterion) {
     let len = data_len();
-    let data = random_bytes(len);
+    let data = bytes::Bytes::from(random_bytes(len));
     let dir = bench_dir();
     let disk = Disk::open(dir.path()).expect("bench disk");
     let files =
@@ -152,10 +152,11 @@ fn store(c: &mut Criterion) {
         .throughput(Throughput::Bytes(len));
     for piece in [4 * MIB, 16 * KIB] {
         let label = if piece == 4 * MIB { "4 MiB" } else { "16 KiB" };
-        g.bench_function(format!("ImageFiles::write_data, {label} pieces"), |b| {
+        g.bench_function(format!("ImageFiles::write_chunks, {label} pieces"), |b| {
             b.iter(|| {
-                for (i, chunk) in data.chunks(piece as usize).enumerate() {
-                    files.write_data(i as u64 * piece, chunk).unwrap();
+                for i in 0..len / piece {
+                    let chunk = data.slice((i * piece) as usize..((i + 1) * piece) as usize);
+                    files.write_chunks(i * piece, &[chunk]).unwrap();
                 }
             })
         });
@@ -198,7 +199,7 @@ fn store(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % (len / (4 * MIB));
             files
-                .write_data(i * 4 * MIB, &data[..(4 * MIB) as usize])
+                .write_chunks(i * 4 * MIB, &[data.slice(..(4 * MIB) as usize)])
                 .unwrap();
             files.mark_dirty(i * 256);
             files.flush(&map).unwrap();

@@ -401,6 +401,7 @@ impl Image {
         }
     }
 
+    /// Reads `offset..end`, all present, from the data file; a failure meanwhile wins.
     fn read_landed(&self, offset: u64, end: u64) -> Result<Bytes> {
         let len = (end - offset) as usize;
         let mut buf = self.cfg.buffers.take(len);
@@ -441,17 +442,11 @@ impl Image {
             }
             self.wait_ready().await?;
         }
-        let files = self.files.clone();
-        let len = (end - offset) as usize;
-        let mut buf = self.cfg.buffers.take(len);
-        let buf = super::store::page_io(len, move || {
-            files.read_data(offset, buf.as_mut_slice()).map(|_| buf)
+        let this = self.clone();
+        super::store::page_io((end - offset) as usize, move || {
+            this.read_landed(offset, end)
         })
-        .await?;
-        if self.is_failed() {
-            return Err(self.failure());
-        }
-        Ok(Bytes::from_owner(buf))
+        .await
     }
 
     /// Waits until the image is ready (verified) or failed.

@@ -267,12 +267,6 @@ impl ImageFiles {
         Ok((Arc::new(files), stored, state, map))
     }
 
-    pub fn write_data(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.data
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io(self.dir.join("data"), e))
-    }
-
     /// Writes `chunks` back to back from `offset` with as few syscalls as it takes.
     pub fn write_chunks(&self, mut offset: u64, chunks: &[bytes::Bytes]) -> Result<()> {
         use std::os::fd::AsRawFd;
@@ -413,7 +407,9 @@ mod tests {
         };
         let files = ImageFiles::create(&disk, &stored).unwrap();
         let map = BlockMap::new(25);
-        files.write_data(0, &[7u8; 8192]).unwrap();
+        files
+            .write_chunks(0, &[bytes::Bytes::from(vec![7u8; 8192])])
+            .unwrap();
         map.set_range(0..2);
         files.mark_dirty(0);
         files.flush(&map).unwrap();
