@@ -114,8 +114,7 @@ fn serve_image(origin: &Origin, d: &Daemon, file: &Path, name: &str) -> Vec<u8> 
 /// An ext4 image converted to compressed qcow2 and created as image `name` (no fill).
 /// Returns the work dir, the raw original and the SHA-512 of the blob inside.
 fn serve_compressed_ext4(origin: &Origin, d: &Daemon, name: &str) -> (PathBuf, PathBuf, String) {
-    let work = d.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
+    let work = work_dir(d);
     let (raw, blob_sum) = make_ext4(&work);
     let qcow = work.join(format!("{name}.qcow2"));
     sh_ok(&format!(
@@ -183,8 +182,7 @@ fn a_qcow2_overlay_on_the_mounted_image_reads_back_the_original() {
 fn one_guest_block_of_a_1_gib_qcow2_fetches_only_its_metadata_and_cluster() {
     let origin = Origin::start();
     let d = Daemon::start();
-    let work = d.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
+    let work = work_dir(&d);
     let raw = work.join("big.raw");
     let qcow = work.join("big.qcow2");
     // AES-CTR over zeros: random-looking bytes at GB/s (urandom is slower).
@@ -220,6 +218,13 @@ fn one_guest_block_of_a_1_gib_qcow2_fetches_only_its_metadata_and_cluster() {
     assert!(read_at(&d.raw_path("big"), size, 4096).unwrap().is_empty());
 }
 
+/// A scratch directory inside the daemon's temp dir.
+fn work_dir(d: &Daemon) -> PathBuf {
+    let work = d.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    work
+}
+
 /// Guest data for the variants: random, zeros and text, 24 MiB.
 fn variant_base(dir: &Path) -> PathBuf {
     let mut data = random_bytes(8 * MIB as usize, 31);
@@ -238,8 +243,7 @@ fn variant_base(dir: &Path) -> PathBuf {
 fn qcow2_variants_decode_like_qemu_img_convert() {
     let origin = Origin::start();
     let d = Daemon::start();
-    let work = d.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
+    let work = work_dir(&d);
     let base = variant_base(&work);
     let b = base.display();
     let w = work.display();
@@ -341,8 +345,7 @@ fn qcow2_variants_decode_like_qemu_img_convert() {
 fn unsupported_qcow2_features_fail_the_raw_view_only_and_say_why() {
     let origin = Origin::start();
     let d = Daemon::start();
-    let work = d.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
+    let work = work_dir(&d);
     let base = variant_base(&work);
     let b = base.display();
     let w = work.display();
@@ -415,8 +418,7 @@ fn unsupported_qcow2_features_fail_the_raw_view_only_and_say_why() {
 fn a_raw_read_the_origin_cannot_serve_gives_eio_and_a_later_one_succeeds() {
     let origin = Origin::start();
     let d = Daemon::start();
-    let work = d.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
+    let work = work_dir(&d);
     let base = variant_base(&work);
     let qcow = work.join("flaky.qcow2");
     sh_ok(&format!(
