@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bifs::core::bitmap::BlockMap;
 use bifs::core::fetch::ReadState;
+use bifs::core::range::BlockRange;
 use bifs::core::source::{Identity, MemSource};
 use bifs::core::store::{Disk, ImageFiles, StoredSpec};
 use bifs::core::{CreateOptions, ImageConfig, ImageSpec, Node};
@@ -71,7 +72,7 @@ fn bitmap(c: &mut Criterion) {
     g.bench_function("set_range 256 blocks (one 4 MiB request)", |b| {
         b.iter(|| {
             at = (at + 7919 * 256) % (blocks - 256);
-            black_box(map.set_range(at..at + 256))
+            black_box(map.set_range(BlockRange::new(at, at + 256)))
         })
     });
     let mut plain = vec![0u64; words];
@@ -89,10 +90,10 @@ fn bitmap(c: &mut Criterion) {
     // Whole map: the worst case scans (a complete map but for its last block).
     g.throughput(Throughput::Bytes(words as u64 * 8));
     let full = BlockMap::new(blocks);
-    full.set_range(0..blocks - 1);
+    full.set_range(BlockRange::new(0, blocks - 1));
     g.bench_function(
         "first_missing over the whole map (last block absent)",
-        |b| b.iter(|| black_box(full.first_missing(black_box(0..blocks)))),
+        |b| b.iter(|| black_box(full.first_missing(black_box(BlockRange::new(0, blocks))))),
     );
     let mut plain = vec![u64::MAX; words];
     *plain.last_mut().unwrap() = 0;
@@ -101,7 +102,7 @@ fn bitmap(c: &mut Criterion) {
         |b| b.iter(|| black_box(black_box(&plain).iter().position(|w| *w != u64::MAX))),
     );
     g.bench_function("set_range over the whole map", |b| {
-        b.iter(|| black_box(full.set_range(black_box(0..blocks))))
+        b.iter(|| black_box(full.set_range(black_box(BlockRange::new(0, blocks)))))
     });
     g.bench_function("baseline: fill a Vec<u64> with ones", |b| {
         b.iter(|| black_box(&mut plain).fill(u64::MAX))
@@ -193,7 +194,7 @@ fn store(c: &mut Criterion) {
     }
     g.throughput(Throughput::Elements(1));
     let map = BlockMap::new(len / (16 * KIB));
-    map.set_range(0..map.blocks());
+    map.set_range(BlockRange::new(0, map.blocks()));
     g.bench_function("flush: fdatasync data + bitmap (after 4 MiB landed)", |b| {
         let mut i = 0u64;
         b.iter(|| {
@@ -322,7 +323,7 @@ fn fetch(c: &mut Criterion) {
     g.bench_function("baseline: ImageFiles::read_data, 1 MiB pieces", |b| {
         b.iter(|| {
             for i in 0..len / MIB {
-                warm.files.read_data(i * MIB, &mut buf).unwrap();
+                warm.fetcher().files().read_data(i * MIB, &mut buf).unwrap();
             }
             black_box(&buf);
         })
@@ -381,7 +382,7 @@ fn fetch(c: &mut Criterion) {
             let mut buf = [0u8; 4096];
             b.iter(|| {
                 for &o in &offsets {
-                    warm.files.read_data(o, &mut buf).unwrap();
+                    warm.fetcher().files().read_data(o, &mut buf).unwrap();
                 }
                 black_box(&buf);
             })

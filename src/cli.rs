@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::core::spec::{validate_checksum, validate_name, validate_url};
-use crate::core::{ImageConfig, Status};
+use crate::core::{ImageConfig, State, Status};
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +50,10 @@ pub enum Cmd {
         /// Presence granularity in KiB.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(4..=4096))]
         block_kib: u64,
+        /// How long a read of bytes not cached yet waits for them before it fails with EIO
+        /// (0: wait for ever, as an NFS hard mount).
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        read_timeout: Duration,
     },
     /// Create an image from a URL.
     Create {
@@ -216,7 +220,7 @@ fn print_status(s: &Status) {
     println!(
         "state:     {}{}",
         s.state,
-        if s.fill || s.state == "ready" {
+        if s.fill || s.state == State::Ready {
             String::new()
         } else {
             " (fill off: `bifs fill` starts it)".into()
@@ -265,12 +269,14 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
             listen,
             require_verified,
             block_kib,
+            read_timeout,
         } => {
-            let cfg = ImageConfig {
+            let mut cfg = ImageConfig {
                 require_verified: *require_verified,
                 block_size: block_kib * 1024,
                 ..ImageConfig::default()
             };
+            cfg.fetch.read_timeout = (!read_timeout.is_zero()).then_some(*read_timeout);
             let args = crate::daemon::MountArgs {
                 mountpoint: mountpoint.clone(),
                 disks: disks.clone(),
@@ -365,7 +371,7 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             } else {
                 print_status(&s);
             }
-            if wait.as_deref() == Some("ready") && s.state == "failed" {
+            if wait.as_deref() == Some("ready") && s.state == State::Failed {
                 return Err(failed(format!("image {name} failed: {}", s.error)));
             }
         }
@@ -414,9 +420,9 @@ async fn wait_for(
     loop {
         if let Some(b) = &bar {
             b.set_position(s.progress as u64);
-            b.set_message(s.state.clone());
+            b.set_message(s.state.as_str());
         }
-        if s.state == want || s.state == "failed" || (want == "failed" && s.state == "ready") {
+        if s.state.as_str() == want || s.state.is_final() {
             break;
         }
         if start.elapsed() > timeout {

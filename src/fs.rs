@@ -21,7 +21,9 @@ use fuser::{
 use tracing::{debug, debug_span, warn, Instrument};
 
 use crate::core::fetch::ReadState;
-use crate::core::{Image, Node, State, View};
+use crate::core::status::XATTRS;
+use crate::core::view::{KernelCaps, OpenMode};
+use crate::core::{Image, Node, View};
 
 const RAW_DIR: u64 = 2;
 const TTL: Duration = Duration::from_secs(1);
@@ -47,9 +49,8 @@ pub struct BifsFs {
     handles: Mutex<HashMap<u64, Handle>>,
     opens: Mutex<HashMap<u64, InodeOpens>>,
     next_fh: AtomicU64,
-    passthrough: bool,
-    /// The kernel lets FOPEN_DIRECT_IO files be mmapped (see `open_flags`).
-    direct_io: bool,
+    /// What the kernel offered at init (the core decides the open mode from it).
+    caps: KernelCaps,
 }
 
 pub fn ino_of(image: &Image, view: View) -> u64 {
@@ -105,26 +106,16 @@ impl BifsFs {
             handles: Mutex::new(HashMap::new()),
             opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            passthrough: false,
-            direct_io: false,
+            caps: KernelCaps::default(),
         }
     }
 
-    /// How the kernel caches an open served by the daemon.
-    ///
-    /// While the stored bytes are still arriving they already sit in the page cache of
-    /// the image's data file; a second copy in the FUSE inode's page cache would double
-    /// the memory an image costs and, on a cold read, double the fresh pages filled per
-    /// byte: FOPEN_DIRECT_IO sends every read to the daemon instead (cold sequential
-    /// read of 1 GiB: 240-490 -> 560-770 MiB/s here). Everything else (a ready image
-    /// without passthrough, a qcow2 raw view, whose decoded bytes exist nowhere else)
-    /// keeps the page cache across opens: the bytes of an image never change. So do
-    /// kernels older than 6.6, which cannot mmap a FOPEN_DIRECT_IO file.
+    /// The flags of an open served by the daemon (the core chose the mode; see
+    /// `core::view::open_mode` for why).
     fn open_flags(&self, image: &Image, view: View) -> FopenFlags {
-        if self.direct_io && image.state() != State::Ready && image.view_is_stored_bytes(view) {
-            FopenFlags::FOPEN_DIRECT_IO
-        } else {
-            FopenFlags::FOPEN_KEEP_CACHE
+        match image.open_mode(view, self.caps) {
+            OpenMode::DirectIo => FopenFlags::FOPEN_DIRECT_IO,
+            OpenMode::KeepCache | OpenMode::Passthrough => FopenFlags::FOPEN_KEEP_CACHE,
         }
     }
 
@@ -206,32 +197,9 @@ impl BifsFs {
         if !XATTRS.contains(&name) {
             return None;
         }
-        let st = self.node.status(image);
-        Some(match name {
-            "user.bifs.state" => st.state,
-            "user.bifs.progress" => st.progress.to_string(),
-            "user.bifs.format" => st.format,
-            "user.bifs.checksum" => st.checksum,
-            "user.bifs.source" => st
-                .source
-                .parameters
-                .get("url")
-                .cloned()
-                .unwrap_or(st.source.kind),
-            "user.bifs.error" => st.error,
-            _ => return None,
-        })
+        self.node.status(image).xattr(name)
     }
 }
-
-const XATTRS: [&str; 6] = [
-    "user.bifs.state",
-    "user.bifs.progress",
-    "user.bifs.format",
-    "user.bifs.checksum",
-    "user.bifs.source",
-    "user.bifs.error",
-];
 
 fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
@@ -251,17 +219,14 @@ impl fuser::Filesystem for BifsFs {
         // mmap of a FOPEN_DIRECT_IO open (an image still arriving) goes through the page
         // cache instead of failing with ENODEV (Linux >= 6.6). Older kernels keep the
         // page-cached opens, so mmap works everywhere.
-        self.direct_io = config
+        self.caps.direct_io_mmap = config
             .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             .is_ok();
-        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(2).is_ok()
-        {
-            self.passthrough = true;
-        }
+        self.caps.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok();
         debug!(
-            passthrough = self.passthrough,
-            direct_io = self.direct_io,
+            passthrough = self.caps.passthrough,
+            direct_io = self.caps.direct_io_mmap,
             "FUSE session initialised"
         );
         Ok(())
@@ -305,14 +270,11 @@ impl fuser::Filesystem for BifsFs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut opens = self.opens.lock().unwrap();
         let o = opens.entry(ino.0).or_default();
-        // Ready images go to the kernel as the data file itself: local-file speed.
-        if self.passthrough
-            && image.state() == State::Ready
-            && image.view_is_stored_bytes(view)
-            && o.cached == 0
-        {
+        // Ready images go to the kernel as the data file itself: local-file speed. The
+        // kernel refuses to mix modes on one inode, so opens made before stay cached.
+        if image.open_mode(view, self.caps) == OpenMode::Passthrough && o.cached == 0 {
             if o.backing.is_none() {
-                let path = image.files.dir.join("data");
+                let path = image.data_path();
                 match File::open(&path).and_then(|f| reply.open_backing(&f)) {
                     Ok(id) => o.backing = Some(id),
                     Err(e) => {
@@ -463,7 +425,7 @@ impl fuser::Filesystem for BifsFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let images = self.node.list();
-        let total: u64 = images.iter().map(|i| i.size).sum::<u64>().div_ceil(4096);
+        let total: u64 = images.iter().map(|i| i.size()).sum::<u64>().div_ceil(4096);
         reply.statfs(total, 0, 0, images.len() as u64, 0, 4096, 255, 4096);
     }
 

@@ -49,6 +49,8 @@ pub fn status(e: &Error) -> StatusCode {
         Error::Io { errno, .. } if *errno == libc::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
         Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+        Error::NoSource { .. } | Error::ReadTimeout { .. } => StatusCode::BAD_GATEWAY,
+        Error::Deleted(_) => StatusCode::NOT_FOUND,
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
@@ -172,7 +174,7 @@ async fn metrics(State(app): State<App>) -> String {
             add(
                 "bifs_image_state",
                 "1 for the image's current state",
-                format!("{{{l},state=\"{s}\"}} {}", u8::from(st.state == s)),
+                format!("{{{l},state=\"{s}\"}} {}", u8::from(st.state.as_str() == s)),
             );
         }
     }

@@ -662,3 +662,42 @@ fn an_origin_replaced_while_the_daemon_was_down_fails_the_image_at_start_up() {
     let e = read_at(&d.path("replaced"), 0, 4096).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO));
 }
+
+#[test]
+fn an_image_whose_source_this_build_cannot_use_serves_its_cached_blocks_after_a_restart() {
+    let origin = Origin::start();
+    let data = random_bytes(8 * MIB, 21);
+    let other = random_bytes(MIB, 22);
+    origin.put("k.raw", data.clone());
+    origin.put("o.raw", other.clone());
+    let mut d = Daemon::start();
+    d.bifs_ok(&["create", "kept", "--url", &origin.url("k.raw"), "--no-fill"]);
+    assert_eq!(read_at(&d.path("kept"), 0, MIB).unwrap(), data[..MIB]);
+    d.bifs_ok(&["create", "other", "--url", &origin.url("o.raw")]);
+    d.wait_state("other", "ready", Duration::from_secs(60));
+    d.stop();
+    // A spec written by a bifs with a source type this one cannot fetch from.
+    let spec_path = d.disk.join("images/kept/spec.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+    spec["spec"]["sourceType"] = "upload".into();
+    spec["spec"]["sourceParameters"] = serde_json::json!({});
+    std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    d.spawn();
+    // Present blocks read right; an absent one answers EIO within seconds, not a hang.
+    assert_eq!(
+        read_at(&d.path("kept"), 4096, 65536).unwrap(),
+        data[4096..4096 + 65536]
+    );
+    let t0 = std::time::Instant::now();
+    let e = read_at(&d.path("kept"), 6 * MIB as u64, 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let s = d.status("kept");
+    assert_eq!(s["state"], "in-progress", "{s}");
+    let err = s["error"].as_str().unwrap();
+    assert!(err.contains("sourceType is upload"), "{err}");
+    // The other image is untouched.
+    assert_eq!(d.status("other")["state"], "ready");
+    assert!(std::fs::read(d.path("other")).unwrap() == other);
+}

@@ -11,6 +11,8 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::range::BlockRange;
+
 pub struct BlockMap {
     words: Vec<AtomicU64>,
     blocks: u64,
@@ -83,7 +85,7 @@ impl BlockMap {
     }
 
     /// Sets the bits of `range`; returns how many were newly set.
-    pub fn set_range(&self, range: Range<u64>) -> u64 {
+    pub fn set_range(&self, range: BlockRange) -> u64 {
         let mut added = 0;
         let mut b = range.start;
         let end = range.end.min(self.blocks);
@@ -105,26 +107,28 @@ impl BlockMap {
     }
 
     /// Whether every block of `range` is present.
-    pub fn all_set(&self, range: Range<u64>) -> bool {
+    pub fn all_set(&self, range: BlockRange) -> bool {
         self.first_missing(range).is_none()
     }
 
     /// The first absent block in `range`.
-    pub fn first_missing(&self, range: Range<u64>) -> Option<u64> {
+    pub fn first_missing(&self, range: BlockRange) -> Option<u64> {
         self.scan(range, true)
     }
 
     /// The first present block in `range`.
-    pub fn first_present(&self, range: Range<u64>) -> Option<u64> {
+    pub fn first_present(&self, range: BlockRange) -> Option<u64> {
         self.scan(range, false)
     }
 
     /// The length of the run of present blocks starting at `from`.
     pub fn present_run(&self, from: u64) -> u64 {
-        self.first_missing(from..self.blocks).unwrap_or(self.blocks) - from
+        self.first_missing(BlockRange::new(from, self.blocks))
+            .unwrap_or(self.blocks)
+            - from
     }
 
-    fn scan(&self, range: Range<u64>, want_missing: bool) -> Option<u64> {
+    fn scan(&self, range: BlockRange, want_missing: bool) -> Option<u64> {
         let end = range.end.min(self.blocks);
         let mut b = range.start;
         while b < end {
@@ -173,7 +177,7 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Set(b) if b < blocks => {
-                        let added = real.set_range(b..b + 1);
+                        let added = real.set_range(BlockRange::new(b, b + 1));
                         prop_assert_eq!(added, model.insert(b) as u64);
                     }
                     Op::Set(_) => {}
@@ -181,7 +185,7 @@ mod tests {
                         let e = e.min(blocks);
                         let before = model.len() as u64;
                         for b in a.min(e)..e { model.insert(b); }
-                        prop_assert_eq!(real.set_range(a.min(e)..e), model.len() as u64 - before);
+                        prop_assert_eq!(real.set_range(BlockRange::new(a.min(e), e)), model.len() as u64 - before);
                     }
                     Op::Reopen => {
                         let bytes = real.to_bytes(0..real.word_count());
@@ -192,9 +196,9 @@ mod tests {
                 let got: Vec<u64> = (0..blocks).filter(|&b| real.is_set(b)).collect();
                 prop_assert_eq!(got, model.iter().copied().collect::<Vec<_>>());
                 let first_missing = (0..blocks).find(|b| !model.contains(b));
-                prop_assert_eq!(real.first_missing(0..blocks), first_missing);
+                prop_assert_eq!(real.first_missing(BlockRange::new(0, blocks)), first_missing);
                 let first_present = model.iter().next().copied();
-                prop_assert_eq!(real.first_present(0..blocks), first_present);
+                prop_assert_eq!(real.first_present(BlockRange::new(0, blocks)), first_present);
             }
         }
     }
@@ -202,11 +206,11 @@ mod tests {
     #[test]
     fn scans_respect_range_ends() {
         let m = BlockMap::new(200);
-        m.set_range(10..130);
-        assert_eq!(m.first_missing(10..130), None);
-        assert_eq!(m.first_missing(10..131), Some(130));
-        assert_eq!(m.first_present(0..10), None);
-        assert_eq!(m.first_present(0..11), Some(10));
+        m.set_range(BlockRange::new(10, 130));
+        assert_eq!(m.first_missing(BlockRange::new(10, 130)), None);
+        assert_eq!(m.first_missing(BlockRange::new(10, 131)), Some(130));
+        assert_eq!(m.first_present(BlockRange::new(0, 10)), None);
+        assert_eq!(m.first_present(BlockRange::new(0, 11)), Some(10));
         assert_eq!(m.present_run(10), 120);
         assert_eq!(m.present_count(), 120);
     }

@@ -26,6 +26,10 @@ pub enum SourceError {
     },
     #[error("source {url} sent a bad reply: {reason}")]
     Protocol { url: String, reason: String },
+    /// This source does not hold these bytes (a peer without the blocks, an upload that
+    /// has not sent them): the request moves to the next source, nothing fails.
+    #[error("source {url} does not have bytes {start}..{end}")]
+    Absent { url: String, start: u64, end: u64 },
 }
 
 impl SourceError {
@@ -34,7 +38,66 @@ impl SourceError {
         match self {
             Self::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             Self::Unreachable { .. } | Self::Interrupted { .. } => true,
-            Self::Changed { .. } | Self::Protocol { .. } => false,
+            Self::Changed { .. } | Self::Protocol { .. } | Self::Absent { .. } => false,
+        }
+    }
+}
+
+/// Why an image failed, persisted in state.json: whether `bifs fill` may retry it is
+/// decided by the kind, never by the words of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// The whole image's digest differs from the spec's: the bytes cannot be trusted.
+    Checksum,
+    /// The source now holds another version: the cached blocks belong to the old one.
+    SourceChanged,
+    /// The source answered with a permanent error (404, 410, 403, a bad reply).
+    SourceGone,
+    /// The source kept failing with errors that may pass (unreachable, 5xx).
+    SourceUnreachable,
+    /// The cache disk is full.
+    DiskFull,
+    /// Reading or writing the cache disk failed.
+    DiskIo,
+    /// Anything else.
+    Other,
+}
+
+impl FailureKind {
+    pub fn of(e: &Error) -> Self {
+        match e {
+            Error::Checksum { .. } => Self::Checksum,
+            Error::Source(SourceError::Changed { .. }) => Self::SourceChanged,
+            Error::Source(s) if s.is_retryable() => Self::SourceUnreachable,
+            Error::Source(_) => Self::SourceGone,
+            Error::Io { errno, .. } if *errno == libc::ENOSPC => Self::DiskFull,
+            Error::Io { .. } => Self::DiskIo,
+            Error::NoSource { .. } | Error::ReadTimeout { .. } => Self::SourceUnreachable,
+            Error::Failed { kind, .. } => *kind,
+            Error::NotFound(_)
+            | Error::BadInput(_)
+            | Error::Conflict { .. }
+            | Error::Unsupported(_)
+            | Error::ShuttingDown
+            | Error::Deleted(_) => Self::Other,
+        }
+    }
+
+    /// Whether a retry (`bifs fill`) may clear the failure. A checksum mismatch or a
+    /// changed source may not: the blocks on disk are of the wrong image.
+    pub fn retry_allowed(self) -> bool {
+        !matches!(self, Self::Checksum | Self::SourceChanged)
+    }
+
+    /// For state.json files written before kinds existed: the kind their message names.
+    pub fn guess_from_message(msg: &str) -> Self {
+        if msg.contains("checksum mismatch") {
+            Self::Checksum
+        } else if msg.contains("source changed") {
+            Self::SourceChanged
+        } else {
+            Self::Other
         }
     }
 }
@@ -63,7 +126,30 @@ pub enum Error {
         errno: i32,
     },
     #[error("image {name:?} failed: {msg}")]
-    Failed { name: String, msg: String },
+    Failed {
+        name: String,
+        msg: String,
+        kind: FailureKind,
+    },
+    /// No source of the image can serve absent blocks (a type this build cannot fetch
+    /// from, an upload that stopped, peers without the blocks and no URL).
+    #[error("image {name:?}: bytes {start}..{end} are not cached on this node and {reason}")]
+    NoSource {
+        name: String,
+        start: u64,
+        end: u64,
+        reason: String,
+    },
+    #[error("image {name:?}: bytes {start}..{end} did not arrive within {secs} s ({reason}); the read gave up (--read-timeout)")]
+    ReadTimeout {
+        name: String,
+        start: u64,
+        end: u64,
+        secs: u64,
+        reason: String,
+    },
+    #[error("image {0:?} was deleted")]
+    Deleted(String),
     #[error("{0}")]
     Unsupported(String),
     #[error("the daemon is shutting down")]
@@ -91,9 +177,13 @@ impl Error {
             Self::BadInput(_) | Self::Conflict { .. } => libc::EINVAL,
             Self::Unsupported(_) => libc::EIO,
             Self::Io { errno, .. } => *errno,
-            Self::Checksum { .. } | Self::Source(_) | Self::Failed { .. } | Self::ShuttingDown => {
-                libc::EIO
-            }
+            Self::Checksum { .. }
+            | Self::Source(_)
+            | Self::Failed { .. }
+            | Self::NoSource { .. }
+            | Self::ReadTimeout { .. }
+            | Self::ShuttingDown
+            | Self::Deleted(_) => libc::EIO,
         }
     }
 }

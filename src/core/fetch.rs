@@ -1,59 +1,122 @@
-//! Turns "bytes X..Y are needed" into range requests to the source.
+//! The fetcher: turns "these blocks are needed" into range requests to an image's
+//! sources, and lands what arrives. It owns the block map, the image's files, the
+//! sources, the pinned version, the in-flight jobs and the data-file writer; it knows
+//! nothing of `Image` and reports what happened through `FetchObserver`, so the image
+//! alone runs the state machine. Everything here runs against `MemSource` in
+//! `cargo test --lib`, without a mount or a network.
 //!
-//! - Single flight: a block absent from the map is covered by at most one `Job`
-//!   (a contiguous run of blocks, one range request); every reader that needs it waits
-//!   on that job's progress instead of asking again.
-//! - Request size follows the access pattern: an isolated miss asks only for the blocks
-//!   it reads (16 KiB by default); a sequential reader gets a readahead window that
-//!   doubles up to `readahead_max` and resets on a seek (as mountpoint-s3's prefetcher),
-//!   cut into requests of at most `max_request` so several are in flight.
-//! - Bytes land progressively: a job writes each batch of whole blocks as it arrives and
-//!   sets their bits at once, so a reader waits for its own blocks, not the whole request.
-//! - Failures: retryable errors (connection, 5xx, a body cut short) are retried with
-//!   backoff from the first block not yet landed; others fail the image.
+//! - Single flight: an absent block is covered by at most one `Job` (a contiguous run of
+//!   blocks, one request); every reader that needs it waits on that job's progress.
+//! - Request size follows the access pattern: an isolated miss asks only for its own
+//!   blocks (16 KiB by default); a sequential reader gets a readahead window that doubles
+//!   up to `readahead_max` and resets on a seek (as mountpoint-s3's prefetcher), cut
+//!   into requests of at most `max_request` (4 MiB) so several are in flight.
+//! - Bytes land progressively through one path (`land`: write, set bits, mark dirty,
+//!   notify), shared by every source and by uploads: a reader waits for its own blocks,
+//!   not the whole request.
+//! - Several sources, asked in order: one that answers `Absent` or fails with an error
+//!   that may pass moves the request to the next; a permanent error (the version is gone)
+//!   ends the job. Retryable errors are retried with backoff from the first block not
+//!   yet landed.
+//! - No stranded waiters: a job whose task panics or is dropped wakes its waiters with
+//!   an error (`JobGuard`), and a reader gives up after `read_timeout` with the reason.
 
-use std::ops::Range;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
-
-use std::collections::VecDeque;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::bitmap::BlockMap;
 use super::error::{Error, Result, SourceError};
-use super::image::{Image, ImageConfig};
-use super::store::State;
+use super::range::{BlockRange, ByteRange, Geometry};
+use super::source::{Identity, Priority, Source};
+use super::store::{page_io, BufPool, ImageFiles};
 
 /// How many times a job retries a retryable error without making progress.
 const MAX_ATTEMPTS: u32 = 6;
 /// Whole blocks buffered before they are written (a job smaller than this writes once).
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// What `plan` did: the jobs to wait on (each with the block index it must reach), and
-/// the run of the last job it started.
-pub(crate) type Plan = (Vec<(Arc<Job>, u64)>, Option<Range<u64>>);
-
-#[derive(Debug, Clone, Default)]
-pub struct JobProgress {
-    /// Blocks before this index (within the job) have landed.
-    pub landed_to: u64,
-    pub done: bool,
-    pub error: Option<Error>,
+/// Tunables of the fetch path.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// The largest single range request to a source.
+    pub max_request: u64,
+    /// The largest readahead window of a sequential reader.
+    pub readahead_max: u64,
+    /// How long a reader waits for absent blocks before it gets EIO (None: for ever).
+    pub read_timeout: Option<Duration>,
 }
 
-pub struct Job {
-    pub blocks: Range<u64>,
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            max_request: 4 * 1024 * 1024,
+            readahead_max: 64 * 1024 * 1024,
+            read_timeout: Some(Duration::from_secs(120)),
+        }
+    }
+}
+
+/// What the fetcher tells its owner. Called on the fetching task, so quick.
+pub trait FetchObserver: Send + Sync {
+    /// These blocks landed (their bits are set, not yet durable).
+    fn landed(&self, blocks: BlockRange);
+    /// A job ended with `err` after its retries.
+    fn fetch_failed(&self, err: &Error, prio: Priority);
+    /// A reader waits for (or was served) bytes that are still arriving.
+    fn reader_active(&self);
+}
+
+/// An image's sources in the order they are asked, or why it has none.
+pub struct Sources {
+    pub list: Vec<Arc<dyn Source>>,
+    /// Why no source can serve absent blocks (shown in status and in readers' errors).
+    pub unavailable: Option<String>,
+}
+
+impl Sources {
+    pub fn one(source: Arc<dyn Source>) -> Self {
+        Self {
+            list: vec![source],
+            unavailable: None,
+        }
+    }
+
+    pub fn none(why: impl Into<String>) -> Self {
+        Self {
+            list: Vec::new(),
+            unavailable: Some(why.into()),
+        }
+    }
+
+    fn ranged(&self) -> bool {
+        self.list.iter().any(|s| s.ranges())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct JobProgress {
+    /// Blocks before this index have landed.
+    landed_to: u64,
+    done: bool,
+    error: Option<Error>,
+}
+
+struct Job {
+    blocks: BlockRange,
+    prio: Priority,
     progress: watch::Sender<JobProgress>,
-    /// Started by the background fill (its failures fail the image).
-    from_fill: bool,
 }
 
 impl Job {
-    /// Waits until block `upto - 1` of this job has landed.
+    /// Waits until block `upto - 1` of this job has landed (or the job ended).
     async fn wait_landed(&self, upto: u64) -> Result<()> {
         let mut rx = self.progress.subscribe();
         loop {
@@ -76,6 +139,39 @@ impl Job {
     }
 }
 
+/// Ends a job however its task ends: normally, by error, by panic or dropped. Waiters
+/// are woken with the job's error (or a "task ended" one) and the job leaves the table.
+struct JobGuard<'a> {
+    fetcher: &'a Fetcher,
+    job: Arc<Job>,
+    result: Option<Result<()>>,
+}
+
+impl Drop for JobGuard<'_> {
+    fn drop(&mut self) {
+        let result = self.result.take().unwrap_or_else(|| {
+            Err(Error::Io {
+                path: self.fetcher.files.dir.join("data"),
+                msg: format!(
+                    "the fetch of {:?} ended unexpectedly (its task panicked or was dropped)",
+                    self.job.blocks
+                ),
+                errno: libc::EIO,
+            })
+        });
+        self.fetcher
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.job.blocks.start);
+        self.job.progress.send_modify(|p| {
+            p.done = true;
+            p.error = result.err();
+        });
+        self.fetcher.landed.notify_waiters();
+    }
+}
+
 /// Per-open-file sequential detection.
 #[derive(Debug, Default)]
 pub struct ReadState {
@@ -86,14 +182,9 @@ pub struct ReadState {
 }
 
 impl ReadState {
-    /// Records a read of `offset..end`; returns the byte range to prefetch, if any.
-    pub fn advance(
-        &mut self,
-        offset: u64,
-        end: u64,
-        size: u64,
-        cfg: &ImageConfig,
-    ) -> Option<Range<u64>> {
+    /// Records a read of `bytes`; returns the byte range to prefetch, if any.
+    pub fn advance(&mut self, bytes: ByteRange, size: u64, cfg: &FetchConfig) -> Option<ByteRange> {
+        let (offset, end) = (bytes.start, bytes.end);
         // The kernel issues readahead requests concurrently, so they may arrive a little
         // out of order: anything near the expected offset still counts as sequential.
         let slack = 2 * 1024 * 1024;
@@ -116,7 +207,9 @@ impl ReadState {
             self.prefetched_to = 0;
             return None;
         }
-        self.window = (self.window * 2).clamp(1024 * 1024, cfg.readahead_max);
+        // The first window is 1 MiB (or the whole allowance, if that is smaller).
+        let first = (1024 * 1024).min(cfg.readahead_max);
+        self.window = (self.window * 2).clamp(first, cfg.readahead_max.max(first));
         let from = self.prefetched_to.max(end);
         let to = (end + self.window).min(size);
         if to <= from {
@@ -127,15 +220,166 @@ impl ReadState {
             return None;
         }
         self.prefetched_to = to;
-        Some(from..to)
+        Some(ByteRange::new(from, to))
     }
 }
 
-impl Image {
-    fn covering(
-        inflight: &std::collections::BTreeMap<u64, Arc<Job>>,
-        block: u64,
-    ) -> Option<Arc<Job>> {
+pub struct Fetcher {
+    /// The image's name, for logs and errors.
+    name: String,
+    geo: Geometry,
+    map: Arc<BlockMap>,
+    files: Arc<ImageFiles>,
+    pin: Identity,
+    sources: RwLock<Arc<Sources>>,
+    cfg: FetchConfig,
+    buffers: Arc<BufPool>,
+    inflight: Mutex<BTreeMap<u64, Arc<Job>>>,
+    /// One write into the data file at a time: concurrent pwritevs of one file serialise
+    /// on its inode lock in the kernel anyway, spinning there (13% of the daemon's CPU
+    /// on a cold read); waiting here frees the worker for other streams instead.
+    writer: tokio::sync::Mutex<()>,
+    /// Woken whenever blocks land or a job ends.
+    landed: Arc<Notify>,
+    fetched_bytes: AtomicU64,
+    /// Set by the owner when the image failed: nothing more is fetched or landed.
+    halted: RwLock<Option<Error>>,
+    is_halted: AtomicBool,
+    /// The last error of a fill job that did not halt the fetcher (the fill stops on it).
+    fill_error: Mutex<Option<Error>>,
+    cancel: CancellationToken,
+    observer: OnceLock<Weak<dyn FetchObserver>>,
+}
+
+/// What `plan` did: the jobs to wait on (each with the block it must reach), and the
+/// run of the last job it started.
+type Plan = (Vec<(Arc<Job>, u64)>, Option<BlockRange>);
+
+impl Fetcher {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        geo: Geometry,
+        map: Arc<BlockMap>,
+        files: Arc<ImageFiles>,
+        pin: Identity,
+        sources: Sources,
+        cfg: FetchConfig,
+        buffers: Arc<BufPool>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            name,
+            geo,
+            map,
+            files,
+            pin,
+            sources: RwLock::new(Arc::new(sources)),
+            cfg,
+            buffers,
+            inflight: Mutex::new(BTreeMap::new()),
+            writer: tokio::sync::Mutex::new(()),
+            landed: Arc::new(Notify::new()),
+            fetched_bytes: AtomicU64::new(0),
+            halted: RwLock::new(None),
+            is_halted: AtomicBool::new(false),
+            fill_error: Mutex::new(None),
+            cancel,
+            observer: OnceLock::new(),
+        }
+    }
+
+    /// Whom to tell about landings and failures (set once, by the owner).
+    pub fn set_observer(&self, observer: Weak<dyn FetchObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn observer(&self) -> Option<Arc<dyn FetchObserver>> {
+        self.observer.get().and_then(Weak::upgrade)
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    pub fn map(&self) -> &Arc<BlockMap> {
+        &self.map
+    }
+
+    pub fn files(&self) -> &Arc<ImageFiles> {
+        &self.files
+    }
+
+    pub fn pin(&self) -> &Identity {
+        &self.pin
+    }
+
+    pub fn config(&self) -> &FetchConfig {
+        &self.cfg
+    }
+
+    /// Woken whenever blocks land or a job ends (the verifier waits on it).
+    pub fn landed_notify(&self) -> Arc<Notify> {
+        self.landed.clone()
+    }
+
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The sources, first asked first.
+    pub fn sources(&self) -> Arc<Sources> {
+        self.sources.read().unwrap().clone()
+    }
+
+    pub fn set_sources(&self, sources: Sources) {
+        *self.sources.write().unwrap() = Arc::new(sources);
+    }
+
+    /// Stops all fetching and landing: jobs end with `err`, readers get it.
+    pub fn halt(&self, err: Error) {
+        *self.halted.write().unwrap() = Some(err);
+        self.is_halted.store(true, Ordering::Release);
+        self.landed.notify_waiters();
+    }
+
+    /// Lets fetching go on after `halt` (a retry of a failure that can pass).
+    pub fn resume(&self) {
+        *self.halted.write().unwrap() = None;
+        self.is_halted.store(false, Ordering::Release);
+        self.fill_error.lock().unwrap().take();
+    }
+
+    fn halted(&self) -> Option<Error> {
+        if !self.is_halted.load(Ordering::Acquire) {
+            return None;
+        }
+        self.halted.read().unwrap().clone()
+    }
+
+    /// Why the last fill job ended in error without halting (the fill stops on it).
+    pub fn take_fill_error(&self) -> Option<Error> {
+        self.fill_error.lock().unwrap().take()
+    }
+
+    fn max_blocks(&self) -> u64 {
+        (self.cfg.max_request / self.geo.block_size).max(1)
+    }
+
+    /// Reads `bytes`, every block of them present, from the data file.
+    pub fn read_present(&self, bytes: ByteRange) -> Result<Bytes> {
+        let mut buf = self.buffers.take(bytes.len() as usize);
+        self.files.read_data(bytes.start, buf.as_mut_slice())?;
+        Ok(Bytes::from_owner(buf))
+    }
+
+    /// As `read_present`, on the blocking pool when the read is large.
+    pub async fn read_present_async(self: &Arc<Self>, bytes: ByteRange) -> Result<Bytes> {
+        let me = self.clone();
+        page_io(bytes.len() as usize, move || me.read_present(bytes)).await
+    }
+
+    fn covering(inflight: &BTreeMap<u64, Arc<Job>>, block: u64) -> Option<Arc<Job>> {
         inflight
             .range(..=block)
             .next_back()
@@ -143,125 +387,158 @@ impl Image {
             .map(|(_, j)| j.clone())
     }
 
-    /// Plans jobs for the absent, uncovered blocks of `range`. Returns the jobs the
-    /// caller must wait on (with the block index each must reach) when `wait` is set.
-    /// `permit`: the first new job takes it (the fill's concurrency limit).
-    pub(crate) fn plan(
+    /// Plans jobs for the absent, uncovered blocks of `range`, returning those to wait
+    /// on when `wait` is set. `permit`: the first new job takes it (the fill's limit),
+    /// and then only one job is started.
+    fn plan(
         self: &Arc<Self>,
-        range: Range<u64>,
+        range: BlockRange,
         wait: bool,
-        max_blocks: u64,
         mut permit: Option<OwnedSemaphorePermit>,
+        prio: Priority,
     ) -> Plan {
         let mut waits = Vec::new();
         let mut started = None;
-        let from_fill = permit.is_some();
-        let ranged = self.stored.lock().unwrap().identity.ranges;
+        let one_job = permit.is_some();
+        let ranged = self.sources().ranged();
+        let max_blocks = self.max_blocks();
         let mut inflight = self.inflight.lock().unwrap();
         let mut b = range.start;
         while b < range.end {
-            let Some(m) = self.map.first_missing(b..range.end) else {
+            let Some(m) = self.map.first_missing(BlockRange::new(b, range.end)) else {
                 break;
             };
             if let Some(job) = Self::covering(&inflight, m) {
                 b = job.blocks.end;
                 if wait {
-                    let upto = job.blocks.end.min(range.end);
-                    waits.push((job, upto));
+                    waits.push((job.clone(), job.blocks.end.min(range.end)));
                 }
                 continue;
             }
             let run = if ranged {
                 let next_job = inflight.range(m..).next().map_or(u64::MAX, |(s, _)| *s);
-                let present = self.map.first_present(m..range.end).unwrap_or(range.end);
-                m..range
-                    .end
-                    .min(next_job)
-                    .min(present)
-                    .min(m + max_blocks.max(1))
+                let present = self
+                    .map
+                    .first_present(BlockRange::new(m, range.end))
+                    .unwrap_or(range.end);
+                BlockRange::new(m, range.end.min(next_job).min(present).min(m + max_blocks))
             } else {
                 // Without range support the one stream covers the whole image.
-                0..self.blocks()
+                BlockRange::new(0, self.geo.blocks())
             };
             let job = Arc::new(Job {
-                blocks: run.clone(),
+                blocks: run,
+                prio,
                 progress: watch::channel(JobProgress::default()).0,
-                from_fill,
             });
             inflight.insert(run.start, job.clone());
             tokio::spawn(self.clone().run_job(job.clone(), permit.take()));
-            started = Some(run.clone());
+            started = Some(run);
             b = run.end;
             if wait {
                 waits.push((job, run.end.min(range.end)));
             }
-            if from_fill {
-                break; // one job per permit
+            if one_job {
+                break;
             }
         }
         (waits, started)
     }
 
-    /// Makes every block of `range` present, fetching what is absent.
-    pub async fn ensure(self: &Arc<Self>, range: Range<u64>) -> Result<()> {
-        let max_blocks = (self.cfg.max_request / self.block_size).max(1);
+    /// Makes every block of `range` present, fetching what is absent (a reader).
+    pub async fn ensure(self: &Arc<Self>, range: BlockRange) -> Result<()> {
+        let deadline = self
+            .cfg
+            .read_timeout
+            .map(|t| tokio::time::Instant::now() + t);
         loop {
-            if self.is_failed() {
-                return Err(self.failure());
+            if let Some(e) = self.halted() {
+                return Err(e);
             }
-            if self.map.all_set(range.clone()) {
+            if self.map.all_set(range) {
                 return Ok(());
             }
-            let (waits, _) = self.plan(range.clone(), true, max_blocks, None);
-            if !waits.is_empty() {
-                self.cfg.hasher.reader_active();
+            let (waits, _) = self.plan(range, true, None, Priority::Reader);
+            if let Some(o) = self.observer() {
+                o.reader_active();
             }
             for (job, upto) in waits {
+                let timeout = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => futures::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    // The job's error is the reader's: the job already retried.
                     r = job.wait_landed(upto) => r?,
                     _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
+                    _ = timeout => {
+                        let bytes = self.geo.bytes_of(range);
+                        let secs = self.cfg.read_timeout.map_or(0, |t| t.as_secs());
+                        let reason = "the source is slow, stalled or unreachable".to_string();
+                        warn!(image = %self.name, ?bytes, secs, %reason, "read gave up waiting");
+                        return Err(Error::ReadTimeout {
+                            name: self.name.clone(),
+                            start: bytes.start,
+                            end: bytes.end,
+                            secs,
+                            reason,
+                        });
+                    }
                 }
             }
         }
     }
 
-    /// Starts fetching `bytes` in the background (readahead).
-    pub fn prefetch(self: &Arc<Self>, bytes: Range<u64>) {
-        let blocks =
-            bytes.start / self.block_size..bytes.end.div_ceil(self.block_size).min(self.blocks());
-        let max_blocks = (self.cfg.max_request / self.block_size).max(1);
-        self.plan(blocks, false, max_blocks, None);
+    /// Starts fetching `bytes` in the background (readahead for a reader).
+    pub fn prefetch(self: &Arc<Self>, bytes: ByteRange) {
+        let blocks = self.geo.blocks_of(bytes);
+        self.plan(blocks, false, None, Priority::Reader);
+    }
+
+    /// Starts one fill job for the first absent, uncovered blocks from `from` on; it
+    /// holds `permit` until it ends. Returns the blocks it covers.
+    pub fn start_fill_job(
+        self: &Arc<Self>,
+        from: u64,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<BlockRange> {
+        let range = BlockRange::new(from, self.geo.blocks());
+        self.plan(range, false, Some(permit), Priority::Fill).1
     }
 
     async fn run_job(self: Arc<Self>, job: Arc<Job>, permit: Option<OwnedSemaphorePermit>) {
+        let mut guard = JobGuard {
+            fetcher: &self,
+            job: job.clone(),
+            result: None,
+        };
         let result = self.fetch_job(&job).await;
         if let Err(e) = &result {
-            let fatal = !matches!(e, Error::Source(s) if s.is_retryable()) || job.from_fill;
-            if matches!(e, Error::ShuttingDown) {
-            } else if fatal {
-                self.fail(e);
-            } else {
-                warn!(image = %self.name, blocks = ?job.blocks, error = %e, "fetch failed; readers of these blocks get EIO");
+            if !matches!(e, Error::ShuttingDown) && self.halted().is_none() {
+                if job.prio == Priority::Fill {
+                    *self.fill_error.lock().unwrap() = Some(e.clone());
+                }
+                if let Some(o) = self.observer() {
+                    o.fetch_failed(e, job.prio);
+                }
             }
         }
-        self.inflight.lock().unwrap().remove(&job.blocks.start);
-        job.progress.send_modify(|p| {
-            p.done = true;
-            p.error = result.err();
-        });
+        guard.result = Some(result);
+        drop(guard);
         drop(permit);
-        self.landed.notify_waiters();
     }
 
     async fn fetch_job(&self, job: &Job) -> Result<()> {
         let mut next = job.blocks.start;
         let mut attempt = 0;
         loop {
-            if self.is_failed() {
-                return Err(self.failure());
+            if let Some(e) = self.halted() {
+                return Err(e);
             }
             let before = next;
-            match self.stream_job(job, &mut next).await {
+            match self.fetch_from_sources(job, &mut next).await {
                 Ok(()) => return Ok(()),
                 Err(Error::Source(e)) if e.is_retryable() => {
                     if next > before {
@@ -283,17 +560,56 @@ impl Image {
         }
     }
 
-    /// One request for blocks `*next..job.blocks.end`; advances `*next` as blocks land.
-    async fn stream_job(&self, job: &Job, next: &mut u64) -> Result<()> {
-        let id = self.stored.lock().unwrap().identity.clone();
-        let bs = self.block_size;
-        let end_byte = (job.blocks.end * bs).min(self.size);
-        // Without ranges the stream always starts at 0; skip what already landed.
-        let req_start = if id.ranges { *next * bs } else { 0 };
-        let mut skip = (*next * bs).saturating_sub(req_start) as usize;
-        debug!(image = %self.name, start = *next * bs, end = end_byte, "range request");
+    /// Asks each source in turn for blocks `*next..job.blocks.end`.
+    async fn fetch_from_sources(&self, job: &Job, next: &mut u64) -> Result<()> {
+        let sources = self.sources();
+        let mut retryable: Option<SourceError> = None;
+        for source in &sources.list {
+            match self.stream_job(source.as_ref(), job, next).await {
+                Ok(()) => return Ok(()),
+                Err(Error::Source(e @ SourceError::Absent { .. })) => {
+                    debug!(image = %self.name, source = %source.describe(), error = %e, "source lacks the blocks, asking the next");
+                }
+                Err(Error::Source(e)) if e.is_retryable() => {
+                    debug!(image = %self.name, source = %source.describe(), error = %e, "source failed, asking the next");
+                    retryable = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(e) = retryable {
+            return Err(e.into());
+        }
+        let bytes = self.geo.bytes_of(BlockRange::new(*next, job.blocks.end));
+        let reason = match &sources.unavailable {
+            Some(why) => why.clone(),
+            None if sources.list.is_empty() => "the image has no source".into(),
+            None => "no source has them".into(),
+        };
+        Err(Error::NoSource {
+            name: self.name.clone(),
+            start: bytes.start,
+            end: bytes.end,
+            reason,
+        })
+    }
+
+    /// One request to `source` for blocks `*next..job.blocks.end`; advances `*next` as
+    /// blocks land.
+    async fn stream_job(&self, source: &dyn Source, job: &Job, next: &mut u64) -> Result<()> {
+        let bs = self.geo.block_size;
+        let want = self.geo.bytes_of(BlockRange::new(*next, job.blocks.end));
+        let end_byte = want.end;
+        // Without ranges the stream always starts at 0: skip what is not wanted.
+        let ask = if source.ranges() {
+            want
+        } else {
+            ByteRange::new(0, self.geo.size)
+        };
+        let mut skip = (want.start - ask.start) as usize;
+        debug!(image = %self.name, ?ask, prio = ?job.prio, "range request");
         let mut stream = tokio::select! {
-            r = self.source.read(req_start..end_byte, &id) => r?,
+            r = source.read(ask, &self.pin, job.prio) => r?,
             _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
         };
         // Received chunks wait here, uncopied, until whole blocks can be written with one pwritev.
@@ -314,22 +630,26 @@ impl Image {
                     }
                     self.fetched_bytes
                         .fetch_add(c.len() as u64, Ordering::Relaxed);
+                    let have = *next * bs + (pending_len + c.len()) as u64;
+                    if have > end_byte {
+                        if source.ranges() {
+                            return Err(SourceError::Protocol {
+                                url: source.describe(),
+                                reason: "reply longer than asked".into(),
+                            }
+                            .into());
+                        }
+                        // A whole-image stream past the job's end: keep what the job wants.
+                        c.truncate(c.len() - (have - end_byte) as usize);
+                    }
                     pending_len += c.len();
                     pending.push_back(c);
-                    let have = *next * bs + pending_len as u64;
-                    if have > end_byte {
-                        return Err(SourceError::Protocol {
-                            url: self.source.describe(),
-                            reason: "reply longer than asked".into(),
-                        }
-                        .into());
-                    }
-                    at_end = have == end_byte;
+                    at_end = have >= end_byte;
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => {
                     return Err(SourceError::Interrupted {
-                        url: self.source.describe(),
+                        url: source.describe(),
                         reason: format!(
                             "body ended at byte {} of {}",
                             *next * bs + pending_len as u64,
@@ -345,9 +665,6 @@ impl Image {
                 pending_len / bs as usize * bs as usize
             };
             if whole > 0 && (at_end || whole >= WRITE_BATCH) {
-                if self.is_failed() {
-                    return Err(self.failure());
-                }
                 let mut batch = Vec::with_capacity(pending.len());
                 let mut need = whole;
                 while need > 0 {
@@ -359,25 +676,52 @@ impl Image {
                     batch.push(c);
                 }
                 pending_len -= whole;
-                let offset = *next * bs;
-                let files = self.files.clone();
-                let one_writer = self.writer.lock().await;
-                super::store::page_io(whole, move || files.write_chunks(offset, &batch)).await?;
-                drop(one_writer);
-                let landed = (offset + whole as u64).div_ceil(bs).min(job.blocks.end);
-                self.map.set_range(*next..landed);
-                self.files.mark_dirty(*next);
-                *next = landed;
-                job.progress.send_modify(|p| p.landed_to = landed);
-                if self.state() == State::Pending {
-                    self.set_state(State::InProgress);
-                }
-                self.landed.notify_waiters();
+                let landed = self.land(*next * bs, batch).await?;
+                *next = landed.end;
+                job.progress.send_modify(|p| p.landed_to = landed.end);
             }
             if at_end {
                 return Ok(());
             }
         }
+    }
+
+    /// The one landing path, for every source and for uploads: writes `chunks` back to
+    /// back from `offset` (block-aligned; whole blocks, or up to the image's end), sets
+    /// their bits, marks them for the next flush and tells the observer.
+    pub async fn land(&self, offset: u64, chunks: Vec<Bytes>) -> Result<BlockRange> {
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let bytes = ByteRange::new(offset, offset + len);
+        let bs = self.geo.block_size;
+        if !offset.is_multiple_of(bs)
+            || (!bytes.end.is_multiple_of(bs) && bytes.end != self.geo.size)
+        {
+            return Err(Error::BadInput(format!(
+                "{bytes:?} of image {:?} are not whole {bs}-byte blocks",
+                self.name
+            )));
+        }
+        if bytes.end > self.geo.size {
+            return Err(Error::BadInput(format!(
+                "{bytes:?} lie past the end of image {:?} ({} bytes)",
+                self.name, self.geo.size
+            )));
+        }
+        if let Some(e) = self.halted() {
+            return Err(e);
+        }
+        let files = self.files.clone();
+        let one_writer = self.writer.lock().await;
+        page_io(len as usize, move || files.write_chunks(offset, &chunks)).await?;
+        drop(one_writer);
+        let blocks = self.geo.blocks_of(bytes);
+        self.map.set_range(blocks);
+        self.files.mark_dirty(blocks.start);
+        if let Some(o) = self.observer() {
+            o.landed(blocks);
+        }
+        self.landed.notify_waiters();
+        Ok(blocks)
     }
 }
 
@@ -387,22 +731,22 @@ mod tests {
 
     #[test]
     fn readahead_window_grows_on_sequential_reads_and_resets_on_a_seek() {
-        let cfg = ImageConfig::default();
+        let cfg = FetchConfig::default();
         let mut ra = ReadState::default();
         let size = 1 << 30;
-        let r1 = ra.advance(0, 131072, size, &cfg).unwrap();
-        assert_eq!(r1, 131072..131072 + 1024 * 1024);
+        let r1 = ra.advance(ByteRange::new(0, 131072), size, &cfg).unwrap();
+        assert_eq!(r1, ByteRange::new(131072, 131072 + 1024 * 1024));
         let mut off = 131072;
         let mut last_window = ra.window;
         for _ in 0..20 {
-            ra.advance(off, off + 131072, size, &cfg);
+            ra.advance(ByteRange::new(off, off + 131072), size, &cfg);
             off += 131072;
             assert!(ra.window >= last_window);
             last_window = ra.window;
         }
         assert_eq!(ra.window, cfg.readahead_max);
         assert!(ra
-            .advance(700 << 20, (700 << 20) + 4096, size, &cfg)
+            .advance(ByteRange::new(700 << 20, (700 << 20) + 4096), size, &cfg)
             .is_none());
         assert_eq!(ra.window, 0);
     }

@@ -1,86 +1,69 @@
-//! One image on one disk of this node: its state machine, its status document and the
-//! read path that every shell uses. Fetching (`fetch.rs`), verification (`verify.rs`)
-//! and the background fill (`fill.rs`) are further `impl Image` blocks.
+//! One image on one disk of this node: the only place its state machine moves
+//! (pending -> in-progress -> ready | failed), its status document, and the read path
+//! every shell uses. It owns a `Fetcher` (blocks and sources), starts the verifier and
+//! the fill on it, and hears back through `FetchObserver`; none of those modules know
+//! `Image`. Node-wide resources (the hashing thread, the buffer pool) come from the node
+//! (`Shared`), so building an image spawns nothing.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
-use serde::Serialize;
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::bitmap::BlockMap;
-use super::error::{Error, Result, SourceError};
-use super::fetch::{Job, ReadState};
+use super::error::{Error, FailureKind, Result, SourceError};
+use super::fetch::{FetchConfig, FetchObserver, Fetcher, ReadState, Sources};
+use super::fill::{self, FillEnd};
 use super::format::Format;
-use super::source::Source;
-use super::store::{Disk, ImageFiles, State, StoredSpec, StoredState};
+use super::qcow2::{RawViewSlot, StoredBytes};
+use super::range::{BlockRange, ByteRange, Geometry};
+use super::source::Priority;
+use super::spec::redact_url;
+use super::status::{DiskDoc, SourceDoc, Status};
+use super::store::{page_io, BufPool, Disk, ImageFiles, State, StoredSpec, StoredState};
+use super::verify::{self, Algo, HashWorker, VerifyInput};
+use super::view::{self, KernelCaps, OpenMode, View};
 
 /// Tunables shared by every image of a node.
 #[derive(Debug, Clone)]
 pub struct ImageConfig {
     /// Presence granularity: what one bit of the bitmap covers.
     pub block_size: u64,
-    /// The largest single range request to a source.
-    pub max_request: u64,
     /// Range requests the background fill keeps in flight.
     pub fill_parallel: usize,
-    /// The largest readahead window of a sequential reader.
-    pub readahead_max: u64,
     /// Reads wait until the image is verified (Longhorn's semantics).
     pub require_verified: bool,
-    /// Read buffers shared by all images of the node.
-    pub buffers: Arc<super::store::BufPool>,
-    /// The node's hashing thread.
-    pub hasher: Arc<super::verify::HashWorker>,
+    pub fetch: FetchConfig,
 }
 
 impl Default for ImageConfig {
     fn default() -> Self {
         Self {
             block_size: 16 * 1024,
-            max_request: 4 * 1024 * 1024,
             fill_parallel: 4,
-            readahead_max: 64 * 1024 * 1024,
             require_verified: false,
-            buffers: Default::default(),
-            hasher: Default::default(),
+            fetch: FetchConfig::default(),
         }
     }
 }
 
-pub struct Image {
-    pub name: String,
-    /// Unique per image instance in this process: the FUSE shell derives inodes from it.
-    pub id: u64,
-    pub disk: Disk,
-    pub files: Arc<ImageFiles>,
-    pub(crate) stored: Mutex<StoredSpec>,
-    pub map: BlockMap,
-    pub(crate) source: Arc<dyn Source>,
-    pub block_size: u64,
-    pub size: u64,
-    pub(crate) cfg: ImageConfig,
-    state: Mutex<StoredState>,
-    state_tx: watch::Sender<State>,
-    failed: AtomicBool,
-    pub(crate) inflight: Mutex<BTreeMap<u64, Arc<Job>>>,
-    /// Woken whenever blocks land or the state changes: the verifier and fill wait on it.
-    pub(crate) landed: Notify,
-    pub(crate) fill_running: AtomicBool,
-    pub(crate) fetched_bytes: AtomicU64,
-    /// One write into the data file at a time: concurrent pwritevs of one file serialise
-    /// on its inode lock in the kernel anyway, spinning there (13% of the daemon's CPU
-    /// on a cold read); waiting here frees the worker for other streams instead.
-    pub(crate) writer: tokio::sync::Mutex<()>,
-    pub(crate) cancel: CancellationToken,
-    format: OnceLock<Format>,
-    events: broadcast::Sender<ImageEvent>,
-    /// The QCOW2 guest view's decoder (`qcow2.rs`), started by the first raw read.
-    pub(crate) raw_view: super::qcow2::RawViewSlot,
+/// Node-wide resources images use; the node starts them once.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    pub hasher: Arc<HashWorker>,
+    pub buffers: Arc<BufPool>,
+}
+
+impl Shared {
+    pub fn start() -> Self {
+        Self {
+            hasher: Arc::new(HashWorker::start()),
+            buffers: Arc::default(),
+        }
+    }
 }
 
 /// What the shells hear about images: the FUSE shell drops kernel caches on these.
@@ -95,85 +78,130 @@ pub enum ImageEvent {
     Ready { id: u64 },
 }
 
-/// The status document (`bifs status --json`, `GET /v1/images/{name}`).
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Status {
+pub struct Image {
     pub name: String,
-    pub format: String,
-    pub size: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub virtual_size: Option<u64>,
-    pub state: String,
-    pub progress: u32,
-    pub bytes_cached: u64,
-    pub checksum: String,
-    pub source: SourceDoc,
-    pub disk: DiskDoc,
-    pub path: String,
-    pub raw_path: String,
-    pub error: String,
-    pub fill: bool,
-    pub block_size: u64,
-    pub bytes_fetched: u64,
+    /// Unique per image instance in this process: the FUSE shell derives inodes from it.
+    pub id: u64,
+    pub disk: Disk,
+    fetcher: Arc<Fetcher>,
+    stored: Mutex<StoredSpec>,
+    state: Mutex<StoredState>,
+    state_tx: watch::Sender<State>,
+    failed: AtomicBool,
+    deleted: AtomicBool,
+    /// A condition the image rides out without failing (no source can serve absent
+    /// blocks, the fill stopped): shown as its error line.
+    condition: Mutex<Option<String>>,
+    fill_running: AtomicBool,
+    verify_running: AtomicBool,
+    cfg: ImageConfig,
+    shared: Shared,
+    cancel: CancellationToken,
+    format: OnceLock<Format>,
+    events: broadcast::Sender<ImageEvent>,
+    raw_view: RawViewSlot,
+    me: Weak<Image>,
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct SourceDoc {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub parameters: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct DiskDoc {
-    pub uuid: String,
-    pub path: String,
+/// Everything an image is built from.
+pub struct ImageParts {
+    pub id: u64,
+    pub disk: Disk,
+    pub files: Arc<ImageFiles>,
+    pub stored: StoredSpec,
+    pub state: StoredState,
+    pub map: BlockMap,
+    pub sources: Sources,
 }
 
 impl Image {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        id: u64,
-        disk: Disk,
-        files: Arc<ImageFiles>,
-        stored: StoredSpec,
-        state: StoredState,
-        map: BlockMap,
-        source: Arc<dyn Source>,
+    pub fn new(
+        parts: ImageParts,
         cfg: ImageConfig,
+        shared: Shared,
         cancel: CancellationToken,
         events: broadcast::Sender<ImageEvent>,
     ) -> Arc<Image> {
-        let (state_tx, _) = watch::channel(state.state);
-        Arc::new(Image {
-            name: stored.spec.name.clone(),
+        let ImageParts {
             id,
             disk,
             files,
-            block_size: stored.block_size,
-            size: stored.identity.size,
-            stored: Mutex::new(stored),
+            stored,
+            state,
             map,
-            source,
-            cfg,
-            failed: AtomicBool::new(state.state == State::Failed),
-            state: Mutex::new(state),
+            sources,
+        } = parts;
+        let geo = Geometry::new(stored.identity.size, stored.block_size);
+        let condition = sources.unavailable.clone();
+        let fetcher = Arc::new(Fetcher::new(
+            stored.spec.name.clone(),
+            geo,
+            Arc::new(map),
+            files,
+            stored.identity.clone(),
+            sources,
+            cfg.fetch.clone(),
+            shared.buffers.clone(),
+            cancel.clone(),
+        ));
+        let (state_tx, _) = watch::channel(state.state);
+        let failed = state.state == State::Failed;
+        let image = Arc::new_cyclic(|me: &Weak<Image>| Image {
+            name: stored.spec.name.clone(),
+            id,
+            disk,
+            fetcher,
+            stored: Mutex::new(stored),
             state_tx,
-            inflight: Mutex::new(BTreeMap::new()),
-            landed: Notify::new(),
-            writer: tokio::sync::Mutex::new(()),
+            failed: AtomicBool::new(failed),
+            deleted: AtomicBool::new(false),
+            condition: Mutex::new(condition),
             fill_running: AtomicBool::new(false),
-            fetched_bytes: AtomicU64::new(0),
+            verify_running: AtomicBool::new(false),
+            cfg,
+            shared,
             cancel,
             format: OnceLock::new(),
             events,
-            raw_view: Default::default(),
-        })
+            raw_view: RawViewSlot::default(),
+            state: Mutex::new(state),
+            me: me.clone(),
+        });
+        let observer: Weak<dyn FetchObserver> = image.me.clone();
+        image.fetcher.set_observer(observer);
+        if failed {
+            image.fetcher.halt(image.failure());
+        }
+        image
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.fetcher.geometry()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.geometry().size
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.geometry().block_size
     }
 
     pub fn blocks(&self) -> u64 {
-        self.map.blocks()
+        self.geometry().blocks()
+    }
+
+    /// The image's data file (passthrough opens hand it to the kernel).
+    pub fn data_path(&self) -> std::path::PathBuf {
+        self.fetcher.files().dir.join("data")
+    }
+
+    pub fn present_blocks(&self) -> u64 {
+        self.fetcher.map().present_count()
     }
 
     pub fn state(&self) -> State {
@@ -202,25 +230,24 @@ impl Image {
         self.state.lock().unwrap().error.clone()
     }
 
-    pub fn checksum(&self) -> String {
-        self.state.lock().unwrap().checksum.clone()
-    }
-
     pub fn subscribe(&self) -> watch::Receiver<State> {
         self.state_tx.subscribe()
     }
 
-    /// Progress in percent: present blocks over all blocks (100 only once ready).
+    /// Progress in percent: present blocks over all blocks. 100 once ready, or once every
+    /// block is cached on an image that failed (its checksum did not match).
     pub fn progress(&self) -> u32 {
-        if self.state() == State::Ready {
+        let state = self.state();
+        let map = self.fetcher.map();
+        if state == State::Ready || (state == State::Failed && map.is_complete()) {
             return 100;
         }
         let blocks = self.blocks().max(1);
-        ((self.map.present_count() * 100 / blocks) as u32).min(99)
+        ((map.present_count() * 100 / blocks) as u32).min(99)
     }
 
     pub fn bytes_cached(&self) -> u64 {
-        (self.map.present_count() * self.block_size).min(self.size)
+        (self.present_blocks() * self.block_size()).min(self.size())
     }
 
     /// The format, once the first block is present (detected from its magic).
@@ -231,31 +258,32 @@ impl Image {
         if self.blocks() == 0 {
             return Some(self.format.get_or_init(|| Format::Raw).clone());
         }
-        if !self.map.is_set(0) {
+        if !self.fetcher.map().is_set(0) {
             return None;
         }
-        let len = self.block_size.min(self.size) as usize;
+        let len = self.block_size().min(self.size()) as usize;
         let mut head = vec![0u8; len];
-        self.files.read_data(0, &mut head).ok()?;
+        self.fetcher.files().read_data(0, &mut head).ok()?;
         Some(self.format.get_or_init(|| Format::detect(&head)).clone())
     }
 
-    pub(crate) fn set_state(&self, new: State) {
+    // ---- the state machine ----
+
+    fn set_state(&self, new: State) {
         let mut st = self.state.lock().unwrap();
         if st.state == new || st.state == State::Failed || st.state == State::Ready {
             return;
         }
         st.state = new;
-        if let Err(e) = self.files.save_state(&st) {
+        if let Err(e) = self.fetcher.files().save_state(&st) {
             error!(image = %self.name, error = %e, "cannot save state");
         }
         drop(st);
         info!(image = %self.name, state = new.as_str(), "state changed");
         self.state_tx.send_replace(new);
-        self.landed.notify_waiters();
     }
 
-    pub(crate) fn set_ready(&self, checksum: String) -> Result<()> {
+    fn set_ready(&self, checksum: String) -> Result<()> {
         let mut st = self.state.lock().unwrap();
         if st.state == State::Failed {
             return Ok(());
@@ -263,12 +291,13 @@ impl Image {
         st.state = State::Ready;
         st.checksum = checksum;
         st.error = None;
-        self.files.save_state(&st)?;
+        st.failure = None;
+        self.fetcher.files().save_state(&st)?;
         drop(st);
-        info!(image = %self.name, disk = %self.disk.uuid8(), "ready: all blocks present and SHA-512 verified");
+        self.condition.lock().unwrap().take();
+        info!(image = %self.name, disk = %self.disk.uuid8(), "ready: all blocks present and checksum verified");
         let _ = self.events.send(ImageEvent::Ready { id: self.id });
         self.state_tx.send_replace(State::Ready);
-        self.landed.notify_waiters();
         Ok(())
     }
 
@@ -280,18 +309,19 @@ impl Image {
         }
         st.state = State::Failed;
         st.error = Some(err.to_string());
+        st.failure = Some(FailureKind::of(err));
         if let Error::Checksum { got, .. } = err {
             st.checksum = got.clone();
         }
         self.failed.store(true, Ordering::Release);
-        if let Err(e) = self.files.save_state(&st) {
+        if let Err(e) = self.fetcher.files().save_state(&st) {
             error!(image = %self.name, error = %e, "cannot save state");
         }
         drop(st);
+        self.fetcher.halt(self.failure());
         error!(image = %self.name, disk = %self.disk.uuid8(), error = %err, "image failed");
         let _ = self.events.send(ImageEvent::Failed { id: self.id });
         self.state_tx.send_replace(State::Failed);
-        self.landed.notify_waiters();
     }
 
     /// Clears a failure that a retry can cure (source down, disk full); not a checksum
@@ -301,41 +331,168 @@ impl Image {
         if st.state != State::Failed {
             return Ok(false);
         }
-        let msg = st.error.clone().unwrap_or_default();
-        if msg.contains("checksum mismatch") || msg.contains("source changed") {
+        let kind = st.failure_kind();
+        if !kind.retry_allowed() {
             return Err(Error::Failed {
                 name: self.name.clone(),
-                msg: format!("{msg}; this cannot be retried: delete and recreate the image"),
+                msg: format!(
+                    "{}; this cannot be retried: delete and recreate the image",
+                    st.error.clone().unwrap_or_default()
+                ),
+                kind,
             });
         }
-        st.state = if self.map.present_count() > 0 {
+        st.state = if self.present_blocks() > 0 {
             State::InProgress
         } else {
             State::Pending
         };
         st.error = None;
-        self.files.save_state(&st)?;
+        st.failure = None;
+        self.fetcher.files().save_state(&st)?;
         self.failed.store(false, Ordering::Release);
+        self.fetcher.resume();
+        self.condition.lock().unwrap().take();
         self.state_tx.send_replace(st.state);
         Ok(true)
     }
 
-    pub(crate) fn failure(&self) -> Error {
+    /// The error readers of a failed image get.
+    pub fn failure(&self) -> Error {
+        let st = self.state.lock().unwrap();
         Error::Failed {
             name: self.name.clone(),
-            msg: self.error().unwrap_or_else(|| "unknown error".into()),
+            msg: st.error.clone().unwrap_or_else(|| "unknown error".into()),
+            kind: st.failure_kind(),
         }
     }
 
-    /// Asks the source whether it still holds the version this image pinned, and fails
-    /// the image if not. Run at start-up for unfinished images: an origin replaced while
-    /// the daemon was down is reported at once, not when the first absent block is read
-    /// (the cached blocks are never mixed with the new version either way). A source that
-    /// cannot be asked is left to the fetches, which report it their own way.
+    fn set_condition(&self, why: String) {
+        let mut c = self.condition.lock().unwrap();
+        if c.as_deref() != Some(why.as_str()) {
+            warn!(image = %self.name, condition = %why, "image cannot fetch; present blocks are still served");
+            *c = Some(why);
+        }
+    }
+
+    /// Switches the fill on (persisted); false if it was on already.
+    pub fn enable_fill(&self) -> Result<bool> {
+        let mut stored = self.stored.lock().unwrap();
+        if stored.fill {
+            return Ok(false);
+        }
+        stored.fill = true;
+        self.fetcher.files().save_spec(&stored)?;
+        Ok(true)
+    }
+
+    /// Starts verification and the fill (if switched on) of an unfinished image.
+    pub fn start_background(self: &Arc<Self>) {
+        if matches!(self.state(), State::Ready | State::Failed) {
+            return;
+        }
+        self.start_verify();
+        self.start_fill();
+    }
+
+    fn start_verify(self: &Arc<Self>) {
+        if self.verify_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (algo, _) = Algo::of_checksum(&self.stored.lock().unwrap().spec.checksum);
+        let input = VerifyInput {
+            files: self.fetcher.files().clone(),
+            map: self.fetcher.map().clone(),
+            geo: self.geometry(),
+            landed: self.fetcher.landed_notify(),
+            algo,
+            hasher: self.shared.hasher.clone(),
+            cancel: self.cancel.clone(),
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let stop = || me.is_failed() || me.state() == State::Ready;
+            match verify::hash_prefix(input, stop).await {
+                Ok(Some(digest)) => me.finish_verify(digest).await,
+                Ok(None) | Err(Error::ShuttingDown) => {}
+                Err(e) => me.fail(&e),
+            }
+            me.verify_running.store(false, Ordering::Release);
+        });
+    }
+
+    async fn finish_verify(&self, got: String) {
+        let spec_sum = self.stored.lock().unwrap().spec.checksum.clone();
+        let (_, want) = Algo::of_checksum(&spec_sum);
+        if !want.is_empty() && !want.eq_ignore_ascii_case(&got) {
+            self.fail(&Error::Checksum {
+                want: spec_sum,
+                got,
+            });
+            return;
+        }
+        // Ready promises that every byte is durable: flush before saying so.
+        let (files, map) = (self.fetcher.files().clone(), self.fetcher.map().clone());
+        let flushed = tokio::task::spawn_blocking(move || files.flush(&map))
+            .await
+            .unwrap_or(Err(Error::ShuttingDown));
+        if let Err(e) = flushed {
+            self.fail(&e);
+            return;
+        }
+        if let Err(e) = self.set_ready(got) {
+            error!(image = %self.name, error = %e, "cannot record ready state");
+        }
+    }
+
+    /// Starts the fill unless it runs already, it is switched off, or there is nothing to do.
+    pub fn start_fill(self: &Arc<Self>) {
+        if !self.fill_enabled() || matches!(self.state(), State::Ready | State::Failed) {
+            return;
+        }
+        if self.fetcher.sources().list.is_empty() {
+            return; // nothing to fill from; the condition says why
+        }
+        if self.fill_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // A fill that stopped on an error is being retried: its condition is stale.
+        self.condition.lock().unwrap().take();
+        let me = self.clone();
+        let span = tracing::info_span!("fill", image = %self.name);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let stop = || me.is_failed() || !me.fill_enabled();
+                let end = fill::run(
+                    me.fetcher.clone(),
+                    me.cfg.fill_parallel,
+                    me.cancel.clone(),
+                    stop,
+                )
+                .await;
+                me.fill_running.store(false, Ordering::Release);
+                if let FillEnd::Failed(e) = end {
+                    me.set_condition(format!(
+                        "the fill stopped: {e}; `bifs fill {}` restarts it",
+                        me.name
+                    ));
+                }
+            },
+            span,
+        ));
+    }
+
+    /// Asks the origin (the last source) whether it still holds the version this image
+    /// pinned, and fails the image if not. Run at start-up for unfinished images: an
+    /// origin replaced while the daemon was down is reported at once, not when the first
+    /// absent block is read. A source that cannot be asked is left to the fetches.
     pub async fn recheck_source(self: Arc<Self>) {
-        let pinned = self.stored.lock().unwrap().identity.clone();
+        let Some(origin) = self.fetcher.sources().list.last().cloned() else {
+            return;
+        };
+        let pinned = self.fetcher.pin().clone();
         let now = tokio::select! {
-            r = self.source.probe() => r,
+            r = origin.probe() => r,
             _ = self.cancel.cancelled() => return,
         };
         let changed = match now {
@@ -357,11 +514,29 @@ impl Image {
         }
     }
 
-    /// The read of `offset..offset+len` if it needs no waiting: every block present (and
-    /// verified, when that is required). Runs on the caller's thread, so the FUSE shell
-    /// answers such reads without a hop to an async worker: on a VM a thread wake-up
-    /// costs as much as reading 1 MiB from the page cache. Must run inside the runtime
-    /// (readahead may start fetches). None: use `read`.
+    /// Marks the image deleted and stops its work: readers get "deleted".
+    pub fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+        self.cancel.cancel();
+    }
+
+    /// Readers of a deleted image learn that, not "the daemon is shutting down".
+    fn explain(&self, e: Error) -> Error {
+        match e {
+            Error::ShuttingDown if self.deleted.load(Ordering::Acquire) => {
+                Error::Deleted(self.name.clone())
+            }
+            e => e,
+        }
+    }
+
+    // ---- the read path ----
+
+    /// The read of `len` bytes at `offset` if it needs no waiting: every block present
+    /// (and verified, when that is required). Runs on the caller's thread, so the FUSE
+    /// shell answers such reads without a hop to an async worker: on a VM a thread
+    /// wake-up costs as much as reading 1 MiB from the page cache. Must run inside the
+    /// runtime (readahead may start fetches). None: use `read`.
     pub fn read_present(
         self: &Arc<Self>,
         offset: u64,
@@ -371,45 +546,46 @@ impl Image {
         if self.is_failed() {
             return Some(Err(self.failure()));
         }
-        if offset >= self.size || len == 0 {
+        let bytes = self.geometry().clamp(offset, u64::from(len));
+        if bytes.is_empty() {
             return Some(Ok(Bytes::new()));
         }
-        let end = (offset + len as u64).min(self.size);
-        let blocks = offset / self.block_size..end.div_ceil(self.block_size);
-        if !self.map.all_set(blocks) || (self.cfg.require_verified && self.state() != State::Ready)
-        {
+        let blocks = self.geometry().blocks_of(bytes);
+        if !self.fetcher.map().all_set(blocks) || !self.verified_enough() {
             return None;
         }
         if self.state() != State::Ready {
-            self.cfg.hasher.reader_active();
+            self.shared.hasher.reader_active();
         }
-        self.read_ahead(offset, end, ra);
-        Some(self.read_landed(offset, end))
+        self.read_ahead(bytes, ra);
+        Some(self.read_landed(bytes))
+    }
+
+    fn verified_enough(&self) -> bool {
+        !self.cfg.require_verified || self.state() == State::Ready
     }
 
     /// Records a read in the caller's sequential-read state and starts the readahead
     /// it calls for.
-    fn read_ahead(self: &Arc<Self>, offset: u64, end: u64, ra: Option<&Mutex<ReadState>>) {
+    fn read_ahead(&self, bytes: ByteRange, ra: Option<&Mutex<ReadState>>) {
         if let Some(ra) = ra {
             let ahead = ra
                 .lock()
                 .unwrap()
-                .advance(offset, end, self.size, &self.cfg);
+                .advance(bytes, self.size(), self.fetcher.config());
             if let Some(ahead) = ahead {
-                self.prefetch(ahead);
+                self.fetcher.prefetch(ahead);
             }
         }
     }
 
-    /// Reads `offset..end`, all present, from the data file; a failure meanwhile wins.
-    fn read_landed(&self, offset: u64, end: u64) -> Result<Bytes> {
-        let len = (end - offset) as usize;
-        let mut buf = self.cfg.buffers.take(len);
-        self.files.read_data(offset, buf.as_mut_slice())?;
+    /// Reads `bytes`, all present, from the data file; a failure meanwhile wins.
+    fn read_landed(&self, bytes: ByteRange) -> Result<Bytes> {
+        let out = self.fetcher.read_present(bytes)?;
         if self.is_failed() {
             return Err(self.failure());
         }
-        Ok(Bytes::from_owner(buf))
+        Ok(out)
     }
 
     /// Reads `len` bytes at `offset` of the stored image, fetching what is absent.
@@ -420,17 +596,29 @@ impl Image {
         len: u32,
         ra: Option<&Mutex<ReadState>>,
     ) -> Result<Bytes> {
+        self.read_inner(offset, len, ra)
+            .await
+            .map_err(|e| self.explain(e))
+    }
+
+    async fn read_inner(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u32,
+        ra: Option<&Mutex<ReadState>>,
+    ) -> Result<Bytes> {
         if self.is_failed() {
             return Err(self.failure());
         }
-        if offset >= self.size || len == 0 {
+        let bytes = self.geometry().clamp(offset, u64::from(len));
+        if bytes.is_empty() {
             return Ok(Bytes::new());
         }
-        let end = (offset + len as u64).min(self.size);
-        self.read_ahead(offset, end, ra);
-        let blocks = offset / self.block_size..end.div_ceil(self.block_size);
-        self.ensure(blocks).await?;
-        if self.cfg.require_verified && self.state() != State::Ready {
+        self.read_ahead(bytes, ra);
+        self.fetcher
+            .ensure(self.geometry().blocks_of(bytes))
+            .await?;
+        if !self.verified_enough() {
             if !self.fill_enabled() {
                 // Nothing would ever make it ready: say so instead of hanging the reader.
                 return Err(Error::Failed {
@@ -438,15 +626,13 @@ impl Image {
                     msg: "not verified yet and its fill is off (--no-fill) while the daemon runs with \
                           --require-verified; run `bifs fill` to complete it"
                         .into(),
+                    kind: FailureKind::Other,
                 });
             }
             self.wait_ready().await?;
         }
-        let this = self.clone();
-        super::store::page_io((end - offset) as usize, move || {
-            this.read_landed(offset, end)
-        })
-        .await
+        let me = self.clone();
+        page_io(bytes.len() as usize, move || me.read_landed(bytes)).await
     }
 
     /// Waits until the image is ready (verified) or failed.
@@ -460,31 +646,107 @@ impl Image {
             }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return Err(Error::ShuttingDown) },
-                _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
+                _ = self.cancel.cancelled() => return Err(self.explain(Error::ShuttingDown)),
             }
         }
+    }
+
+    // ---- views ----
+
+    /// The size a view shows (`st_size`). The stored view needs no format: `ls -l` of a
+    /// thousand images must not read a thousand headers.
+    pub fn view_size(&self, view: View) -> u64 {
+        match view {
+            View::Stored => self.size(),
+            View::Raw => match self.format() {
+                Some(Format::Qcow2(h)) => h.virtual_size,
+                _ => self.size(),
+            },
+        }
+    }
+
+    /// Whether reads of `view` are plain reads of the data file (passthrough is possible).
+    pub fn view_is_stored_bytes(&self, view: View) -> bool {
+        view == View::Stored || matches!(self.format(), Some(Format::Raw))
+    }
+
+    /// How an open of `view` is best served, given what the kernel offers.
+    pub fn open_mode(&self, view: View, caps: KernelCaps) -> OpenMode {
+        view::open_mode(
+            self.state() == State::Ready,
+            self.view_is_stored_bytes(view),
+            caps,
+        )
+    }
+
+    pub async fn read_view(
+        self: &Arc<Self>,
+        view: View,
+        offset: u64,
+        len: u32,
+        ra: Option<&Mutex<ReadState>>,
+    ) -> Result<Bytes> {
+        match (view, self.format()) {
+            (View::Stored, _) | (View::Raw, Some(Format::Raw)) => self.read(offset, len, ra).await,
+            (View::Raw, Some(Format::Qcow2(h))) => {
+                if self.is_failed() {
+                    return Err(self.failure());
+                }
+                let stored: Arc<dyn StoredBytes> = self.clone();
+                self.raw_view
+                    .read(stored, &self.shared.buffers, &h, offset, len)
+                    .await
+                    .map_err(|e| self.explain(e))
+            }
+            (View::Raw, None) => {
+                self.fetcher
+                    .ensure(BlockRange::new(0, 1))
+                    .await
+                    .map_err(|e| self.explain(e))?;
+                Box::pin(self.read_view(view, offset, len, ra)).await
+            }
+        }
+    }
+
+    /// Why the raw view of this image does not work, once a raw read found out.
+    pub fn raw_view_error(&self) -> Option<String> {
+        self.raw_view.error()
     }
 
     pub fn status(&self, mountpoint: &str) -> Status {
         let stored = self.stored();
         let st = self.state.lock().unwrap().clone();
         let fmt = self.format();
+        let (algo, _) = Algo::of_checksum(&stored.spec.checksum);
+        let mut parameters = stored.spec.source_parameters.clone();
+        if let Some(url) = parameters.get_mut("url") {
+            *url = redact_url(url);
+        }
+        let error = st
+            .error
+            .clone()
+            .or_else(|| self.condition.lock().unwrap().clone())
+            // A broken raw view does not fail the image, but status must say why it EIOs.
+            .or_else(|| self.raw_view_error())
+            .unwrap_or_default();
         Status {
             name: self.name.clone(),
             format: fmt.as_ref().map_or("unknown".into(), |f| f.name().into()),
-            size: self.size,
+            size: self.size(),
             virtual_size: fmt.as_ref().and_then(Format::virtual_size),
-            state: st.state.as_str().into(),
+            state: st.state,
             progress: self.progress(),
             bytes_cached: self.bytes_cached(),
-            checksum: if st.checksum.is_empty() {
-                stored.spec.checksum.clone()
+            checksum: if stored.spec.checksum.is_empty() && st.state == State::Ready {
+                st.checksum.clone()
             } else {
-                st.checksum
+                stored.spec.checksum.clone()
             },
+            computed_checksum: st.checksum,
+            checksum_algorithm: algo.name().into(),
             source: SourceDoc {
                 kind: stored.spec.source_type.as_str().into(),
-                parameters: stored.spec.source_parameters.clone(),
+                parameters,
             },
             disk: DiskDoc {
                 uuid: self.disk.uuid.clone(),
@@ -492,14 +754,75 @@ impl Image {
             },
             path: format!("{mountpoint}/{}", self.name),
             raw_path: format!("{mountpoint}/.raw/{}", self.name),
-            // A broken raw view does not fail the image, but status must say why it EIOs.
-            error: st
-                .error
-                .or_else(|| self.raw_view_error())
-                .unwrap_or_default(),
+            error,
             fill: stored.fill,
-            block_size: self.block_size,
-            bytes_fetched: self.fetched_bytes.load(Ordering::Relaxed),
+            block_size: self.block_size(),
+            bytes_fetched: self.fetcher.fetched_bytes(),
         }
+    }
+}
+
+impl FetchObserver for Image {
+    fn landed(&self, _blocks: BlockRange) {
+        if self.state() == State::Pending {
+            self.set_state(State::InProgress);
+        }
+    }
+
+    fn fetch_failed(&self, err: &Error, prio: Priority) {
+        match err {
+            // No source can serve: present blocks keep serving, the status says why.
+            Error::NoSource { .. } => self.set_condition(err.to_string()),
+            // A reader's request that kept failing with errors that may pass: that reader
+            // gets EIO, the image goes on. The fill's failures fail the image (a retry,
+            // `bifs fill`, may clear them).
+            Error::Source(s) if s.is_retryable() && prio == Priority::Reader => {
+                warn!(image = %self.name, error = %err, "fetch failed; readers of these blocks get EIO");
+            }
+            _ => self.fail(err),
+        }
+    }
+
+    fn reader_active(&self) {
+        self.shared.hasher.reader_active();
+    }
+}
+
+#[async_trait::async_trait]
+impl StoredBytes for Image {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn disk8(&self) -> &str {
+        self.disk.uuid8()
+    }
+
+    fn size(&self) -> u64 {
+        self.geometry().size
+    }
+
+    fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        let bytes = ByteRange::new(offset, offset + buf.len() as u64);
+        let present = self.fetcher.map().all_set(self.geometry().blocks_of(bytes));
+        if self.is_failed() || !present || !self.verified_enough() {
+            return None;
+        }
+        if let Err(e) = self.fetcher.files().read_data(offset, buf) {
+            return Some(Err(e));
+        }
+        if self.is_failed() {
+            return Some(Err(self.failure()));
+        }
+        Some(Ok(()))
+    }
+
+    async fn read(&self, offset: u64, len: u32, ra: &Mutex<ReadState>) -> Result<Bytes> {
+        let me = self.me.upgrade().ok_or(Error::ShuttingDown)?;
+        Image::read(&me, offset, len, Some(ra)).await
     }
 }

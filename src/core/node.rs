@@ -1,6 +1,8 @@
 //! The node: every image on this host's disks, keyed by name. Shells (FUSE, HTTP) hold
-//! an `Arc<Node>` and call into it; it owns creation, start-up recovery, deletion and
-//! the flusher that makes landed blocks durable in batches.
+//! an `Arc<Node>` and call into it; it owns creation, start-up recovery, deletion, the
+//! flusher that makes landed blocks durable in batches, the node-wide resources images
+//! share (`Shared`: hashing thread, buffer pool) and the choice of each image's sources
+//! (`SourceFactory`: the HTTP origin by default, in-memory sources in tests).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,15 +11,44 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+
+use super::range::BlockRange;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result};
-use super::image::{Image, ImageConfig, ImageEvent, Status};
-use super::source::{http_client, HttpSource, Source};
+use super::fetch::Sources;
+use super::image::{Image, ImageConfig, ImageEvent, ImageParts, Shared};
+use super::source::{HttpClients, HttpSource, Source};
 use super::spec::{ImageSpec, SourceType};
+use super::status::Status;
 use super::store::{Disk, ImageFiles, State, StoredSpec, StoredState};
+
+/// Builds the sources of an image from its stored spec (the identity tells whether the
+/// origin served ranges when it was probed).
+pub type SourceFactory = Arc<dyn Fn(&ImageSpec, bool) -> Sources + Send + Sync>;
+
+/// The sources this build can fetch from for `spec`: the URL of a download. Any other
+/// source type yields no source and says why; such an image still serves what it has.
+pub fn http_sources(clients: HttpClients) -> SourceFactory {
+    Arc::new(
+        move |spec: &ImageSpec, ranges: bool| match (spec.source_type, spec.url()) {
+            (SourceType::Download, Some(url)) => {
+                Sources::one(Arc::new(HttpSource::new(url, clients.clone(), ranges)))
+            }
+            (SourceType::Download, None) => {
+                Sources::none("its spec names no URL to fetch the rest from")
+            }
+            (t, _) => Sources::none(format!(
+                "this build of bifs cannot fetch the missing blocks of an image whose \
+                 sourceType is {} (only what was cached before is served); recreate the \
+                 image or run a bifs that supports it",
+                t.as_str()
+            )),
+        },
+    )
+}
 
 /// How often landed blocks are made durable (data fdatasync, then bitmap).
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
@@ -72,7 +103,8 @@ pub struct Node {
     images: RwLock<Registry>,
     creating: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
-    client: reqwest::Client,
+    sources: SourceFactory,
+    shared: Shared,
     pub cancel: CancellationToken,
     events: tokio::sync::broadcast::Sender<ImageEvent>,
 }
@@ -83,6 +115,16 @@ impl Node {
         disks: &[PathBuf],
         cfg: ImageConfig,
         mountpoint: String,
+    ) -> Result<Arc<Node>> {
+        Self::start_with(disks, cfg, mountpoint, http_sources(HttpClients::default())).await
+    }
+
+    /// As `start`, with the sources images get from `sources` (tests: in-memory ones).
+    pub async fn start_with(
+        disks: &[PathBuf],
+        cfg: ImageConfig,
+        mountpoint: String,
+        sources: SourceFactory,
     ) -> Result<Arc<Node>> {
         if disks.is_empty() {
             return Err(Error::BadInput(
@@ -100,7 +142,8 @@ impl Node {
             images: RwLock::new(Registry::default()),
             creating: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
-            client: http_client(),
+            sources,
+            shared: Shared::start(),
             cancel: CancellationToken::new(),
             events: tokio::sync::broadcast::channel(1024).0,
         });
@@ -114,9 +157,9 @@ impl Node {
                     Ok((files, stored, state, map)) => {
                         let image = node.build_image(disk.clone(), files, stored, state, map);
                         info!(image = %name, disk = %disk.uuid8(), state = image.state().as_str(),
-                              present = image.map.present_count(), blocks = image.blocks(), "image found on disk");
+                              present = image.present_blocks(), blocks = image.blocks(), "image found on disk");
                         node.images.write().unwrap().insert(image.clone());
-                        node.run_background(&image);
+                        image.start_background();
                     }
                     Err(e) => {
                         error!(image = %name, disk = %disk.uuid8(), error = %e, "cannot open image; leaving it on disk untouched")
@@ -140,18 +183,6 @@ impl Node {
         Ok(node)
     }
 
-    fn source_for(&self, spec: &ImageSpec) -> Result<Arc<dyn Source>> {
-        match (spec.source_type, spec.url()) {
-            (SourceType::Download, Some(url)) => {
-                Ok(Arc::new(HttpSource::new(url, self.client.clone())))
-            }
-            _ => Err(Error::Unsupported(format!(
-                "sourceType {} is not supported yet",
-                spec.source_type.as_str()
-            ))),
-        }
-    }
-
     fn build_image(
         &self,
         disk: Disk,
@@ -160,12 +191,8 @@ impl Node {
         state: StoredState,
         map: BlockMap,
     ) -> Arc<Image> {
-        // An image left on disk by a later bifs with a source type this one lacks still
-        // serves the blocks it has; an empty source fails any fetch of the rest.
-        let source = self
-            .source_for(&stored.spec)
-            .unwrap_or_else(|_| Arc::new(super::source::MemSource::new(Vec::new())));
-        self.build_image_with(disk, files, stored, state, map, source)
+        let sources = (self.sources)(&stored.spec, stored.identity.ranges);
+        self.build_image_with(disk, files, stored, state, map, sources)
     }
 
     fn build_image_with(
@@ -175,29 +202,24 @@ impl Node {
         stored: StoredSpec,
         state: StoredState,
         map: BlockMap,
-        source: Arc<dyn Source>,
+        sources: Sources,
     ) -> Arc<Image> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Image::new(
-            id,
+        let parts = ImageParts {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
             disk,
             files,
             stored,
             state,
             map,
-            source,
+            sources,
+        };
+        Image::new(
+            parts,
             self.cfg.clone(),
+            self.shared.clone(),
             self.cancel.child_token(),
             self.events.clone(),
         )
-    }
-
-    fn run_background(&self, image: &Arc<Image>) {
-        if matches!(image.state(), State::Ready | State::Failed) {
-            return;
-        }
-        tokio::spawn(image.clone().verify_loop());
-        image.start_fill();
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Image>> {
@@ -269,28 +291,58 @@ impl Node {
         spec: ImageSpec,
         opts: CreateOptions,
     ) -> Result<Arc<Image>> {
-        let source = self.source_for(&spec);
         spec.validate()?;
-        self.create_with_source(spec, opts, source?).await
+        let sources = (self.sources)(&spec, true);
+        self.create_with_sources(spec, opts, sources).await
     }
 
     /// As `create`, with the source given (tests and benches use a `MemSource`).
     pub async fn create_with_source(
         self: &Arc<Self>,
-        mut spec: ImageSpec,
+        spec: ImageSpec,
         opts: CreateOptions,
         source: Arc<dyn Source>,
+    ) -> Result<Arc<Image>> {
+        self.create_with_sources(spec, opts, Sources::one(source))
+            .await
+    }
+
+    /// As `create`, with the sources given; the last one (the origin) is probed for the
+    /// image's size and version.
+    pub async fn create_with_sources(
+        self: &Arc<Self>,
+        mut spec: ImageSpec,
+        opts: CreateOptions,
+        sources: Sources,
     ) -> Result<Arc<Image>> {
         spec.checksum = spec.checksum.to_ascii_lowercase();
         let _guard = self.creating.lock().await;
         if let Ok(existing) = self.get(&spec.name) {
             let have = existing.stored().spec;
-            return match have.conflict_with(&spec) {
-                Some(e) => Err(e),
-                None => Ok(existing),
-            };
+            if let Some(e) = have.conflict_with(&spec) {
+                return Err(e);
+            }
+            if let Some(want) = opts.disk.as_deref() {
+                if !existing.disk.uuid.starts_with(want) {
+                    return Err(Error::BadInput(format!(
+                        "image {:?} exists already, on disk {} ({}), not on disk {want:?}; \
+                         an image lives on one disk of a node",
+                        spec.name,
+                        existing.disk.uuid8(),
+                        existing.disk.path.display()
+                    )));
+                }
+            }
+            return Ok(existing);
         }
-        let identity = source.probe().await?;
+        let Some(origin) = sources.list.last().cloned() else {
+            return Err(Error::Unsupported(
+                sources.unavailable.clone().unwrap_or_else(|| {
+                    format!("image {:?} has no source to create it from", spec.name)
+                }),
+            ));
+        };
+        let identity = origin.probe().await?;
         let disk = self.pick_disk(
             opts.disk.as_deref(),
             (!opts.no_fill).then_some(identity.size),
@@ -306,25 +358,20 @@ impl Node {
         };
         let files = ImageFiles::create(&disk, &stored)?;
         let blocks = stored.identity.size.div_ceil(stored.block_size);
-        let state = StoredState {
-            state: State::Pending,
-            checksum: String::new(),
-            error: None,
-        };
         let image = self.build_image_with(
             disk.clone(),
             files,
             stored,
-            state,
+            StoredState::pending(),
             BlockMap::new(blocks),
-            source,
+            sources,
         );
-        info!(image = %image.name, disk = %disk.uuid8(), size = image.size, source = %image.source.describe(), "image created");
+        info!(image = %image.name, disk = %disk.uuid8(), size = image.size(), source = %origin.describe(), "image created");
         self.images.write().unwrap().insert(image.clone());
-        self.run_background(&image);
+        image.start_background();
         // The first block tells the format; fetch it now so status shows it at once.
         if image.blocks() > 0 {
-            if let Err(e) = image.ensure(0..1).await {
+            if let Err(e) = image.fetcher().ensure(BlockRange::new(0, 1)).await {
                 warn!(image = %image.name, error = %e, "first block not fetched");
             }
         }
@@ -339,12 +386,12 @@ impl Node {
             .unwrap()
             .remove(name)
             .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        image.cancel.cancel();
+        image.mark_deleted();
         let _ = self.events.send(ImageEvent::Deleted {
             id: image.id,
             name: name.to_string(),
         });
-        let files = image.files.clone();
+        let files = image.fetcher().files().clone();
         tokio::task::spawn_blocking(move || files.remove())
             .await
             .map_err(|_| Error::ShuttingDown)??;
@@ -355,20 +402,10 @@ impl Node {
     /// Starts (or restarts after a recoverable failure) the fill of an image.
     pub fn fill(&self, name: &str) -> Result<Arc<Image>> {
         let image = self.get(name)?;
-        check_space(&image.disk, image.size - image.bytes_cached())?;
-        let recovered = image.clear_recoverable_failure()?;
-        {
-            let mut stored = image.stored.lock().unwrap();
-            if !stored.fill {
-                stored.fill = true;
-                image.files.save_spec(&stored)?;
-            }
-        }
-        if recovered {
-            self.run_background(&image);
-        } else {
-            image.start_fill();
-        }
+        check_space(&image.disk, image.size() - image.bytes_cached())?;
+        image.clear_recoverable_failure()?;
+        image.enable_fill()?;
+        image.start_background();
         Ok(image)
     }
 
@@ -388,7 +425,8 @@ impl Node {
         let images = self.list();
         let _ = tokio::task::spawn_blocking(move || {
             for image in images {
-                if let Err(e) = image.files.flush(&image.map) {
+                let f = image.fetcher();
+                if let Err(e) = f.files().flush(f.map()) {
                     error!(image = %image.name, error = %e, "cannot persist landed blocks");
                 }
             }

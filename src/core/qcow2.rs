@@ -9,14 +9,14 @@
 //!   local task, so a read waiting on the network does not hold up the others.
 //! - I/O engine (`LazyIo`): blocks already present are read from the data file on the
 //!   decoder thread (a page-cache `pread`, cheaper than a hop to another thread);
-//!   absent ones go through `Image::read` on the node's runtime, with the decoder's own
+//!   absent ones go through `StoredBytes::read` on the node's runtime, with the decoder's own
 //!   readahead state, by `Handle::spawn` and awaiting the `JoinHandle` (awaitable from
 //!   any runtime, so nothing `!Send` crosses over). Bytes past the end of the stored
 //!   image read as zeros, as qcow2 defines them.
 //! - Caches: qcow2-rs keeps the whole L1 table and refcount table (read at open), L2
 //!   tables in slices of 4 KiB (or one smaller cluster) in its own LRU bounded to 32 MiB
 //!   per image (less when that maps the whole disk), and up to 256 KiB of refcount
-//!   blocks (untouched by reads). Reply buffers are pooled (at most 8 MiB per image).
+//!   blocks (untouched by reads). Reply buffers come from the node's one pool.
 //!   Compressed clusters are inflated on every read. That is bounded already, so no
 //!   cache is added here.
 //! - qcow2-rs quirks (FACTS.md §2): offsets and lengths must be 512-aligned (requests are
@@ -27,6 +27,8 @@
 //!   `Qcow2Header::raw_view_problem`). A panic ends the decoder, never the daemon: the
 //!   raw view answers EIO from then on and status names the cause, while the stored
 //!   bytes keep being served and the image is not failed.
+//! - It knows no `Image`: the image is a `StoredBytes` to it (read what is present now,
+//!   or fetch and read), and it owns only its `RawViewSlot`.
 
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
@@ -47,12 +49,28 @@ use tracing::{error, info, info_span, warn, Instrument};
 use super::error::{Error, Result};
 use super::fetch::ReadState;
 use super::format::Qcow2Header;
-use super::image::Image;
-use super::store::State;
+use super::store::BufPool;
+
+/// What the decoder needs of an image: its stored bytes.
+#[async_trait::async_trait]
+pub trait StoredBytes: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    /// The first 8 characters of the disk's uuid, for logs.
+    fn disk8(&self) -> &str;
+    /// The stored image's size in bytes.
+    fn size(&self) -> u64;
+    /// Cancelled when the image goes away or the daemon stops.
+    fn cancel_token(&self) -> CancellationToken;
+    /// Reads `buf.len()` bytes at `offset` if they can be served without waiting
+    /// (present, and verified where that is required); None: use `read`.
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<()>>;
+    /// Reads `len` bytes at `offset`, fetching what is absent.
+    async fn read(&self, offset: u64, len: u32, ra: &Mutex<ReadState>) -> Result<Bytes>;
+}
 
 /// qcow2-rs's I/O unit: offsets and lengths of guest reads are multiples of it.
 const SECTOR: u64 = 512;
-/// The largest single `Image::read` (its length is a u32).
+/// The largest single `StoredBytes::read` (its length is a u32).
 const MAX_STORED_READ: u64 = 64 * 1024 * 1024;
 
 struct Request {
@@ -63,8 +81,8 @@ struct Request {
 
 /// The raw-view decoder of one image: absent until the first raw read.
 #[derive(Default)]
-pub(crate) struct RawViewSlot {
-    decoder: Mutex<Decoder>,
+pub struct RawViewSlot {
+    decoder: Arc<Mutex<Decoder>>,
 }
 
 #[derive(Default)]
@@ -84,55 +102,20 @@ impl RawViewSlot {
         }
     }
 
-    fn set_broken(&self, e: Error) {
-        *self.decoder.lock().unwrap() = Decoder::Broken(e);
-    }
-
-    /// Hands `req` to the image's decoder, starting one if there is none (or the last
-    /// ended after an I/O error while opening).
-    fn send(&self, image: &Arc<Image>, header: &Qcow2Header, mut req: Request) -> Result<()> {
-        let mut decoder = self.decoder.lock().unwrap();
-        match &*decoder {
-            Decoder::Broken(e) => return Err(e.clone()),
-            Decoder::Running(tx) => match tx.send(req) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::SendError(r)) => req = r,
-            },
-            Decoder::Idle => {}
-        }
-        if image.cancel.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        if let Some(problem) = header.raw_view_problem(&image.name) {
-            warn!(image = %image.name, reason = %problem, "raw view unavailable");
-            let e = Error::Unsupported(problem);
-            *decoder = Decoder::Broken(e.clone());
-            return Err(e);
-        }
-        let tx = start_decoder(image, header)?;
-        // The receiver lives until the thread has answered or failed what it holds.
-        let _ = tx.send(req);
-        *decoder = Decoder::Running(tx);
-        Ok(())
-    }
-}
-
-impl Image {
     /// Why the raw view of this image does not work, once a raw read found out.
-    pub fn raw_view_error(&self) -> Option<String> {
-        self.raw_view.broken().map(|e| e.to_string())
+    pub fn error(&self) -> Option<String> {
+        self.broken().map(|e| e.to_string())
     }
 
-    /// Reads `len` bytes at `offset` of the guest view of this QCOW2 image.
-    pub(crate) async fn read_qcow2(
-        self: &Arc<Self>,
+    /// Reads `len` bytes at `offset` of the guest view of the QCOW2 image `image`.
+    pub async fn read(
+        &self,
+        image: Arc<dyn StoredBytes>,
+        pool: &Arc<BufPool>,
         header: &Qcow2Header,
         offset: u64,
         len: u32,
     ) -> Result<Bytes> {
-        if self.is_failed() {
-            return Err(self.failure());
-        }
         if offset >= header.virtual_size || len == 0 {
             return Ok(Bytes::new());
         }
@@ -142,12 +125,46 @@ impl Image {
             len: u64::from(len),
             reply,
         };
-        self.raw_view.send(self, header, req)?;
+        self.send(image, pool, header, req)?;
         match rx.await {
             Ok(r) => r,
             // The decoder dropped the request: it broke down, or the image is going away.
-            Err(_) => Err(self.raw_view.broken().unwrap_or(Error::ShuttingDown)),
+            Err(_) => Err(self.broken().unwrap_or(Error::ShuttingDown)),
         }
+    }
+
+    /// Hands `req` to the image's decoder, starting one if there is none (or the last
+    /// ended after an I/O error while opening).
+    fn send(
+        &self,
+        image: Arc<dyn StoredBytes>,
+        pool: &Arc<BufPool>,
+        header: &Qcow2Header,
+        mut req: Request,
+    ) -> Result<()> {
+        let mut decoder = self.decoder.lock().unwrap();
+        match &*decoder {
+            Decoder::Broken(e) => return Err(e.clone()),
+            Decoder::Running(tx) => match tx.send(req) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(r)) => req = r,
+            },
+            Decoder::Idle => {}
+        }
+        if image.cancel_token().is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(problem) = header.raw_view_problem(image.name()) {
+            warn!(image = %image.name(), reason = %problem, "raw view unavailable");
+            let e = Error::Unsupported(problem);
+            *decoder = Decoder::Broken(e.clone());
+            return Err(e);
+        }
+        let tx = start_decoder(image, self.decoder.clone(), pool.clone(), header)?;
+        // The receiver lives until the thread has answered or failed what it holds.
+        let _ = tx.send(req);
+        *decoder = Decoder::Running(tx);
+        Ok(())
     }
 }
 
@@ -160,32 +177,35 @@ fn decoder_error(name: &str, msg: String) -> Error {
 }
 
 fn start_decoder(
-    image: &Arc<Image>,
+    image: Arc<dyn StoredBytes>,
+    slot: Arc<Mutex<Decoder>>,
+    pool: Arc<BufPool>,
     header: &Qcow2Header,
 ) -> Result<mpsc::UnboundedSender<Request>> {
     // The decoder's engine fetches on the node's runtime: the one this read runs on.
     let rt = Handle::try_current().map_err(|e| {
         decoder_error(
-            &image.name,
+            image.name(),
             format!("raw reads need the node's runtime: {e}"),
         )
     })?;
     let (tx, rx) = mpsc::unbounded_channel();
     let ctx = DecoderCtx {
-        image: Arc::downgrade(image),
-        name: image.name.clone(),
-        disk: image.disk.uuid8().to_string(),
+        image: Arc::downgrade(&image),
+        slot: Arc::downgrade(&slot),
+        name: image.name().to_string(),
+        disk: image.disk8().to_string(),
         header: header.clone(),
         rt,
-        pool: BufPool::default(),
-        cancel: image.cancel.clone(),
+        pool,
+        cancel: image.cancel_token(),
     };
     std::thread::Builder::new()
         .name("bifs-qcow2".into())
         .spawn(move || ctx.run(rx))
         .map_err(|e| {
             decoder_error(
-                &image.name,
+                image.name(),
                 format!("cannot start the qcow2 decoder thread: {e}"),
             )
         })?;
@@ -195,12 +215,13 @@ fn start_decoder(
 struct DecoderCtx {
     /// Weak: the image owns the decoder's channel, so a strong handle here would keep a
     /// deleted image (and its thread) alive for ever.
-    image: Weak<Image>,
+    image: Weak<dyn StoredBytes>,
+    slot: Weak<Mutex<Decoder>>,
     name: String,
     disk: String,
     header: Qcow2Header,
     rt: Handle,
-    pool: BufPool,
+    pool: Arc<BufPool>,
     cancel: CancellationToken,
 }
 
@@ -225,8 +246,8 @@ impl DecoderCtx {
     /// Marks the raw view broken, so waiting and later readers get `err`.
     fn break_view(&self, err: &Error) {
         error!(error = %err, "raw view broken; the stored image is still served");
-        if let Some(image) = self.image.upgrade() {
-            image.raw_view.set_broken(err.clone());
+        if let Some(slot) = self.slot.upgrade() {
+            *slot.lock().unwrap() = Decoder::Broken(err.clone());
         }
     }
 
@@ -392,7 +413,7 @@ async fn read_guest(
     virtual_size: u64,
     name: &str,
     last_io_error: &RefCell<Option<Error>>,
-    pool: &BufPool,
+    pool: &Arc<BufPool>,
 ) -> Result<Bytes> {
     let end = (offset + len).min(virtual_size);
     if offset >= end {
@@ -409,7 +430,7 @@ async fn read_guest(
         if part_end <= at {
             continue;
         }
-        let part = &mut buf.buf[(at - start) as usize..(part_end - start) as usize];
+        let part = &mut buf.as_mut_slice()[(at - start) as usize..(part_end - start) as usize];
         let want = part.len();
         let got = dev.read_at(part, at).await;
         if !matches!(got, Ok(n) if n == want) {
@@ -433,58 +454,9 @@ async fn read_guest(
     Ok(Bytes::from_owner(buf).slice((offset - start) as usize..(end - start) as usize))
 }
 
-/// Reply buffers, reused: zeroing a fresh buffer for every read (only to have qcow2-rs
-/// overwrite it) cost about a tenth of the raw view's CPU time.
-#[derive(Clone, Default)]
-struct BufPool(Arc<Mutex<Vec<Vec<u8>>>>);
-
-/// Buffers kept per image, and the largest kept (a FUSE read is at most 1 MiB).
-const POOL_BUFFERS: usize = 8;
-const POOL_BUFFER_MAX: usize = 1024 * 1024;
-
-impl BufPool {
-    fn take(&self, len: usize) -> PooledBuf {
-        let mut buf = self.0.lock().unwrap().pop().unwrap_or_default();
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        PooledBuf {
-            buf,
-            len,
-            pool: self.clone(),
-        }
-    }
-}
-
-/// A buffer of which the first `len` bytes are the reply; back to the pool on drop.
-/// The bytes past `len` are stale data of earlier reads and never shown.
-struct PooledBuf {
-    buf: Vec<u8>,
-    len: usize,
-    pool: BufPool,
-}
-
-impl AsRef<[u8]> for PooledBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl Drop for PooledBuf {
-    fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        if buf.len() <= POOL_BUFFER_MAX {
-            let mut pool = self.pool.0.lock().unwrap();
-            if pool.len() < POOL_BUFFERS {
-                pool.push(buf);
-            }
-        }
-    }
-}
-
 /// qcow2-rs's I/O engine: reads of the stored image through the lazy store.
 struct LazyIo {
-    image: Weak<Image>,
+    image: Weak<dyn StoredBytes>,
     rt: Handle,
     /// Sequential detection over the stored bytes the decoder reads.
     ra: Arc<Mutex<ReadState>>,
@@ -495,23 +467,15 @@ struct LazyIo {
 impl LazyIo {
     async fn read_stored(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let image = self.image.upgrade().ok_or(Error::ShuttingDown)?;
-        let end = (offset + buf.len() as u64).min(image.size);
+        let end = (offset + buf.len() as u64).min(image.size());
         let have = end.saturating_sub(offset) as usize;
         buf[have..].fill(0);
         if have == 0 {
             return Ok(());
         }
-        let blocks = offset / image.block_size..end.div_ceil(image.block_size);
-        let local = !image.is_failed()
-            && image.map.all_set(blocks)
-            && (!image.cfg.require_verified || image.state() == State::Ready);
-        if local {
-            // Present blocks: read the data file right here (see the module comment).
-            image.files.read_data(offset, &mut buf[..have])?;
-            if image.is_failed() {
-                return Err(image.failure());
-            }
-            return Ok(());
+        // Present blocks: read the data file right here (see the module comment).
+        if let Some(r) = image.read_now(offset, &mut buf[..have]) {
+            return r;
         }
         let mut at = offset;
         while at < end {
@@ -519,12 +483,12 @@ impl LazyIo {
             let (reader, ra) = (image.clone(), self.ra.clone());
             let bytes = self
                 .rt
-                .spawn(async move { reader.read(at, n as u32, Some(&*ra)).await })
+                .spawn(async move { reader.read(at, n as u32, &ra).await })
                 .await
                 .map_err(|_| Error::ShuttingDown)??;
             if bytes.len() as u64 != n {
                 return Err(decoder_error(
-                    &image.name,
+                    image.name(),
                     format!("stored bytes {at}+{n}: read returned {} bytes", bytes.len()),
                 ));
             }

@@ -1,11 +1,21 @@
-//! Where blocks come from. A `Source` knows the image's size and identity and streams
-//! byte ranges of one pinned version; `fetch` decides which ranges to ask for.
-//! Implementations: `HttpSource` (the origin URL), `MemSource` (tests, benches);
-//! a peer source and a local-volume source fit the same trait.
+//! Where blocks come from. A `Source` streams byte ranges of the one version of an image
+//! that the image pinned (`Identity`: size, ETag / Last-Modified); `fetch` decides which
+//! ranges to ask for and asks an image's sources in order.
+//!
+//! - The pin is the image's; capabilities are each source's (`ranges()`: whether it
+//!   serves byte ranges at all).
+//! - A source that lacks some bytes answers `SourceError::Absent`: the request moves to
+//!   the next source and nothing fails. `Changed` means the version is gone for good;
+//!   retryable errors (`is_retryable`) are worth another try after a pause.
+//! - Every request says whom it serves (`Priority`): a waiting reader or the fill. The
+//!   HTTP origin gives readers a connection pool of their own, so a reader's request
+//!   never queues behind the fill's streams.
+//!
+//! Implementations: `HttpSource` (the origin URL), `MemSource` (tests and benches, with
+//! fault injection); peers and local volumes fit the same trait.
 
 use std::collections::VecDeque;
-use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -15,6 +25,7 @@ use futures::stream::{BoxStream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::error::SourceError;
+use super::range::ByteRange;
 use super::spec::redact_url;
 
 /// What pins one version of a source: a changed size, ETag or Last-Modified means a
@@ -61,22 +72,47 @@ impl Identity {
 
 pub type ByteStream = BoxStream<'static, Result<Bytes, SourceError>>;
 
+/// Whom a request serves: a reader waiting for its bytes comes before the fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Reader,
+    Fill,
+}
+
 #[async_trait]
 pub trait Source: Send + Sync {
     /// A short, credential-free description for logs and status.
     fn describe(&self) -> String;
+    /// Whether this source serves byte ranges. Without them only the whole image
+    /// (`0..size`) may be asked, and the fetcher skips what it does not need.
+    fn ranges(&self) -> bool;
     /// Asks the source for its current size and identity.
     async fn probe(&self) -> Result<Identity, SourceError>;
-    /// Streams `range` of the version pinned by `id`. Fails with `Changed` when the source
-    /// no longer holds that version. Without range support only `0..size` may be asked.
-    async fn read(&self, range: Range<u64>, id: &Identity) -> Result<ByteStream, SourceError>;
+    /// Streams `range` of the version pinned by `pin`. Fails with `Changed` when the
+    /// source no longer holds that version, `Absent` when it lacks these bytes.
+    async fn read(
+        &self,
+        range: ByteRange,
+        pin: &Identity,
+        prio: Priority,
+    ) -> Result<ByteStream, SourceError>;
 }
 
-/// The origin: an http(s) URL read with range requests.
-pub struct HttpSource {
-    url: String,
-    shown: String,
-    client: reqwest::Client,
+/// The node's HTTP clients: one connection pool for readers and one for the fill, so a
+/// reader's range request never waits for a connection the fill's streams hold.
+#[derive(Clone)]
+pub struct HttpClients {
+    reader: reqwest::Client,
+    fill: reqwest::Client,
+}
+
+impl Default for HttpClients {
+    fn default() -> Self {
+        Self {
+            reader: http_client(),
+            fill: http_client(),
+        }
+    }
 }
 
 pub fn http_client() -> reqwest::Client {
@@ -90,12 +126,23 @@ pub fn http_client() -> reqwest::Client {
         .expect("the HTTP client has a valid static configuration")
 }
 
+/// The origin: an http(s) URL read with range requests.
+pub struct HttpSource {
+    url: String,
+    shown: String,
+    clients: HttpClients,
+    /// Learnt by `probe` (and kept in the image's spec.json across restarts).
+    ranges: AtomicBool,
+}
+
 impl HttpSource {
-    pub fn new(url: &str, client: reqwest::Client) -> Self {
+    /// `ranges`: what an earlier probe found (true until a probe says otherwise).
+    pub fn new(url: &str, clients: HttpClients, ranges: bool) -> Self {
         Self {
             url: url.to_string(),
             shown: redact_url(url),
-            client,
+            clients,
+            ranges: AtomicBool::new(ranges),
         }
     }
 
@@ -150,11 +197,33 @@ impl Source for HttpSource {
         self.shown.clone()
     }
 
+    fn ranges(&self) -> bool {
+        self.ranges.load(Ordering::Relaxed)
+    }
+
     async fn probe(&self) -> Result<Identity, SourceError> {
+        let id = self.probe_once().await?;
+        self.ranges.store(id.ranges, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    async fn read(
+        &self,
+        range: ByteRange,
+        pin: &Identity,
+        prio: Priority,
+    ) -> Result<ByteStream, SourceError> {
+        self.read_range(range, pin, prio).await
+    }
+}
+
+impl HttpSource {
+    async fn probe_once(&self) -> Result<Identity, SourceError> {
         // One ranged GET answers everything: a 206 with Content-Range proves range support
         // (nginx sends no Accept-Ranges on a 206), a 200 means a server without ranges.
         let resp = self
-            .client
+            .clients
+            .reader
             .get(&self.url)
             .header(reqwest::header::RANGE, "bytes=0-0")
             .send()
@@ -202,9 +271,18 @@ impl Source for HttpSource {
         }
     }
 
-    async fn read(&self, range: Range<u64>, id: &Identity) -> Result<ByteStream, SourceError> {
-        let mut req = self.client.get(&self.url);
-        let ranged = id.ranges;
+    async fn read_range(
+        &self,
+        range: ByteRange,
+        id: &Identity,
+        prio: Priority,
+    ) -> Result<ByteStream, SourceError> {
+        let client = match prio {
+            Priority::Reader => &self.clients.reader,
+            Priority::Fill => &self.clients.fill,
+        };
+        let mut req = client.get(&self.url);
+        let ranged = self.ranges();
         if ranged {
             req = req.header(
                 reqwest::header::RANGE,
@@ -291,12 +369,28 @@ impl Source for HttpSource {
     }
 }
 
+/// What a `MemSource` does to its next read instead of serving it.
+#[derive(Debug, Clone)]
+pub enum MemFault {
+    /// Fail the request with this error.
+    Error(SourceError),
+    /// Send this many bytes of the body, then break off.
+    Truncate(usize),
+    /// Panic inside the request (a bug in a source must strand no reader).
+    Panic,
+    /// Never answer (a stalled origin).
+    Stall,
+}
+
 /// An in-memory source with fault injection, for tests and benches.
 pub struct MemSource {
     data: Mutex<(Bytes, Identity)>,
     pub served: AtomicU64,
     pub requests: AtomicU64,
-    faults: Mutex<VecDeque<SourceError>>,
+    faults: Mutex<VecDeque<MemFault>>,
+    /// Byte ranges this source does not have (answered with `Absent`).
+    holes: Mutex<Vec<ByteRange>>,
+    ranges: bool,
     chunk: usize,
 }
 
@@ -314,13 +408,37 @@ impl MemSource {
             served: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             faults: Mutex::new(VecDeque::new()),
+            holes: Mutex::new(Vec::new()),
+            ranges: true,
             chunk: 64 * 1024,
         }
     }
 
+    /// A source that serves only the whole image (a server without range support).
+    pub fn without_ranges(mut self) -> Self {
+        self.ranges = false;
+        self.data.lock().unwrap().1.ranges = false;
+        self
+    }
+
     /// The next read fails with `e`.
     pub fn fail_next(&self, e: SourceError) {
-        self.faults.lock().unwrap().push_back(e);
+        self.fault_next(MemFault::Error(e));
+    }
+
+    /// The next read suffers `f`.
+    pub fn fault_next(&self, f: MemFault) {
+        self.faults.lock().unwrap().push_back(f);
+    }
+
+    /// Drops the faults not yet suffered.
+    pub fn clear_faults(&self) {
+        self.faults.lock().unwrap().clear();
+    }
+
+    /// Reads touching `range` answer `Absent` from now on.
+    pub fn lack(&self, range: ByteRange) {
+        self.holes.lock().unwrap().push(range);
     }
 
     /// Replaces the content, as an origin whose file was overwritten.
@@ -331,7 +449,7 @@ impl MemSource {
             size: data.len() as u64,
             etag: Some(etag.into()),
             last_modified: None,
-            ranges: true,
+            ranges: self.ranges,
         };
         g.0 = data;
     }
@@ -343,23 +461,67 @@ impl Source for MemSource {
         "memory".into()
     }
 
+    fn ranges(&self) -> bool {
+        self.ranges
+    }
+
     async fn probe(&self) -> Result<Identity, SourceError> {
         Ok(self.data.lock().unwrap().1.clone())
     }
 
-    async fn read(&self, range: Range<u64>, id: &Identity) -> Result<ByteStream, SourceError> {
+    async fn read(
+        &self,
+        range: ByteRange,
+        id: &Identity,
+        _prio: Priority,
+    ) -> Result<ByteStream, SourceError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if let Some(e) = self.faults.lock().unwrap().pop_front() {
-            return Err(e);
+        let fault = self.faults.lock().unwrap().pop_front();
+        let mut keep = usize::MAX;
+        match fault {
+            Some(MemFault::Error(e)) => return Err(e),
+            Some(MemFault::Panic) => panic!("MemSource: injected panic"),
+            Some(MemFault::Stall) => futures::future::pending::<()>().await,
+            Some(MemFault::Truncate(n)) => keep = n,
+            None => {}
+        }
+        let overlaps = |h: &ByteRange| h.start < range.end && range.start < h.end;
+        if self.holes.lock().unwrap().iter().any(overlaps) {
+            return Err(SourceError::Absent {
+                url: self.describe(),
+                start: range.start,
+                end: range.end,
+            });
         }
         let (data, now) = self.data.lock().unwrap().clone();
         id.check(now.etag.as_deref(), None)?;
+        if now.size != id.size {
+            return Err(SourceError::Changed {
+                what: "size",
+                was: id.size.to_string(),
+                now: now.size.to_string(),
+            });
+        }
+        if !self.ranges && (range.start != 0 || range.end != now.size) {
+            return Err(SourceError::Protocol {
+                url: self.describe(),
+                reason: format!("{range:?} asked of a source without ranges"),
+            });
+        }
         let bytes = data.slice(range.start as usize..range.end as usize);
+        let bytes = bytes.slice(..keep.min(bytes.len()));
+        let cut = keep != usize::MAX;
         self.served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let chunks: Vec<Result<Bytes, SourceError>> = (0..bytes.len())
+        let mut chunks: Vec<Result<Bytes, SourceError>> = (0..bytes.len())
             .step_by(self.chunk)
             .map(|o| Ok(bytes.slice(o..(o + self.chunk).min(bytes.len()))))
             .collect();
+        if cut {
+            chunks.push(Err(SourceError::Interrupted {
+                url: self.describe(),
+                reason: "injected: body cut short".into(),
+            }));
+        }
         Ok(futures::stream::iter(chunks).boxed())
     }
 }

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::bitmap::BlockMap;
-use super::error::{Error, Result};
+use super::error::{Error, FailureKind, Result};
+use super::range::BlockRange;
 use super::source::Identity;
 use super::spec::ImageSpec;
 
@@ -155,7 +156,18 @@ pub enum State {
     Failed,
 }
 
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl State {
+    /// Whether the image settled: ready or failed (nothing more happens by itself).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Ready | Self::Failed)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -175,6 +187,27 @@ pub struct StoredState {
     pub checksum: String,
     #[serde(default)]
     pub error: Option<String>,
+    /// Why the image failed (decides whether a retry may clear it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
+}
+
+impl StoredState {
+    pub fn pending() -> Self {
+        Self {
+            state: State::Pending,
+            checksum: String::new(),
+            error: None,
+            failure: None,
+        }
+    }
+
+    /// The failure's kind; state.json files from before kinds existed name it in words.
+    pub fn failure_kind(&self) -> FailureKind {
+        self.failure.unwrap_or_else(|| {
+            FailureKind::guess_from_message(self.error.as_deref().unwrap_or_default())
+        })
+    }
 }
 
 /// The open files of one image on one disk.
@@ -209,14 +242,7 @@ impl ImageFiles {
                 .and_then(|f| f.set_len(blocks.div_ceil(64) * 8))
                 .map_err(|e| Error::io(&bitmap, e))?;
             write_json_atomic(&tmp.join("spec.json"), stored)?;
-            write_json_atomic(
-                &tmp.join("state.json"),
-                &StoredState {
-                    state: State::Pending,
-                    checksum: String::new(),
-                    error: None,
-                },
-            )?;
+            write_json_atomic(&tmp.join("state.json"), &StoredState::pending())?;
             fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
         };
         if let Err(e) = build() {
@@ -259,7 +285,7 @@ impl ImageFiles {
             .map_err(|e| Error::io(files.dir.join("bitmap"), e))?;
         let map = if state.state == State::Ready {
             let m = BlockMap::new(blocks);
-            m.set_range(0..blocks);
+            m.set_range(BlockRange::new(0, blocks));
             m
         } else {
             BlockMap::from_bytes(blocks, &bits)
@@ -410,10 +436,10 @@ mod tests {
         files
             .write_chunks(0, &[bytes::Bytes::from(vec![7u8; 8192])])
             .unwrap();
-        map.set_range(0..2);
+        map.set_range(BlockRange::new(0, 2));
         files.mark_dirty(0);
         files.flush(&map).unwrap();
-        map.set_range(2..3); // in memory only: never flushed, like a crash right here
+        map.set_range(BlockRange::new(2, 3)); // in memory only: never flushed, like a crash right here
         files.mark_dirty(2);
         drop(files);
         let (files, s, st, map) = ImageFiles::open(disk.image_dir("img")).unwrap();

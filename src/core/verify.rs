@@ -1,18 +1,24 @@
-//! Verification: SHA-512 of the whole image, computed incrementally over the prefix of
-//! present blocks, so that it ends moments after the last block lands instead of
-//! re-reading the image afterwards. The hashing runs on one thread per node (the second
-//! core, or whatever CPU readers leave) while fetches continue on the async workers.
+//! Verification: the digest of the whole image (SHA-512 as Longhorn, or SHA-256),
+//! computed incrementally over the prefix of present blocks, so that it ends moments
+//! after the last block lands instead of re-reading the image afterwards. The hashing
+//! runs on one thread per node (`HashWorker`, owned by the node: the second core, or
+//! whatever CPU readers leave) while fetches continue on the async workers.
+//! `hash_prefix` knows no `Image`: the image compares the digest with its spec and
+//! alone decides ready or failed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha512};
-use tracing::{debug, error};
+use sha2::{Digest, Sha256, Sha512};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
-use super::error::Error;
-use super::image::Image;
-use super::store::State;
+use super::bitmap::BlockMap;
+use super::error::{Error, Result};
+use super::range::Geometry;
+use super::store::ImageFiles;
 
 /// Bytes hashed per blocking call: large enough to amortise the hand-off.
 const HASH_CHUNK: u64 = 4 * 1024 * 1024;
@@ -71,8 +77,9 @@ fn set_background(idle: bool) {
     }
 }
 
-impl Default for HashWorker {
-    fn default() -> Self {
+impl HashWorker {
+    /// Starts the node's hashing thread.
+    pub fn start() -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
         let pressure = Arc::new(ReaderPressure {
             epoch: Instant::now(),
@@ -99,9 +106,7 @@ impl Default for HashWorker {
             pressure,
         }
     }
-}
 
-impl HashWorker {
     /// Runs `f` on the hashing thread; None if the thread is gone.
     pub async fn run<T: Send + 'static>(
         &self,
@@ -123,83 +128,137 @@ impl HashWorker {
     }
 }
 
-impl Image {
-    /// Runs until the image is ready or failed (or the daemon stops).
-    pub(crate) async fn verify_loop(self: Arc<Self>) {
-        let mut hasher = Some(Sha512::new());
-        let mut buf = Some(Vec::with_capacity(HASH_CHUNK as usize));
-        let mut hashed: u64 = 0; // bytes
-        loop {
-            let notified = self.landed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match self.state() {
-                State::Ready | State::Failed => return,
-                _ => {}
-            }
-            let block = hashed / self.block_size;
-            let run = if block < self.blocks() {
-                self.map.present_run(block)
-            } else {
-                0
-            };
-            let avail = ((block + run) * self.block_size).min(self.size);
-            if avail > hashed {
-                let end = avail.min(hashed + HASH_CHUNK);
-                let (files, mut h, mut b) = (
-                    self.files.clone(),
-                    hasher.take().unwrap(),
-                    buf.take().unwrap(),
-                );
-                let start = hashed;
-                let res = self
-                    .cfg
-                    .hasher
-                    .run(move || {
-                        b.resize((end - start) as usize, 0);
-                        let r = files.read_data(start, &mut b);
-                        if r.is_ok() {
-                            h.update(&b);
-                        }
-                        (h, b, r)
-                    })
-                    .await;
-                let Some((h, b, r)) = res else { return };
-                hasher = Some(h);
-                buf = Some(b);
-                if let Err(e) = r {
-                    self.fail(&e);
-                    return;
-                }
-                hashed = end;
-                continue;
-            }
-            if hashed == self.size {
-                self.finish_verify(hasher.take().unwrap());
-                return;
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = self.cancel.cancelled() => return,
-            }
+/// The digest a spec asks for: SHA-512 (128 hex digits, as Longhorn) or `sha256:<hex>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algo {
+    Sha512,
+    Sha256,
+}
+
+impl Algo {
+    /// The algorithm of a spec's checksum and its hex digits (SHA-512 when empty).
+    pub fn of_checksum(checksum: &str) -> (Algo, &str) {
+        match checksum.strip_prefix("sha256:") {
+            Some(hex) => (Algo::Sha256, hex),
+            None => (
+                Algo::Sha512,
+                checksum.strip_prefix("sha512:").unwrap_or(checksum),
+            ),
         }
     }
 
-    fn finish_verify(&self, hasher: Sha512) {
-        let got = hex::encode(hasher.finalize());
-        let want = self.stored().spec.checksum;
-        if !want.is_empty() && !want.eq_ignore_ascii_case(&got) {
-            self.fail(&Error::Checksum { want, got });
-            return;
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Sha512 => "sha512",
+            Algo::Sha256 => "sha256",
         }
-        debug!(image = %self.name, "checksum verified");
-        // Ready promises that every byte is durable: flush before saying so.
-        if let Err(e) = self.files.flush(&self.map) {
-            self.fail(&e);
-            return;
+    }
+}
+
+enum Hasher {
+    Sha512(Box<Sha512>),
+    Sha256(Box<Sha256>),
+}
+
+impl Hasher {
+    fn new(algo: Algo) -> Self {
+        match algo {
+            Algo::Sha512 => Self::Sha512(Box::default()),
+            Algo::Sha256 => Self::Sha256(Box::default()),
         }
-        if let Err(e) = self.set_ready(got) {
-            error!(image = %self.name, error = %e, "cannot record ready state");
+    }
+
+    fn update(&mut self, b: &[u8]) {
+        match self {
+            Self::Sha512(h) => h.update(b),
+            Self::Sha256(h) => h.update(b),
+        }
+    }
+
+    fn finish(self) -> String {
+        match self {
+            Self::Sha512(h) => hex::encode(h.finalize()),
+            Self::Sha256(h) => hex::encode(h.finalize()),
+        }
+    }
+}
+
+/// What `hash_prefix` needs of an image: no `Image`, so it runs in unit tests as is.
+pub struct VerifyInput {
+    pub files: Arc<ImageFiles>,
+    pub map: Arc<BlockMap>,
+    pub geo: Geometry,
+    /// Woken when blocks land (or the image's state changes).
+    pub landed: Arc<Notify>,
+    pub algo: Algo,
+    pub hasher: Arc<HashWorker>,
+    pub cancel: CancellationToken,
+}
+
+/// Hashes the image as the prefix of present blocks grows, until every byte is hashed
+/// (the digest, hex) or `stop()` says to give up (None; also on shutdown).
+pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<Option<String>> {
+    let VerifyInput {
+        files,
+        map,
+        geo,
+        landed,
+        algo,
+        hasher: worker,
+        cancel,
+    } = input;
+    let mut hasher = Some(Hasher::new(algo));
+    let mut buf = Some(Vec::with_capacity(HASH_CHUNK as usize));
+    let mut hashed: u64 = 0; // bytes
+    loop {
+        let notified = landed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if stop() || cancel.is_cancelled() {
+            return Ok(None);
+        }
+        let block = hashed / geo.block_size;
+        let run = if block < geo.blocks() {
+            map.present_run(block)
+        } else {
+            0
+        };
+        let avail = ((block + run) * geo.block_size).min(geo.size);
+        if avail > hashed {
+            let end = avail.min(hashed + HASH_CHUNK);
+            let (files, mut h, mut b) = (
+                files.clone(),
+                hasher.take().expect("the hasher is back after each chunk"),
+                buf.take().expect("the buffer is back after each chunk"),
+            );
+            let start = hashed;
+            let res = worker
+                .run(move || {
+                    b.resize((end - start) as usize, 0);
+                    let r = files.read_data(start, &mut b);
+                    if r.is_ok() {
+                        h.update(&b);
+                    }
+                    (h, b, r)
+                })
+                .await;
+            let Some((h, b, r)) = res else {
+                return Err(Error::ShuttingDown);
+            };
+            hasher = Some(h);
+            buf = Some(b);
+            r?;
+            hashed = end;
+            continue;
+        }
+        if hashed == geo.size {
+            let digest = hasher.take().expect("the hasher is back").finish();
+            debug!(bytes = hashed, algo = algo.name(), "image hashed");
+            return Ok(Some(digest));
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = cancel.cancelled() => return Ok(None),
         }
     }
 }
@@ -210,7 +269,7 @@ mod tests {
 
     #[test]
     fn hashing_stays_in_the_background_only_while_readers_are_active() {
-        let w = HashWorker::default();
+        let w = HashWorker::start();
         assert!(!w.pressure.readers_active(), "no reader yet");
         w.reader_active();
         assert!(w.pressure.readers_active());

@@ -1,15 +1,7 @@
-//! The two views of an image the mount shows: the stored bytes (`<mnt>/<name>`) and the
-//! guest's raw view (`<mnt>/.raw/<name>`): identical for RAW images, decoded through
-//! qcow2-rs for QCOW2 ones.
-
-use std::sync::{Arc, Mutex};
-
-use bytes::Bytes;
-
-use super::error::Result;
-use super::fetch::ReadState;
-use super::format::Format;
-use super::image::Image;
+//! The two views of an image the mount shows, and how the kernel should cache an open
+//! of each: the stored bytes (`<mnt>/<name>`) and the guest's raw view
+//! (`<mnt>/.raw/<name>`), identical for RAW images, decoded through qcow2-rs for QCOW2.
+//! Pure decisions: the FUSE shell asks, then translates the answer into fuser flags.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
@@ -17,39 +9,63 @@ pub enum View {
     Raw,
 }
 
-impl Image {
-    /// The size a view shows (`st_size`).
-    pub fn view_size(&self, view: View) -> u64 {
-        // The stored view needs no format: `ls -l` of a thousand images must not read
-        // a thousand headers.
-        match view {
-            View::Stored => self.size,
-            View::Raw => match self.format() {
-                Some(Format::Qcow2(h)) => h.virtual_size,
-                _ => self.size,
-            },
-        }
-    }
+/// What the kernel offered at FUSE init.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelCaps {
+    /// FUSE passthrough: opens can be served by the kernel from a backing file.
+    pub passthrough: bool,
+    /// FUSE_DIRECT_IO_ALLOW_MMAP: a FOPEN_DIRECT_IO file can still be mmapped (>= 6.6).
+    pub direct_io_mmap: bool,
+}
 
-    /// Whether reads of `view` are plain reads of the data file (passthrough is possible).
-    pub fn view_is_stored_bytes(&self, view: View) -> bool {
-        view == View::Stored || matches!(self.format(), Some(Format::Raw))
-    }
+/// How an open is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The kernel reads the data file itself: local-file speed.
+    Passthrough,
+    /// Every read goes to the daemon; nothing is cached in the FUSE inode.
+    DirectIo,
+    /// Reads go through the FUSE inode's page cache, kept across opens.
+    KeepCache,
+}
 
-    pub async fn read_view(
-        self: &Arc<Self>,
-        view: View,
-        offset: u64,
-        len: u32,
-        ra: Option<&Mutex<ReadState>>,
-    ) -> Result<Bytes> {
-        match (view, self.format()) {
-            (View::Stored, _) | (View::Raw, Some(Format::Raw)) => self.read(offset, len, ra).await,
-            (View::Raw, Some(Format::Qcow2(h))) => self.read_qcow2(&h, offset, len).await,
-            (View::Raw, None) => {
-                self.ensure(0..1).await?;
-                Box::pin(self.read_view(view, offset, len, ra)).await
-            }
-        }
+/// The preferred open mode of a view.
+///
+/// - Ready images whose view is the stored bytes go to the kernel as the data file
+///   itself (passthrough).
+/// - While the stored bytes are still arriving they already sit in the page cache of
+///   the image's data file; a second copy in the FUSE inode's page cache would double
+///   the memory an image costs and, on a cold read, double the fresh pages filled per
+///   byte: FOPEN_DIRECT_IO sends every read to the daemon instead (cold sequential read
+///   of 1 GiB: 240-490 -> 560-770 MiB/s here). Kernels older than 6.6 cannot mmap such
+///   files, so there the page cache is kept.
+/// - Everything else (a ready image without passthrough, a qcow2 raw view, whose
+///   decoded bytes exist nowhere else) keeps the page cache across opens: the bytes of
+///   an image never change.
+pub fn open_mode(ready: bool, view_is_stored_bytes: bool, caps: KernelCaps) -> OpenMode {
+    match (ready, view_is_stored_bytes) {
+        (true, true) if caps.passthrough => OpenMode::Passthrough,
+        (false, true) if caps.direct_io_mmap => OpenMode::DirectIo,
+        _ => OpenMode::KeepCache,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_modes_follow_state_view_and_kernel() {
+        let all = KernelCaps {
+            passthrough: true,
+            direct_io_mmap: true,
+        };
+        let none = KernelCaps::default();
+        assert_eq!(open_mode(true, true, all), OpenMode::Passthrough);
+        assert_eq!(open_mode(false, true, all), OpenMode::DirectIo);
+        assert_eq!(open_mode(true, false, all), OpenMode::KeepCache);
+        assert_eq!(open_mode(false, false, all), OpenMode::KeepCache);
+        assert_eq!(open_mode(true, true, none), OpenMode::KeepCache);
+        assert_eq!(open_mode(false, true, none), OpenMode::KeepCache);
     }
 }

@@ -1,0 +1,84 @@
+//! The status document of an image (`bifs status --json`, `GET /v1/images/{name}`) and
+//! the extended attributes the mount shows from it. One place defines both, so that
+//! `getfattr` and `bifs status` never disagree.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::store::State;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub name: String,
+    pub format: String,
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<u64>,
+    pub state: State,
+    pub progress: u32,
+    pub bytes_cached: u64,
+    /// The checksum the spec asked for; when it asked none, the one computed once ready.
+    pub checksum: String,
+    /// What the hashing of this node's copy produced (empty until every byte is hashed).
+    #[serde(default)]
+    pub computed_checksum: String,
+    /// `sha512` or `sha256`.
+    #[serde(default)]
+    pub checksum_algorithm: String,
+    pub source: SourceDoc,
+    pub disk: DiskDoc,
+    pub path: String,
+    pub raw_path: String,
+    /// Why the image failed, or a condition it rides out (a source that cannot serve).
+    pub error: String,
+    pub fill: bool,
+    pub block_size: u64,
+    pub bytes_fetched: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceDoc {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub parameters: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskDoc {
+    pub uuid: String,
+    pub path: String,
+}
+
+/// The extended attributes of every image file, in `listxattr` order.
+pub const XATTRS: [&str; 7] = [
+    "user.bifs.state",
+    "user.bifs.progress",
+    "user.bifs.format",
+    "user.bifs.checksum",
+    "user.bifs.computed-checksum",
+    "user.bifs.source",
+    "user.bifs.error",
+];
+
+impl Status {
+    /// The value of extended attribute `name`, if the image has it.
+    pub fn xattr(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "user.bifs.state" => self.state.as_str().to_string(),
+            "user.bifs.progress" => self.progress.to_string(),
+            "user.bifs.format" => self.format.clone(),
+            "user.bifs.checksum" => self.checksum.clone(),
+            "user.bifs.computed-checksum" => self.computed_checksum.clone(),
+            "user.bifs.source" => self
+                .source
+                .parameters
+                .get("url")
+                .cloned()
+                .unwrap_or_else(|| self.source.kind.clone()),
+            "user.bifs.error" => self.error.clone(),
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,627 @@
+//! Core tests without a mount or a network, after mountpoint-s3's prefetcher tests: a
+//! node on a temp directory, images over in-memory sources with injected faults, a
+//! reference model (the source's bytes) that every returned byte and every persisted
+//! bit is checked against, crash-and-reopen cycles, and tokio's paused clock for the
+//! retry and timeout paths. They run as a normal user in seconds (`cargo test --lib`).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::error::{Error, FailureKind, SourceError};
+use super::fetch::{FetchConfig, ReadState, Sources};
+use super::image::{Image, ImageConfig};
+use super::node::{CreateOptions, Node, SourceFactory};
+use super::range::ByteRange;
+use super::source::{MemFault, MemSource, Source};
+use super::spec::ImageSpec;
+use super::store::{ImageFiles, State};
+
+const BS: u64 = 4096;
+
+fn cfg() -> ImageConfig {
+    ImageConfig {
+        block_size: BS,
+        fill_parallel: 2,
+        require_verified: false,
+        fetch: FetchConfig {
+            max_request: 16 * BS,
+            readahead_max: 64 * BS,
+            read_timeout: Some(Duration::from_secs(5)),
+        },
+    }
+}
+
+fn data(len: usize, seed: u64) -> bytes::Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn sha512(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha512::digest(b))
+}
+
+/// The in-memory source of each image, by name.
+type Registry = Arc<Mutex<Vec<(String, Arc<MemSource>)>>>;
+
+/// Every image gets the source registered under its name (missing: none, with a reason).
+fn factory(sources: Registry) -> SourceFactory {
+    Arc::new(move |spec: &ImageSpec, _ranges: bool| {
+        let found = sources
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, _)| *n == spec.name)
+            .map(|(_, s)| s.clone());
+        match found {
+            Some(s) => Sources::one(s),
+            None => Sources::none("the test gave it no source"),
+        }
+    })
+}
+
+async fn start(dir: &Path, reg: &Registry) -> Arc<Node> {
+    Node::start_with(
+        &[dir.to_path_buf()],
+        cfg(),
+        "/t".into(),
+        factory(reg.clone()),
+    )
+    .await
+    .expect("node starts")
+}
+
+async fn create(node: &Arc<Node>, name: &str, src: Arc<MemSource>, fill: bool) -> Arc<Image> {
+    node.create_with_source(
+        ImageSpec::download(name, "http://127.0.0.1:1/x", ""),
+        CreateOptions {
+            disk: None,
+            no_fill: !fill,
+        },
+        src,
+    )
+    .await
+    .expect("create")
+}
+
+/// Injected panics are expected here: keep their messages out of the test output.
+fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info.payload().downcast_ref::<&str>().copied().unwrap_or("");
+            if !msg.contains("injected panic") {
+                default(info);
+            }
+        }));
+    });
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The durability rule: every bit in the bitmap file names a block whose bytes in the
+/// data file are the source's.
+fn check_persisted(dir: &Path, name: &str, want: &[u8]) -> Result<u64, TestCaseError> {
+    let (files, _, _, map) = ImageFiles::open(dir.join("images").join(name)).expect("reopen");
+    let mut buf = vec![0u8; BS as usize];
+    for b in 0..map.blocks() {
+        if map.is_set(b) {
+            let start = (b * BS) as usize;
+            let end = (start + BS as usize).min(want.len());
+            files
+                .read_data(start as u64, &mut buf[..end - start])
+                .unwrap();
+            prop_assert_eq!(
+                &buf[..end - start],
+                &want[start..end],
+                "block {} persisted wrong",
+                b
+            );
+        }
+    }
+    Ok(map.present_count())
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Read { offset: u64, len: u32 },
+    Sequential { from: u64, reads: u8 },
+    Fill,
+    Fault(u8),
+    Crash,
+}
+
+fn op(size: u64) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..size, 1..40_000u32).prop_map(|(offset, len)| Op::Read { offset, len }),
+        2 => (0..size, 1..12u8).prop_map(|(from, reads)| Op::Sequential { from, reads }),
+        1 => Just(Op::Fill),
+        2 => (0..3u8).prop_map(Op::Fault),
+        1 => Just(Op::Crash),
+    ]
+}
+
+/// One life of the daemon: a runtime and a node, ended by a crash (no final flush).
+struct Life {
+    rt: tokio::runtime::Runtime,
+    node: Arc<Node>,
+}
+
+fn live(dir: &Path, reg: &Registry) -> Life {
+    let rt = rt();
+    let node = rt.block_on(start(dir, reg));
+    Life { rt, node }
+}
+
+fn crash(life: Life) {
+    // Tasks stop at their next await, as if the process died there; nothing flushes.
+    life.node.cancel.cancel();
+    drop(life.node);
+    life.rt.shutdown_timeout(Duration::from_millis(200));
+}
+
+fn run_model(size: usize, seed: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    quiet_injected_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(size, seed);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("img".to_string(), src.clone())]));
+    let mut life = live(dir.path(), &reg);
+    life.rt
+        .block_on(create(&life.node, "img", src.clone(), false));
+    let mut faults_injected = false;
+    let mut fill_on = false;
+    let read = |life: &Life, offset: u64, len: u32, ra: Option<&Mutex<ReadState>>| {
+        let image = life.node.get("img").unwrap();
+        life.rt
+            .block_on(async { image.read(offset, len, ra).await })
+    };
+    for op in ops {
+        match op {
+            Op::Read { offset, len } => match read(&life, offset, len, None) {
+                Ok(b) => {
+                    let start = (offset as usize).min(size);
+                    let end = (offset as usize + len as usize).min(size);
+                    prop_assert_eq!(&b[..], &want[start..end]);
+                }
+                Err(e) => prop_assert!(faults_injected, "read failed without a fault: {e}"),
+            },
+            Op::Sequential { from, reads } => {
+                let ra = Mutex::new(ReadState::default());
+                let mut at = from;
+                for _ in 0..reads {
+                    match read(&life, at, 8192, Some(&ra)) {
+                        Ok(b) => {
+                            let start = (at as usize).min(size);
+                            let end = (at as usize + 8192).min(size);
+                            prop_assert_eq!(&b[..], &want[start..end]);
+                            at += b.len() as u64;
+                        }
+                        Err(e) => prop_assert!(faults_injected, "read failed without a fault: {e}"),
+                    }
+                }
+            }
+            Op::Fill => {
+                fill_on = true;
+                let _rt = life.rt.enter();
+                let _ = life.node.fill("img");
+            }
+            Op::Fault(k) => {
+                faults_injected = true;
+                src.fault_next(match k {
+                    0 => MemFault::Error(SourceError::Status {
+                        url: "memory".into(),
+                        status: 503,
+                        hint: "",
+                    }),
+                    1 => MemFault::Truncate(5000),
+                    _ => MemFault::Panic,
+                });
+            }
+            Op::Crash => {
+                crash(life);
+                check_persisted(dir.path(), "img", &want)?;
+                life = live(dir.path(), &reg);
+            }
+        }
+    }
+    // Without faults left, everything must end ready with the right digest.
+    src.clear_faults();
+    let image = life.node.get("img").unwrap();
+    if image.is_failed() {
+        // A fill's retries can run out against injected faults: that failure must be
+        // one a retry clears, and the retry must work.
+        prop_assert!(faults_injected);
+        prop_assert_eq!(image.status("/t").state, State::Failed);
+    }
+    {
+        let _rt = life.rt.enter();
+        life.node.fill("img").expect("fill restarts");
+    }
+    let image = life.node.get("img").unwrap();
+    let r = life.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), image.wait_ready()).await
+    });
+    prop_assert!(
+        matches!(r, Ok(Ok(()))),
+        "not ready: {:?} (fill was {fill_on})",
+        r
+    );
+    prop_assert_eq!(image.status("/t").computed_checksum, sha512(&want));
+    let all = read(&life, 0, size as u32, None).expect("whole read");
+    prop_assert_eq!(&all[..], &want[..]);
+    life.rt.block_on(life.node.shutdown());
+    drop(life);
+    prop_assert_eq!(
+        check_persisted(dir.path(), "img", &want)?,
+        size.div_ceil(BS as usize) as u64
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Random and sequential reads, fills, source faults (errors, short bodies, panics)
+    /// and crash-reopen cycles against the model: every byte returned is the source's,
+    /// every persisted bit names durable source bytes, and the image ends ready.
+    #[test]
+    fn reads_fills_faults_and_crashes_match_the_model(
+        tail in 0u64..BS,
+        seed in any::<u64>(),
+        ops in proptest::collection::vec(op(40 * BS), 1..14),
+    ) {
+        run_model((39 * BS + tail) as usize, seed, ops)?;
+    }
+}
+
+#[test]
+fn an_absent_block_is_fetched_once_for_many_readers() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(256 * BS as usize, 1);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("one".to_string(), src.clone())]));
+    rt.block_on(async {
+        let node = start(dir.path(), &reg).await;
+        let image = create(&node, "one", src.clone(), false).await;
+        let before = src.requests.load(Ordering::Relaxed);
+        let reads = (0..16).map(|_| {
+            let image = image.clone();
+            tokio::spawn(async move { image.read(100 * BS, 4096, None).await })
+        });
+        for r in futures::future::join_all(reads).await {
+            assert_eq!(
+                &r.unwrap().unwrap()[..],
+                &want[(100 * BS) as usize..(101 * BS) as usize]
+            );
+        }
+        assert_eq!(
+            src.requests.load(Ordering::Relaxed) - before,
+            1,
+            "one request for 16 readers"
+        );
+        node.shutdown().await;
+    });
+}
+
+#[test]
+fn a_panicking_source_strands_no_reader() {
+    quiet_injected_panics();
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(64 * BS as usize, 2);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("p".to_string(), src.clone())]));
+    rt.block_on(async {
+        let node = start(dir.path(), &reg).await;
+        let image = create(&node, "p", src.clone(), false).await;
+        src.fault_next(MemFault::Panic);
+        let r = tokio::time::timeout(Duration::from_secs(10), image.read(30 * BS, 4096, None))
+            .await
+            .expect("the reader is woken, not stranded");
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("ended unexpectedly"), "{e}");
+        assert!(
+            !image.is_failed(),
+            "a reader's failed job does not fail the image"
+        );
+        // The job left the table: the next read fetches afresh.
+        let b = image.read(30 * BS, 4096, None).await.unwrap();
+        assert_eq!(&b[..], &want[(30 * BS) as usize..(31 * BS) as usize]);
+        node.shutdown().await;
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_back_off_and_a_stalled_source_times_the_reader_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(64 * BS as usize, 3);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("r".to_string(), src.clone())]));
+    let node = start(dir.path(), &reg).await;
+    let image = create(&node, "r", src.clone(), false).await;
+    // Three 503s: retried after 200, 400 and 800 ms of (paused) time, then served.
+    for _ in 0..3 {
+        src.fail_next(SourceError::Status {
+            url: "memory".into(),
+            status: 503,
+            hint: "",
+        });
+    }
+    let t0 = tokio::time::Instant::now();
+    let b = image.read(10 * BS, 4096, None).await.unwrap();
+    assert_eq!(&b[..], &want[(10 * BS) as usize..(11 * BS) as usize]);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t0.elapsed()
+    );
+    // A source that never answers: the reader gets EIO after --read-timeout (5 s here).
+    src.fault_next(MemFault::Stall);
+    let t0 = tokio::time::Instant::now();
+    let e = image.read(40 * BS, 4096, None).await.unwrap_err();
+    assert!(matches!(e, Error::ReadTimeout { secs: 5, .. }), "{e}");
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(t0.elapsed() >= Duration::from_secs(5));
+    assert!(!image.is_failed());
+    node.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fill_that_exhausts_its_retries_fails_the_image_with_a_kind_a_retry_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(16 * BS as usize, 4);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("f".to_string(), src.clone())]));
+    let node = start(dir.path(), &reg).await;
+    let image = create(&node, "f", src.clone(), false).await;
+    for _ in 0..20 {
+        src.fail_next(SourceError::Unreachable {
+            url: "memory".into(),
+            reason: "connection refused".into(),
+        });
+    }
+    node.fill("f").unwrap();
+    let e = image.wait_ready().await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Failed {
+                kind: FailureKind::SourceUnreachable,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // The kind is persisted: after a restart `bifs fill` may still retry it.
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("images/f/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(st["failure"], "source-unreachable");
+    src.clear_faults();
+    node.fill("f").unwrap();
+    image.wait_ready().await.unwrap();
+    node.cancel.cancel();
+}
+
+#[test]
+fn a_checksum_failure_is_persisted_as_a_kind_that_cannot_be_retried() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(8 * BS as usize, 5);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("c".to_string(), src.clone())]));
+    rt.block_on(async {
+        let node = start(dir.path(), &reg).await;
+        let image = node
+            .create_with_source(
+                ImageSpec::download("c", "http://127.0.0.1:1/x", &"0".repeat(128)),
+                CreateOptions::default(),
+                src.clone(),
+            )
+            .await
+            .unwrap();
+        assert!(image.wait_ready().await.is_err());
+        let st = image.status("/t");
+        assert_eq!(st.state, State::Failed);
+        assert_eq!(
+            st.checksum,
+            "0".repeat(128),
+            "checksum shows what was asked"
+        );
+        assert_eq!(st.computed_checksum, sha512(&want), "and what was computed");
+        assert_eq!(st.progress, 100, "every byte is cached");
+        let e = node.fill("c").err().expect("refused").to_string();
+        assert!(e.contains("cannot be retried"), "{e}");
+        node.shutdown().await;
+    });
+}
+
+#[test]
+fn a_source_without_the_bytes_passes_the_request_to_the_next() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(32 * BS as usize, 6);
+    let peer = Arc::new(MemSource::new(want.clone()));
+    peer.lack(ByteRange::new(8 * BS, 16 * BS));
+    let origin = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![]));
+    rt.block_on(async {
+        let node = start(dir.path(), &reg).await;
+        let sources = Sources {
+            list: vec![peer.clone() as Arc<dyn Source>, origin.clone()],
+            unavailable: None,
+        };
+        let image = node
+            .create_with_sources(
+                ImageSpec::download("two", "http://127.0.0.1:1/x", ""),
+                CreateOptions {
+                    disk: None,
+                    no_fill: true,
+                },
+                sources,
+            )
+            .await
+            .unwrap();
+        let served = origin.served.load(Ordering::Relaxed);
+        let b = image.read(2 * BS, 4096, None).await.unwrap();
+        assert_eq!(&b[..], &want[(2 * BS) as usize..(3 * BS) as usize]);
+        assert_eq!(
+            origin.served.load(Ordering::Relaxed),
+            served,
+            "the first source served it"
+        );
+        let b = image.read(10 * BS, 4096, None).await.unwrap();
+        assert_eq!(&b[..], &want[(10 * BS) as usize..(11 * BS) as usize]);
+        assert_eq!(
+            origin.served.load(Ordering::Relaxed) - served,
+            BS,
+            "the next source served the absent block"
+        );
+        assert!(!image.is_failed());
+        node.shutdown().await;
+    });
+}
+
+#[test]
+fn an_image_whose_source_this_build_cannot_use_serves_what_it_has_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(32 * BS as usize, 7);
+    let other = data(8 * BS as usize, 8);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let osrc = Arc::new(MemSource::new(other.clone()));
+    let reg = Arc::new(Mutex::new(vec![
+        ("lost".to_string(), src.clone()),
+        ("fine".to_string(), osrc.clone()),
+    ]));
+    let rt1 = rt();
+    rt1.block_on(async {
+        let node = start(dir.path(), &reg).await;
+        let image = create(&node, "lost", src.clone(), false).await;
+        image.read(0, 4 * BS as u32, None).await.unwrap();
+        create(&node, "fine", osrc.clone(), true)
+            .await
+            .wait_ready()
+            .await
+            .unwrap();
+        node.shutdown().await;
+    });
+    drop(rt1);
+    // After the restart the factory has no source for "lost".
+    reg.lock().unwrap().retain(|(n, _)| n != "lost");
+    rt().block_on(async {
+        let node = start(dir.path(), &reg).await;
+        let image = node.get("lost").unwrap();
+        let b = image.read(BS, 2 * BS as u32, None).await.unwrap();
+        assert_eq!(&b[..], &want[BS as usize..3 * BS as usize]);
+        let e = tokio::time::timeout(Duration::from_secs(5), image.read(20 * BS, 4096, None))
+            .await
+            .expect("answers within seconds")
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSource { .. }), "{e}");
+        assert_eq!(e.errno(), libc::EIO);
+        let st = image.status("/t");
+        assert_ne!(st.state, State::Failed, "present blocks still serve");
+        assert!(
+            st.error.contains("the test gave it no source"),
+            "{}",
+            st.error
+        );
+        let fine = node.get("fine").unwrap();
+        assert_eq!(fine.state(), State::Ready);
+        assert_eq!(
+            &fine.read(0, other.len() as u32, None).await.unwrap()[..],
+            &other[..]
+        );
+        node.shutdown().await;
+    });
+}
+
+/// The core's modules import each other in one direction only.
+#[test]
+fn core_imports_form_no_cycle() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/core");
+    let mut edges: Vec<(String, String)> = Vec::new();
+    let mut modules = BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let module = path.file_stem().unwrap().to_string_lossy().to_string();
+        if module == "mod" || module == "tests" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Only the module's own code, not its unit tests.
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        modules.insert(module.clone());
+        for prefix in ["super::", "crate::core::"] {
+            for (i, _) in code.match_indices(prefix) {
+                let rest = &code[i + prefix.len()..];
+                let dep: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !dep.is_empty() && dep != module {
+                    edges.push((module.clone(), dep));
+                }
+            }
+        }
+    }
+    edges.sort();
+    edges.dedup();
+    // Depth-first search for a back edge.
+    fn visit(
+        m: &str,
+        edges: &[(String, String)],
+        stack: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = stack.iter().position(|s| s == m) {
+            let mut cycle = stack[i..].to_vec();
+            cycle.push(m.to_string());
+            return Some(cycle);
+        }
+        if done.contains(m) {
+            return None;
+        }
+        stack.push(m.to_string());
+        for (_, to) in edges.iter().filter(|(f, _)| f == m) {
+            if let Some(c) = visit(to, edges, stack, done) {
+                return Some(c);
+            }
+        }
+        stack.pop();
+        done.insert(m.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for m in &modules {
+        if let Some(cycle) = visit(m, &edges, &mut Vec::new(), &mut done) {
+            panic!("import cycle in src/core: {}", cycle.join(" -> "));
+        }
+    }
+    assert!(
+        edges.iter().any(|(f, t)| f == "image" && t == "fetch"),
+        "the scan sees imports"
+    );
+}
