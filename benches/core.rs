@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bifs::core::bitmap::BlockMap;
-use bifs::core::fetch::ReadState;
 use bifs::core::range::BlockRange;
+use bifs::core::readahead::ReadState;
 use bifs::core::source::{Identity, MemSource};
 use bifs::core::store::{Disk, ImageFiles, StoredSpec};
 use bifs::core::{CreateOptions, ImageConfig, ImageSpec, Node};

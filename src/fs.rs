@@ -20,7 +20,7 @@ use fuser::{
 };
 use tracing::{debug, debug_span, warn, Instrument};
 
-use crate::core::fetch::ReadState;
+use crate::core::readahead::ReadState;
 use crate::core::status::XATTRS;
 use crate::core::view::{KernelCaps, OpenMode};
 use crate::core::{Image, Node, View};

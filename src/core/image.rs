@@ -15,13 +15,16 @@ use tracing::{error, info, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, FailureKind, Result, SourceError};
-use super::fetch::{FetchConfig, FetchObserver, Fetcher, ReadState, Sources};
+use super::fetch::{FetchConfig, FetchObserver, Fetcher};
 use super::fill::{self, FillEnd};
 use super::format::Format;
 use super::qcow2::{RawViewSlot, StoredBytes};
 use super::range::{BlockRange, ByteRange, Geometry};
+use super::readahead::ReadState;
 use super::source::Priority;
+use super::source::Sources;
 use super::spec::redact_url;
+use super::state::StateCell;
 use super::status::{DiskDoc, SourceDoc, Status};
 use super::store::{page_io, BufPool, Disk, ImageFiles, State, StoredSpec, StoredState};
 use super::verify::{self, Algo, HashWorker, VerifyInput};
@@ -85,9 +88,7 @@ pub struct Image {
     pub disk: Disk,
     fetcher: Arc<Fetcher>,
     stored: Mutex<StoredSpec>,
-    state: Mutex<StoredState>,
-    state_tx: watch::Sender<State>,
-    failed: AtomicBool,
+    state: StateCell,
     deleted: AtomicBool,
     /// A condition the image rides out without failing (no source can serve absent
     /// blocks, the fill stopped): shown as its error line.
@@ -137,23 +138,22 @@ impl Image {
             stored.spec.name.clone(),
             geo,
             Arc::new(map),
-            files,
+            files.clone(),
             stored.identity.clone(),
             sources,
             cfg.fetch.clone(),
             shared.buffers.clone(),
             cancel.clone(),
         ));
-        let (state_tx, _) = watch::channel(state.state);
         let failed = state.state == State::Failed;
+        let state = StateCell::new(stored.spec.name.clone(), files.clone(), state);
         let image = Arc::new_cyclic(|me: &Weak<Image>| Image {
             name: stored.spec.name.clone(),
             id,
             disk,
             fetcher,
             stored: Mutex::new(stored),
-            state_tx,
-            failed: AtomicBool::new(failed),
+            state,
             deleted: AtomicBool::new(false),
             condition: Mutex::new(condition),
             fill_running: AtomicBool::new(false),
@@ -164,7 +164,6 @@ impl Image {
             format: OnceLock::new(),
             events,
             raw_view: RawViewSlot::default(),
-            state: Mutex::new(state),
             me: me.clone(),
         });
         let observer: Weak<dyn FetchObserver> = image.me.clone();
@@ -205,11 +204,11 @@ impl Image {
     }
 
     pub fn state(&self) -> State {
-        self.state.lock().unwrap().state
+        self.state.get()
     }
 
     pub fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+        self.state.is_failed()
     }
 
     pub fn stored(&self) -> StoredSpec {
@@ -227,11 +226,11 @@ impl Image {
     }
 
     pub fn error(&self) -> Option<String> {
-        self.state.lock().unwrap().error.clone()
+        self.state.snapshot().error
     }
 
     pub fn subscribe(&self) -> watch::Receiver<State> {
-        self.state_tx.subscribe()
+        self.state.subscribe()
     }
 
     /// Progress in percent: present blocks over all blocks. 100 once ready, or once every
@@ -269,102 +268,30 @@ impl Image {
 
     // ---- the state machine ----
 
-    fn set_state(&self, new: State) {
-        let mut st = self.state.lock().unwrap();
-        if st.state == new || st.state == State::Failed || st.state == State::Ready {
-            return;
-        }
-        st.state = new;
-        if let Err(e) = self.fetcher.files().save_state(&st) {
-            error!(image = %self.name, error = %e, "cannot save state");
-        }
-        drop(st);
-        info!(image = %self.name, state = new.as_str(), "state changed");
-        self.state_tx.send_replace(new);
-    }
-
-    fn set_ready(&self, checksum: String) -> Result<()> {
-        let mut st = self.state.lock().unwrap();
-        if st.state == State::Failed {
-            return Ok(());
-        }
-        st.state = State::Ready;
-        st.checksum = checksum;
-        st.error = None;
-        st.failure = None;
-        self.fetcher.files().save_state(&st)?;
-        drop(st);
-        self.condition.lock().unwrap().take();
-        info!(image = %self.name, disk = %self.disk.uuid8(), "ready: all blocks present and checksum verified");
-        let _ = self.events.send(ImageEvent::Ready { id: self.id });
-        self.state_tx.send_replace(State::Ready);
-        Ok(())
-    }
-
     /// Fails the image: readers get EIO from now on, the message says why.
     pub fn fail(&self, err: &Error) {
-        let mut st = self.state.lock().unwrap();
-        if st.state == State::Failed || st.state == State::Ready {
+        if !self.state.fail(err) {
             return;
         }
-        st.state = State::Failed;
-        st.error = Some(err.to_string());
-        st.failure = Some(FailureKind::of(err));
-        if let Error::Checksum { got, .. } = err {
-            st.checksum = got.clone();
-        }
-        self.failed.store(true, Ordering::Release);
-        if let Err(e) = self.fetcher.files().save_state(&st) {
-            error!(image = %self.name, error = %e, "cannot save state");
-        }
-        drop(st);
         self.fetcher.halt(self.failure());
         error!(image = %self.name, disk = %self.disk.uuid8(), error = %err, "image failed");
         let _ = self.events.send(ImageEvent::Failed { id: self.id });
-        self.state_tx.send_replace(State::Failed);
     }
 
     /// Clears a failure that a retry can cure (source down, disk full); not a checksum
     /// mismatch or a changed source, whose cached blocks cannot be trusted.
     pub fn clear_recoverable_failure(&self) -> Result<bool> {
-        let mut st = self.state.lock().unwrap();
-        if st.state != State::Failed {
+        if !self.state.clear_failure(self.present_blocks() > 0)? {
             return Ok(false);
         }
-        let kind = st.failure_kind();
-        if !kind.retry_allowed() {
-            return Err(Error::Failed {
-                name: self.name.clone(),
-                msg: format!(
-                    "{}; this cannot be retried: delete and recreate the image",
-                    st.error.clone().unwrap_or_default()
-                ),
-                kind,
-            });
-        }
-        st.state = if self.present_blocks() > 0 {
-            State::InProgress
-        } else {
-            State::Pending
-        };
-        st.error = None;
-        st.failure = None;
-        self.fetcher.files().save_state(&st)?;
-        self.failed.store(false, Ordering::Release);
         self.fetcher.resume();
         self.condition.lock().unwrap().take();
-        self.state_tx.send_replace(st.state);
         Ok(true)
     }
 
     /// The error readers of a failed image get.
     pub fn failure(&self) -> Error {
-        let st = self.state.lock().unwrap();
-        Error::Failed {
-            name: self.name.clone(),
-            msg: st.error.clone().unwrap_or_else(|| "unknown error".into()),
-            kind: st.failure_kind(),
-        }
+        self.state.failure()
     }
 
     fn set_condition(&self, why: String) {
@@ -440,8 +367,14 @@ impl Image {
             self.fail(&e);
             return;
         }
-        if let Err(e) = self.set_ready(got) {
-            error!(image = %self.name, error = %e, "cannot record ready state");
+        match self.state.ready(got) {
+            Ok(true) => {
+                self.condition.lock().unwrap().take();
+                info!(image = %self.name, disk = %self.disk.uuid8(), "ready: all blocks present and checksum verified");
+                let _ = self.events.send(ImageEvent::Ready { id: self.id });
+            }
+            Ok(false) => {}
+            Err(e) => error!(image = %self.name, error = %e, "cannot record ready state"),
         }
     }
 
@@ -715,7 +648,7 @@ impl Image {
 
     pub fn status(&self, mountpoint: &str) -> Status {
         let stored = self.stored();
-        let st = self.state.lock().unwrap().clone();
+        let st = self.state.snapshot();
         let fmt = self.format();
         let (algo, _) = Algo::of_checksum(&stored.spec.checksum);
         let mut parameters = stored.spec.source_parameters.clone();
@@ -764,8 +697,8 @@ impl Image {
 
 impl FetchObserver for Image {
     fn landed(&self, _blocks: BlockRange) {
-        if self.state() == State::Pending {
-            self.set_state(State::InProgress);
+        if self.state() == State::Pending && self.state.start() {
+            info!(image = %self.name, "state changed: in-progress");
         }
     }
 

@@ -2,8 +2,9 @@
 //!
 //! Imports go one way (checked by `core_imports_form_no_cycle` below):
 //! ```text
-//! error, range -> spec -> source -> bitmap -> store -> { fetch, verify, qcow2, format, view, status }
-//!              -> fill -> image -> node -> shells (fs, server, cli)
+//! error, range -> spec -> source -> bitmap -> store -> state
+//!   -> { fetch -> readahead, verify, qcow2, format, view, status } -> fill -> image -> node
+//!   -> shells (fs, server, cli)
 //! ```
 //! `fetch` owns blocks, files, sources and in-flight jobs and reports events; `verify`
 //! hashes a prefix; `fill` drives a fetcher; `qcow2` decodes any `StoredBytes`; only
@@ -18,8 +19,10 @@ pub mod image;
 pub mod node;
 pub mod qcow2;
 pub mod range;
+pub mod readahead;
 pub mod source;
 pub mod spec;
+pub mod state;
 pub mod status;
 pub mod store;
 pub mod verify;

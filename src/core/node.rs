@@ -18,9 +18,8 @@ use tracing::{error, info, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result};
-use super::fetch::Sources;
 use super::image::{Image, ImageConfig, ImageEvent, ImageParts, Shared};
-use super::source::{HttpClients, HttpSource, Source};
+use super::source::{HttpClients, HttpSource, Source, Sources};
 use super::spec::{ImageSpec, SourceType};
 use super::status::Status;
 use super::store::{Disk, ImageFiles, State, StoredSpec, StoredState};

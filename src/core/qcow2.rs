@@ -47,8 +47,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::error::{Error, Result};
-use super::fetch::ReadState;
 use super::format::Qcow2Header;
+use super::readahead::ReadState;
 use super::store::BufPool;
 
 /// What the decoder needs of an image: its stored bytes.

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -96,6 +96,34 @@ pub trait Source: Send + Sync {
         pin: &Identity,
         prio: Priority,
     ) -> Result<ByteStream, SourceError>;
+}
+
+/// An image's sources in the order they are asked, or why it has none.
+pub struct Sources {
+    pub list: Vec<Arc<dyn Source>>,
+    /// Why no source can serve absent blocks (shown in status and in readers' errors).
+    pub unavailable: Option<String>,
+}
+
+impl Sources {
+    pub fn one(source: Arc<dyn Source>) -> Self {
+        Self {
+            list: vec![source],
+            unavailable: None,
+        }
+    }
+
+    pub fn none(why: impl Into<String>) -> Self {
+        Self {
+            list: Vec::new(),
+            unavailable: Some(why.into()),
+        }
+    }
+
+    /// Whether any source serves byte ranges.
+    pub fn ranged(&self) -> bool {
+        self.list.iter().any(|s| s.ranges())
+    }
 }
 
 /// The node's HTTP clients: one connection pool for readers and one for the fill, so a

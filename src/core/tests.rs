@@ -13,10 +13,12 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::error::{Error, FailureKind, SourceError};
-use super::fetch::{FetchConfig, ReadState, Sources};
+use super::fetch::FetchConfig;
 use super::image::{Image, ImageConfig};
 use super::node::{CreateOptions, Node, SourceFactory};
 use super::range::ByteRange;
+use super::readahead::ReadState;
+use super::source::Sources;
 use super::source::{MemFault, MemSource, Source};
 use super::spec::ImageSpec;
 use super::store::{ImageFiles, State};
