@@ -54,6 +54,13 @@ pub enum Cmd {
         /// (0: wait for ever, as an NFS hard mount).
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         read_timeout: Duration,
+        /// Another bifs daemon's API to fetch blocks from before the origin (repeatable).
+        #[arg(long = "peer", value_name = "URL")]
+        peers: Vec<String>,
+        /// A DNS name whose every address is a peer (a Kubernetes headless Service),
+        /// re-resolved every 10 s.
+        #[arg(long, value_name = "NAME:PORT")]
+        peers_dns: Option<String>,
     },
     /// Create an image from a URL.
     Create {
@@ -270,6 +277,8 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
             require_verified,
             block_kib,
             read_timeout,
+            peers,
+            peers_dns,
         } => {
             let mut cfg = ImageConfig {
                 require_verified: *require_verified,
@@ -283,6 +292,8 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                 listen: *listen,
                 token_file: cli.token_file.clone(),
                 cfg,
+                peers: peers.clone(),
+                peers_dns: peers_dns.clone(),
             };
             return crate::daemon::run(args).map_err(|e| failed(format!("{e:#}")));
         }

@@ -11,6 +11,9 @@ use fuser::{MountOption, SessionACL};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use crate::core::node::http_sources;
+use crate::core::peer::Peers;
+use crate::core::source::HttpClients;
 use crate::core::{ImageConfig, Node};
 
 pub struct MountArgs {
@@ -19,6 +22,8 @@ pub struct MountArgs {
     pub listen: SocketAddr,
     pub token_file: Option<PathBuf>,
     pub cfg: ImageConfig,
+    pub peers: Vec<String>,
+    pub peers_dns: Option<String>,
 }
 
 /// A mount left behind by a killed daemon answers ENOTCONN; detach it so we can mount again.
@@ -88,7 +93,29 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     clear_stale_mount(&args.mountpoint)?;
     let mp = args.mountpoint.canonicalize()?;
     let mp_str = mp.display().to_string();
-    let node = rt.block_on(Node::start(&args.disks, args.cfg.clone(), mp_str.clone()))?;
+    for p in &args.peers {
+        crate::core::spec::validate_url(p).map_err(|e| anyhow::anyhow!("--peer: {e}"))?;
+    }
+    let peers = (!args.peers.is_empty() || args.peers_dns.is_some()).then(|| {
+        let node_id = hex::encode(rand::random::<[u8; 8]>());
+        Peers::new(
+            args.peers.clone(),
+            args.peers_dns.clone(),
+            token.clone(),
+            node_id,
+        )
+    });
+    let sources = http_sources(HttpClients::default(), peers.clone());
+    let node = rt.block_on(Node::start_with(
+        &args.disks,
+        args.cfg.clone(),
+        mp_str.clone(),
+        sources,
+    ))?;
+    if let Some(p) = peers {
+        let _rt = rt.enter();
+        node.attach_peers(p);
+    }
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(args.listen))
         .with_context(|| {

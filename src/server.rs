@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,6 +14,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tracing::{info_span, Instrument};
 
+use crate::core::peer::{NODE_HEADER, VERSION_HEADER};
+use crate::core::range::ByteRange;
 use crate::core::{CreateOptions, Error, ImageSpec, Node, SourceError};
 
 #[derive(Clone)]
@@ -82,6 +84,9 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         .route("/v1/images", get(list).post(create))
         .route("/v1/images/{name}", get(show).delete(delete))
         .route("/v1/images/{name}/fill", post(fill))
+        .route("/v1/images/{name}/blocks", get(blocks))
+        .route("/v1/images/{name}/data", get(data))
+        .route("/v1/images/{name}/manifest", get(manifest))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -108,8 +113,149 @@ async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
     next.run(req).instrument(span).await
 }
 
-async fn list(State(app): State<App>) -> Json<Vec<crate::core::Status>> {
-    Json(app.node.list().iter().map(|i| app.node.status(i)).collect())
+async fn list(State(app): State<App>) -> Response {
+    let list: Vec<crate::core::Status> =
+        app.node.list().iter().map(|i| app.node.status(i)).collect();
+    let mut resp = Json(list).into_response();
+    // Names this daemon, so that a node finding itself among its peers skips itself.
+    if let Some(p) = app.node.peers() {
+        if let Ok(v) = HeaderValue::from_str(p.node_id()) {
+            resp.headers_mut().insert(NODE_HEADER, v);
+        }
+    }
+    resp
+}
+
+/// The image `name` if it holds the version a peer asks for (`x-bifs-version`).
+fn peer_image(app: &App, name: &str, headers: &HeaderMap) -> ApiResult<Arc<crate::core::Image>> {
+    let image = app.node.get(name)?;
+    if let Some(want) = headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()) {
+        if want != image.version() {
+            return Err(Error::Conflict {
+                name: name.to_string(),
+                field: "version",
+                have: image.version().to_string(),
+                want: want.to_string(),
+            }
+            .into());
+        }
+    }
+    Ok(image)
+}
+
+/// Which blocks this node has (for peers).
+async fn blocks(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    use base64::Engine;
+    let image = peer_image(&app, &name, &headers)?;
+    let map = image.fetcher().map();
+    let bitmap = map.to_bytes(0..map.word_count());
+    let stored = image.stored();
+    Ok(Json(serde_json::json!({
+        "name": image.name,
+        "spec": stored.spec,
+        "identity": stored.identity,
+        "version": image.version(),
+        "state": image.state(),
+        "size": image.size(),
+        "blockSize": image.block_size(),
+        "present": map.present_count(),
+        "bitmap": base64::engine::general_purpose::STANDARD.encode(bitmap),
+    })))
+}
+
+/// Parses a single `bytes=A-B` (or `A-`) range of an image of `size` bytes.
+fn parse_range(v: &str, size: u64) -> Option<ByteRange> {
+    let (a, b) = v.trim().strip_prefix("bytes=")?.split_once('-')?;
+    let start: u64 = a.trim().parse().ok()?;
+    let end = match b.trim() {
+        "" => size,
+        b => b.parse::<u64>().ok()?.checked_add(1)?.min(size),
+    };
+    (start < end).then_some(ByteRange::new(start, end))
+}
+
+/// Byte ranges over present blocks (for peers): 416 for a range touching an absent block,
+/// never zeros in its place.
+async fn data(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let image = peer_image(&app, &name, &headers)?;
+    let size = image.size();
+    let range = match headers.get(axum::http::header::RANGE) {
+        Some(v) => v.to_str().ok().and_then(|v| parse_range(v, size)),
+        None => Some(ByteRange::new(0, size)),
+    };
+    let geo = image.geometry();
+    let Some(range) =
+        range.filter(|r| !image.is_failed() && image.fetcher().map().all_set(geo.blocks_of(*r)))
+    else {
+        let mut resp = (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            Json(serde_json::json!({"error": "this node does not have (all of) those bytes"})),
+        )
+            .into_response();
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+            resp.headers_mut()
+                .insert(axum::http::header::CONTENT_RANGE, v);
+        }
+        return Ok(resp);
+    };
+    const PIECE: u64 = 1024 * 1024;
+    let fetcher = image.fetcher().clone();
+    let stream = futures::stream::unfold(range.start, move |at| {
+        let fetcher = fetcher.clone();
+        async move {
+            if at >= range.end {
+                return None;
+            }
+            let end = (at + PIECE).min(range.end);
+            let r = fetcher
+                .read_present_async(ByteRange::new(at, end))
+                .await
+                .map_err(std::io::Error::other);
+            Some((r, end))
+        }
+    });
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    *resp.status_mut() = if headers.contains_key(axum::http::header::RANGE) {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_LENGTH,
+        HeaderValue::from(range.len()),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", range.start, range.end - 1))
+    {
+        h.insert(axum::http::header::CONTENT_RANGE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(image.version()) {
+        h.insert(VERSION_HEADER, v);
+    }
+    Ok(resp)
+}
+
+/// Per-piece digests, only from a verified (ready) copy.
+async fn manifest(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let image = peer_image(&app, &name, &headers)?;
+    let pieces = image.piece_digests().await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        pieces.to_bytes(),
+    )
+        .into_response())
 }
 
 async fn create(

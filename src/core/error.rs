@@ -26,6 +26,10 @@ pub enum SourceError {
     },
     #[error("source {url} sent a bad reply: {reason}")]
     Protocol { url: String, reason: String },
+    /// Bytes failed their piece digest: never landed; the request moves on and the
+    /// source is avoided for a while.
+    #[error("source {url} sent piece {piece} with the wrong digest")]
+    Corrupt { url: String, piece: u64 },
     /// This source does not hold these bytes (a peer without the blocks, an upload that
     /// has not sent them): the request moves to the next source, nothing fails.
     #[error("source {url} does not have bytes {start}..{end}")]
@@ -37,7 +41,7 @@ impl SourceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
-            Self::Unreachable { .. } | Self::Interrupted { .. } => true,
+            Self::Unreachable { .. } | Self::Interrupted { .. } | Self::Corrupt { .. } => true,
             Self::Changed { .. } | Self::Protocol { .. } | Self::Absent { .. } => false,
         }
     }

@@ -34,6 +34,7 @@ use tracing::{debug, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result, SourceError};
+use super::pieces::PieceDigests;
 use super::range::{BlockRange, ByteRange, Geometry};
 use super::source::{Identity, Priority, Source, Sources};
 use super::store::{page_io, BufPool, ImageFiles};
@@ -166,6 +167,8 @@ pub struct Fetcher {
     /// Set by the owner when the image failed: nothing more is fetched or landed.
     halted: RwLock<Option<Error>>,
     is_halted: AtomicBool,
+    /// Per-piece digests from a verified copy: once set, every piece is checked as it lands.
+    pieces: RwLock<Option<Arc<PieceDigests>>>,
     /// The last error of a fill job that did not halt the fetcher (the fill stops on it).
     fill_error: Mutex<Option<Error>>,
     cancel: CancellationToken,
@@ -204,6 +207,7 @@ impl Fetcher {
             fetched_bytes: AtomicU64::new(0),
             halted: RwLock::new(None),
             is_halted: AtomicBool::new(false),
+            pieces: RwLock::new(None),
             fill_error: Mutex::new(None),
             cancel,
             observer: OnceLock::new(),
@@ -255,6 +259,16 @@ impl Fetcher {
 
     pub fn set_sources(&self, sources: Sources) {
         *self.sources.write().unwrap() = Arc::new(sources);
+    }
+
+    /// The piece digests every landing is checked against, once known.
+    pub fn pieces(&self) -> Option<Arc<PieceDigests>> {
+        self.pieces.read().unwrap().clone()
+    }
+
+    /// Installs piece digests (from a verified copy); from now on pieces are checked.
+    pub fn set_pieces(&self, pieces: Arc<PieceDigests>) {
+        *self.pieces.write().unwrap() = Some(pieces);
     }
 
     /// Stops all fetching and landing: jobs end with `err`, readers get it.
@@ -336,16 +350,18 @@ impl Fetcher {
                 }
                 continue;
             }
-            let run = if ranged {
+            let run = if !ranged {
+                // Without range support the one stream covers the whole image.
+                BlockRange::new(0, self.geo.blocks())
+            } else if let Some(pieces) = self.pieces() {
+                self.piece_run(&pieces, m, range, &inflight)
+            } else {
                 let next_job = inflight.range(m..).next().map_or(u64::MAX, |(s, _)| *s);
                 let present = self
                     .map
                     .first_present(BlockRange::new(m, range.end))
                     .unwrap_or(range.end);
                 BlockRange::new(m, range.end.min(next_job).min(present).min(m + max_blocks))
-            } else {
-                // Without range support the one stream covers the whole image.
-                BlockRange::new(0, self.geo.blocks())
             };
             let job = Arc::new(Job {
                 blocks: run,
@@ -364,6 +380,37 @@ impl Fetcher {
             }
         }
         (waits, started)
+    }
+
+    /// With piece digests a job covers whole pieces (each is checked before it lands):
+    /// from the piece holding block `m`, on through pieces that still miss a block, up to
+    /// the request limit, the next job or the end of the asked range.
+    fn piece_run(
+        &self,
+        pieces: &PieceDigests,
+        m: u64,
+        range: BlockRange,
+        inflight: &BTreeMap<u64, Arc<Job>>,
+    ) -> BlockRange {
+        let blocks = self.geo.blocks();
+        let unit = (pieces.piece_size / self.geo.block_size).max(1);
+        let start = m / unit * unit;
+        let next_job = inflight
+            .range(start + 1..)
+            .next()
+            .map_or(u64::MAX, |(s, _)| *s);
+        let limit = (range.end.div_ceil(unit) * unit)
+            .min(start + self.max_blocks().div_ceil(unit).max(1) * unit)
+            .min(blocks);
+        let mut end = (start + unit).min(blocks);
+        while end < limit && end + unit <= next_job {
+            let next = (end + unit).min(blocks);
+            if self.map.all_set(BlockRange::new(end, next)) {
+                break;
+            }
+            end = next;
+        }
+        BlockRange::new(start, end)
     }
 
     /// Makes every block of `range` present, fetching what is absent (a reader).
@@ -486,8 +533,14 @@ impl Fetcher {
         let sources = self.sources();
         let mut retryable: Option<SourceError> = None;
         for source in &sources.list {
+            let asked_from = *next * self.geo.block_size;
             match self.stream_job(source.as_ref(), job, next).await {
                 Ok(()) => return Ok(()),
+                Err(Error::Source(e @ SourceError::Corrupt { .. })) => {
+                    warn!(image = %self.name, source = %source.describe(), error = %e, "source sent bytes that fail their piece digest; asking the next");
+                    source.report_corrupt(ByteRange::new(asked_from, asked_from));
+                    retryable = Some(e);
+                }
                 Err(Error::Source(e @ SourceError::Absent { .. })) => {
                     debug!(image = %self.name, source = %source.describe(), error = %e, "source lacks the blocks, asking the next");
                 }
@@ -528,7 +581,22 @@ impl Fetcher {
             ByteRange::new(0, self.geo.size)
         };
         let mut skip = (want.start - ask.start) as usize;
-        debug!(image = %self.name, ?ask, prio = ?job.prio, "range request");
+        // Pieces are checked when digests are known and the job starts on a piece (a job
+        // planned before the digests arrived does not; its source is the origin, whose
+        // version is pinned, and the whole-image checksum still holds it).
+        let pieces = self
+            .pieces()
+            .filter(|p| want.start.is_multiple_of(p.piece_size));
+        if pieces.is_none() && source.needs_digests() {
+            return Err(SourceError::Absent {
+                url: source.describe(),
+                start: want.start,
+                end: want.end,
+            }
+            .into());
+        }
+        let batch_unit = pieces.as_ref().map_or(bs, |p| p.piece_size) as usize;
+        debug!(image = %self.name, ?ask, prio = ?job.prio, checked = pieces.is_some(), "range request");
         let mut stream = tokio::select! {
             r = source.read(ask, &self.pin, job.prio) => r?,
             _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
@@ -583,7 +651,7 @@ impl Fetcher {
             let whole = if at_end {
                 pending_len
             } else {
-                pending_len / bs as usize * bs as usize
+                pending_len / batch_unit * batch_unit
             };
             if whole > 0 && (at_end || whole >= WRITE_BATCH) {
                 let mut batch = Vec::with_capacity(pending.len());
@@ -597,6 +665,15 @@ impl Fetcher {
                     batch.push(c);
                 }
                 pending_len -= whole;
+                if let Some(p) = &pieces {
+                    if let Some(bad) = check_pieces(p, *next * bs, &batch) {
+                        return Err(SourceError::Corrupt {
+                            url: source.describe(),
+                            piece: bad,
+                        }
+                        .into());
+                    }
+                }
                 let landed = self.land(*next * bs, batch).await?;
                 *next = landed.end;
                 job.progress.send_modify(|p| p.landed_to = landed.end);
@@ -644,4 +721,33 @@ impl Fetcher {
         self.landed.notify_waiters();
         Ok(blocks)
     }
+}
+
+/// Checks the pieces `chunks` (back to back from `offset`, a piece boundary) hold against
+/// their digests; the first piece that fails, if any.
+fn check_pieces(pieces: &PieceDigests, offset: u64, chunks: &[Bytes]) -> Option<u64> {
+    let mut piece = offset / pieces.piece_size;
+    let mut parts: Vec<&[u8]> = Vec::new();
+    let mut have = 0u64;
+    let mut want = pieces.piece_bytes(piece).len();
+    for chunk in chunks {
+        let mut c = &chunk[..];
+        while !c.is_empty() {
+            let n = ((want - have) as usize).min(c.len());
+            parts.push(&c[..n]);
+            have += n as u64;
+            c = &c[n..];
+            if have == want {
+                if !pieces.check(piece, &parts) {
+                    return Some(piece);
+                }
+                parts.clear();
+                have = 0;
+                piece += 1;
+                want = pieces.piece_bytes(piece).len();
+            }
+        }
+    }
+    // A trailing partial piece cannot be checked: never land it as checked.
+    (!parts.is_empty()).then_some(piece)
 }

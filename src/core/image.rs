@@ -18,6 +18,7 @@ use super::error::{Error, FailureKind, Result, SourceError};
 use super::fetch::{FetchConfig, FetchObserver, Fetcher};
 use super::fill::{self, FillEnd};
 use super::format::Format;
+use super::pieces::PieceDigests;
 use super::qcow2::{RawViewSlot, StoredBytes};
 use super::range::{BlockRange, ByteRange, Geometry};
 use super::readahead::ReadState;
@@ -101,6 +102,10 @@ pub struct Image {
     format: OnceLock<Format>,
     events: broadcast::Sender<ImageEvent>,
     raw_view: RawViewSlot,
+    /// Names this version of this image to peers (`Identity::version_tag`).
+    version: String,
+    /// Piece digests of this node's verified copy, computed on first request.
+    served_pieces: tokio::sync::OnceCell<Arc<PieceDigests>>,
     me: Weak<Image>,
 }
 
@@ -146,6 +151,7 @@ impl Image {
             cancel.clone(),
         ));
         let failed = state.state == State::Failed;
+        let version = stored.identity.version_tag(&stored.spec);
         let state = StateCell::new(stored.spec.name.clone(), files.clone(), state);
         let image = Arc::new_cyclic(|me: &Weak<Image>| Image {
             name: stored.spec.name.clone(),
@@ -164,6 +170,8 @@ impl Image {
             format: OnceLock::new(),
             events,
             raw_view: RawViewSlot::default(),
+            version,
+            served_pieces: tokio::sync::OnceCell::new(),
             me: me.clone(),
         });
         let observer: Weak<dyn FetchObserver> = image.me.clone();
@@ -172,6 +180,79 @@ impl Image {
             image.fetcher.halt(image.failure());
         }
         image
+    }
+
+    /// The tag naming this version of this image (peers compare it).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Piece digests of this node's copy, for peers: only once it is ready (its whole
+    /// checksum matched), computed from the data file on first request.
+    pub async fn piece_digests(&self) -> Result<Arc<PieceDigests>> {
+        if self.state() != State::Ready {
+            return Err(Error::BadInput(format!(
+                "image {:?} is not ready on this node; piece digests come only from a verified copy",
+                self.name
+            )));
+        }
+        let (files, size) = (self.fetcher.files().clone(), self.size());
+        self.served_pieces
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || PieceDigests::compute(&files, size))
+                    .await
+                    .map_err(|_| Error::ShuttingDown)?
+                    .map(Arc::new)
+            })
+            .await
+            .cloned()
+    }
+
+    /// Asks each source that can give them for piece digests once; true if installed.
+    pub async fn acquire_digests(&self) -> bool {
+        if self.fetcher.pieces().is_some() {
+            return true;
+        }
+        let sources = self.fetcher.sources();
+        let pin = self.fetcher.pin().clone();
+        for s in &sources.list {
+            let Some(bytes) = s.piece_digests(&pin).await else {
+                continue;
+            };
+            match PieceDigests::from_bytes(&bytes, self.size()) {
+                Ok(p) => {
+                    info!(image = %self.name, source = %s.describe(), pieces = p.pieces(), "piece digests received: every piece is checked from now on");
+                    self.fetcher.set_pieces(Arc::new(p));
+                    self.fetcher.landed_notify().notify_waiters();
+                    return true;
+                }
+                Err(e) => {
+                    warn!(image = %self.name, source = %s.describe(), error = %e, "piece digests refused")
+                }
+            }
+        }
+        false
+    }
+
+    /// Keeps asking for piece digests while the image is unfinished and some source
+    /// needs them (peers are used only once they are known).
+    fn start_digest_watch(self: &Arc<Self>) {
+        let sources = self.fetcher.sources();
+        if !sources.list.iter().any(|s| s.needs_digests()) || self.fetcher.pieces().is_some() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if me.state().is_final() || me.cancel.is_cancelled() || me.acquire_digests().await {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = me.cancel.cancelled() => return,
+                }
+            }
+        });
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher> {
@@ -318,6 +399,7 @@ impl Image {
         if matches!(self.state(), State::Ready | State::Failed) {
             return;
         }
+        self.start_digest_watch();
         self.start_verify();
         self.start_fill();
     }
@@ -691,6 +773,8 @@ impl Image {
             fill: stored.fill,
             block_size: self.block_size(),
             bytes_fetched: self.fetcher.fetched_bytes(),
+            version: self.version.clone(),
+            copies: Vec::new(),
         }
     }
 }

@@ -17,6 +17,8 @@ pub mod fill;
 pub mod format;
 pub mod image;
 pub mod node;
+pub mod peer;
+pub mod pieces;
 pub mod qcow2;
 pub mod range;
 pub mod readahead;

@@ -17,36 +17,70 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::bitmap::BlockMap;
-use super::error::{Error, Result};
+use super::error::{Error, Result, SourceError};
 use super::image::{Image, ImageConfig, ImageEvent, ImageParts, Shared};
-use super::source::{HttpClients, HttpSource, Source, Sources};
+use super::peer::{PeerSource, Peers};
+use super::source::{HttpClients, HttpSource, Identity, Source, Sources};
 use super::spec::{ImageSpec, SourceType};
 use super::status::Status;
 use super::store::{Disk, ImageFiles, State, StoredSpec, StoredState};
 
 /// Builds the sources of an image from its stored spec (the identity tells whether the
 /// origin served ranges when it was probed).
-pub type SourceFactory = Arc<dyn Fn(&ImageSpec, bool) -> Sources + Send + Sync>;
+pub type SourceFactory = Arc<dyn Fn(&ImageSpec, &Identity) -> Sources + Send + Sync>;
 
-/// The sources this build can fetch from for `spec`: the URL of a download. Any other
-/// source type yields no source and says why; such an image still serves what it has.
-pub fn http_sources(clients: HttpClients) -> SourceFactory {
-    Arc::new(
-        move |spec: &ImageSpec, ranges: bool| match (spec.source_type, spec.url()) {
+/// The sources this build can fetch from for `spec`: other nodes first (when there are
+/// peers), then the URL of a download. Images without a URL come from peers only; with
+/// no peer either, they have no source and say why, and still serve what they have.
+pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFactory {
+    Arc::new(move |spec: &ImageSpec, id: &Identity| {
+        let mut list: Vec<Arc<dyn Source>> = Vec::new();
+        if let Some(p) = &peers {
+            let version = id.version_tag(spec);
+            list.push(Arc::new(PeerSource::new(spec, version, p.clone())));
+        }
+        match (spec.source_type, spec.url()) {
             (SourceType::Download, Some(url)) => {
-                Sources::one(Arc::new(HttpSource::new(url, clients.clone(), ranges)))
+                list.push(Arc::new(HttpSource::new(url, clients.clone(), id.ranges)));
             }
+            _ if !list.is_empty() => {}
             (SourceType::Download, None) => {
-                Sources::none("its spec names no URL to fetch the rest from")
+                return Sources::none("its spec names no URL to fetch the rest from")
             }
-            (t, _) => Sources::none(format!(
-                "this build of bifs cannot fetch the missing blocks of an image whose \
-                 sourceType is {} (only what was cached before is served); recreate the \
-                 image or run a bifs that supports it",
-                t.as_str()
-            )),
-        },
-    )
+            (t, _) => {
+                return Sources::none(format!(
+                    "this build of bifs cannot fetch the missing blocks of an image whose \
+                     sourceType is {} (only what was cached before is served); recreate the \
+                     image or run a bifs that supports it",
+                    t.as_str()
+                ))
+            }
+        }
+        Sources {
+            list,
+            unavailable: None,
+        }
+    })
+}
+
+/// Asks the origin (the last source) for the image's size and version; when it cannot
+/// be reached (or there is none), a ready copy on another node answers instead.
+async fn probe(sources: &Sources) -> Result<Identity> {
+    let mut first_err = None;
+    for s in sources.list.iter().rev() {
+        match s.probe().await {
+            Ok(id) => return Ok(id),
+            Err(e) if first_err.is_none() => first_err = Some(e),
+            Err(_) => {}
+        }
+        if !first_err.as_ref().is_some_and(SourceError::is_retryable) {
+            break;
+        }
+    }
+    Err(first_err.map_or_else(
+        || Error::Unsupported("the image has no source to create it from".into()),
+        Error::Source,
+    ))
 }
 
 /// How often landed blocks are made durable (data fdatasync, then bitmap).
@@ -103,6 +137,7 @@ pub struct Node {
     creating: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
     sources: SourceFactory,
+    peers: std::sync::OnceLock<Arc<Peers>>,
     shared: Shared,
     pub cancel: CancellationToken,
     events: tokio::sync::broadcast::Sender<ImageEvent>,
@@ -115,7 +150,8 @@ impl Node {
         cfg: ImageConfig,
         mountpoint: String,
     ) -> Result<Arc<Node>> {
-        Self::start_with(disks, cfg, mountpoint, http_sources(HttpClients::default())).await
+        let sources = http_sources(HttpClients::default(), None);
+        Self::start_with(disks, cfg, mountpoint, sources).await
     }
 
     /// As `start`, with the sources images get from `sources` (tests: in-memory ones).
@@ -142,6 +178,7 @@ impl Node {
             creating: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
             sources,
+            peers: std::sync::OnceLock::new(),
             shared: Shared::start(),
             cancel: CancellationToken::new(),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -190,7 +227,7 @@ impl Node {
         state: StoredState,
         map: BlockMap,
     ) -> Arc<Image> {
-        let sources = (self.sources)(&stored.spec, stored.identity.ranges);
+        let sources = (self.sources)(&stored.spec, &stored.identity);
         self.build_image_with(disk, files, stored, state, map, sources)
     }
 
@@ -251,8 +288,24 @@ impl Node {
             .collect()
     }
 
+    /// The status document, with the copies peers hold.
     pub fn status(&self, image: &Image) -> Status {
-        image.status(&self.mountpoint)
+        let mut st = image.status(&self.mountpoint);
+        if let Some(p) = self.peers.get() {
+            st.copies = p.copies(&image.name);
+        }
+        st
+    }
+
+    /// The other nodes (set once by the daemon; their poll loop runs until shutdown).
+    pub fn attach_peers(&self, peers: Arc<Peers>) {
+        if self.peers.set(peers.clone()).is_ok() {
+            tokio::spawn(peers.run(self.cancel.child_token()));
+        }
+    }
+
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.get()
     }
 
     /// Picks the disk for a new image; `size`: the space it must have free (None: an
@@ -291,8 +344,11 @@ impl Node {
         opts: CreateOptions,
     ) -> Result<Arc<Image>> {
         spec.validate()?;
-        let sources = (self.sources)(&spec, true);
-        self.create_with_sources(spec, opts, sources).await
+        // The origin is asked for the version first; the image's sources are then built
+        // for that version (peers serve each other one version only).
+        let probing = (self.sources)(&spec, &Identity::unknown());
+        let factory = self.sources.clone();
+        self.create_inner(spec, opts, probing, Some(factory)).await
     }
 
     /// As `create`, with the source given (tests and benches use a `MemSource`).
@@ -310,9 +366,19 @@ impl Node {
     /// image's size and version.
     pub async fn create_with_sources(
         self: &Arc<Self>,
+        spec: ImageSpec,
+        opts: CreateOptions,
+        sources: Sources,
+    ) -> Result<Arc<Image>> {
+        self.create_inner(spec, opts, sources, None).await
+    }
+
+    async fn create_inner(
+        self: &Arc<Self>,
         mut spec: ImageSpec,
         opts: CreateOptions,
         sources: Sources,
+        rebuild: Option<SourceFactory>,
     ) -> Result<Arc<Image>> {
         spec.checksum = spec.checksum.to_ascii_lowercase();
         let _guard = self.creating.lock().await;
@@ -341,7 +407,11 @@ impl Node {
                 }),
             ));
         };
-        let identity = origin.probe().await?;
+        let identity = probe(&sources).await?;
+        let sources = match rebuild {
+            Some(f) => f(&spec, &identity),
+            None => sources,
+        };
         let disk = self.pick_disk(
             opts.disk.as_deref(),
             (!opts.no_fill).then_some(identity.size),
@@ -367,6 +437,17 @@ impl Node {
         );
         info!(image = %image.name, disk = %disk.uuid8(), size = image.size(), source = %origin.describe(), "image created");
         self.images.write().unwrap().insert(image.clone());
+        // Peers serve only against piece digests: get them before anything is fetched,
+        // so a copy on another node is used from the first block on.
+        if image
+            .fetcher()
+            .sources()
+            .list
+            .iter()
+            .any(|s| s.needs_digests())
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(5), image.acquire_digests()).await;
+        }
         image.start_background();
         // The first block tells the format; fetch it now so status shows it at once.
         if image.blocks() > 0 {

@@ -43,6 +43,32 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A placeholder before the origin was asked (only to build sources that probe).
+    pub fn unknown() -> Self {
+        Self {
+            size: 0,
+            etag: None,
+            last_modified: None,
+            ranges: true,
+        }
+    }
+
+    /// A short tag naming one version of one image (its spec and pinned identity): peers
+    /// serve each other bytes only between copies with the same tag.
+    pub fn version_tag(&self, spec: &super::spec::ImageSpec) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(spec.source_type.as_str());
+        for (k, v) in &spec.source_parameters {
+            h.update(format!("\0{k}={v}"));
+        }
+        h.update(format!(
+            "\0{}\0{}\0{:?}\0{:?}",
+            spec.checksum, self.size, self.etag, self.last_modified
+        ));
+        hex::encode(&h.finalize()[..16])
+    }
+
     /// Compares what a response says about its version with the pinned one.
     pub fn check(
         &self,
@@ -86,6 +112,19 @@ pub trait Source: Send + Sync {
     /// Whether this source serves byte ranges. Without them only the whole image
     /// (`0..size`) may be asked, and the fetcher skips what it does not need.
     fn ranges(&self) -> bool;
+    /// Whether this source may be used only where every piece is checked against digests
+    /// of a verified copy (peers: none of their bytes lands unchecked).
+    fn needs_digests(&self) -> bool {
+        false
+    }
+    /// This source's reply to the request that started at `range.start` failed a
+    /// piece digest: avoid whoever sent it for a while.
+    fn report_corrupt(&self, _range: ByteRange) {}
+    /// Per-piece digests of a verified copy of the image pinned by `pin`, if this source
+    /// can give them (the wire form of `PieceDigests`).
+    async fn piece_digests(&self, _pin: &Identity) -> Option<Bytes> {
+        None
+    }
     /// Asks the source for its current size and identity.
     async fn probe(&self) -> Result<Identity, SourceError>;
     /// Streams `range` of the version pinned by `pin`. Fails with `Changed` when the

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::peer::CopyDoc;
 use super::store::State;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +37,12 @@ pub struct Status {
     pub fill: bool,
     pub block_size: u64,
     pub bytes_fetched: u64,
+    /// Names this version of the image (peers serve each other only the same version).
+    #[serde(default)]
+    pub version: String,
+    /// The copies other nodes hold, as this node last heard from them.
+    #[serde(default)]
+    pub copies: Vec<CopyDoc>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

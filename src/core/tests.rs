@@ -61,7 +61,7 @@ type Registry = Arc<Mutex<Vec<(String, Arc<MemSource>)>>>;
 
 /// Every image gets the source registered under its name (missing: none, with a reason).
 fn factory(sources: Registry) -> SourceFactory {
-    Arc::new(move |spec: &ImageSpec, _ranges: bool| {
+    Arc::new(move |spec: &ImageSpec, _id: &super::source::Identity| {
         let found = sources
             .lock()
             .unwrap()

@@ -1,0 +1,494 @@
+//! Other bifs nodes as sources. `Peers` keeps the list of peer daemons (`--peer URL`,
+//! and every address `--peers-dns NAME:PORT` resolves to, as a Kubernetes headless
+//! Service lists a DaemonSet's pods) and what each last said about its images; a peer
+//! that does not answer is `unknown` and asked again with backoff. `PeerSource` is one
+//! image's view of them: a read goes to a peer holding that image's version (ready
+//! copies first, the starting peer rotated to spread the load), and a peer that lacks
+//! the bytes, fails or is slow passes the request on. Peer bytes are only ever landed
+//! against piece digests of a verified copy (`needs_digests`), and a peer whose bytes
+//! failed them is avoided for a while.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::error::SourceError;
+use super::range::ByteRange;
+use super::source::{ByteStream, Identity, Priority, Source};
+use super::spec::ImageSpec;
+use super::store::State;
+
+/// How often peers are asked what they hold.
+const POLL_EVERY: Duration = Duration::from_secs(2);
+/// How often `--peers-dns` is resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(10);
+/// How long a peer that sent a corrupt piece is avoided.
+const AVOID_BAD_PEER: Duration = Duration::from_secs(60);
+/// The header that names the image version a request is about.
+pub const VERSION_HEADER: &str = "x-bifs-version";
+/// The header a daemon names itself with (so a node skips itself in DNS answers).
+pub const NODE_HEADER: &str = "x-bifs-node";
+
+/// What a peer said about one of its images.
+#[derive(Debug, Clone)]
+pub struct PeerImage {
+    pub state: State,
+    pub progress: u32,
+    pub version: String,
+}
+
+/// One copy of an image on another node, as `bifs status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CopyDoc {
+    pub node: String,
+    /// The peer's state of the image, or `unknown` when the peer does not answer.
+    pub state: String,
+    pub progress: u32,
+}
+
+#[derive(Default)]
+struct PeerInner {
+    /// None: never answered yet; Some(false): not answering now.
+    reachable: Option<bool>,
+    images: HashMap<String, PeerImage>,
+    failures: u32,
+    next_poll: Option<Instant>,
+    avoid_until: Option<Instant>,
+    is_self: bool,
+}
+
+pub struct Peer {
+    pub url: String,
+    inner: Mutex<PeerInner>,
+}
+
+impl Peer {
+    fn new(url: String) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_string(),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn usable(&self, now: Instant) -> bool {
+        let i = self.inner.lock().unwrap();
+        !i.is_self && i.reachable != Some(false) && i.avoid_until.is_none_or(|t| t <= now)
+    }
+
+    fn image(&self, name: &str) -> Option<PeerImage> {
+        self.inner.lock().unwrap().images.get(name).cloned()
+    }
+
+    fn mark_down(&self, why: &str) {
+        let mut i = self.inner.lock().unwrap();
+        if i.reachable != Some(false) {
+            warn!(peer = %self.url, reason = why, "peer not answering; its copies are unknown until it does");
+        }
+        i.reachable = Some(false);
+        i.failures = i.failures.saturating_add(1);
+        let backoff = POLL_EVERY * 2u32.pow(i.failures.min(4));
+        i.next_poll = Some(Instant::now() + backoff);
+    }
+}
+
+/// What `GET /v1/images/{name}/blocks` says (the fields a peer needs).
+#[derive(Deserialize)]
+struct BlocksDoc {
+    spec: ImageSpec,
+    identity: Identity,
+}
+
+#[derive(Deserialize)]
+struct ListedImage {
+    name: String,
+    state: State,
+    progress: u32,
+    #[serde(default)]
+    version: String,
+}
+
+pub struct Peers {
+    static_urls: Vec<String>,
+    dns: Option<String>,
+    node_id: String,
+    list: RwLock<Vec<Arc<Peer>>>,
+    client: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Peers {
+    /// `node_id` names this daemon (its responses carry it), so it skips itself.
+    pub fn new(
+        urls: Vec<String>,
+        dns: Option<String>,
+        token: Option<String>,
+        node_id: String,
+    ) -> Arc<Self> {
+        let list = urls
+            .iter()
+            .map(|u| Arc::new(Peer::new(u.clone())))
+            .collect();
+        Arc::new(Self {
+            static_urls: urls,
+            dns,
+            node_id,
+            list: RwLock::new(list),
+            client: super::source::http_client(),
+            token,
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn request(&self, url: String) -> reqwest::RequestBuilder {
+        let req = self.client.get(url);
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// Every known copy of `name` on other nodes.
+    pub fn copies(&self, name: &str) -> Vec<CopyDoc> {
+        self.list
+            .read()
+            .unwrap()
+            .iter()
+            .filter_map(|p| {
+                let i = p.inner.lock().unwrap();
+                if i.is_self {
+                    return None;
+                }
+                match (i.reachable, i.images.get(name)) {
+                    (Some(true), Some(img)) => Some(CopyDoc {
+                        node: p.url.clone(),
+                        state: img.state.as_str().into(),
+                        progress: img.progress,
+                    }),
+                    (Some(true), None) => None,
+                    _ => Some(CopyDoc {
+                        node: p.url.clone(),
+                        state: "unknown".into(),
+                        progress: 0,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Peers holding `version` of `name`: ready copies first, then unfinished ones,
+    /// each group rotated by `turn` so load spreads over the peers.
+    fn candidates(&self, name: &str, version: &str, turn: usize) -> Vec<Arc<Peer>> {
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        let mut partial = Vec::new();
+        for p in self.list.read().unwrap().iter() {
+            if !p.usable(now) {
+                continue;
+            }
+            match p.image(name) {
+                Some(img) if img.version == version && img.state == State::Ready => {
+                    ready.push(p.clone())
+                }
+                Some(img) if img.version == version && img.state != State::Failed => {
+                    partial.push(p.clone())
+                }
+                _ => {}
+            }
+        }
+        for group in [&mut ready, &mut partial] {
+            if !group.is_empty() {
+                let k = turn % group.len();
+                group.rotate_left(k);
+            }
+        }
+        ready.extend(partial);
+        ready
+    }
+
+    /// Polls the peers (and re-resolves `--peers-dns`) until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut last_resolve: Option<Instant> = None;
+        loop {
+            if self.dns.is_some() && last_resolve.is_none_or(|t| t.elapsed() >= RESOLVE_EVERY) {
+                self.resolve().await;
+                last_resolve = Some(Instant::now());
+            }
+            let due: Vec<Arc<Peer>> = {
+                let now = Instant::now();
+                self.list
+                    .read()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| {
+                        let i = p.inner.lock().unwrap();
+                        !i.is_self && i.next_poll.is_none_or(|t| t <= now)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            futures::future::join_all(due.iter().map(|p| self.poll(p))).await;
+            tokio::select! {
+                _ = tokio::time::sleep(POLL_EVERY) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Asks the peers that never answered yet (a create right after start-up must not
+    /// miss a copy the first poll has not seen).
+    pub async fn poll_unknown(&self) {
+        let unknown: Vec<Arc<Peer>> = self
+            .list
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|p| p.inner.lock().unwrap().reachable.is_none())
+            .cloned()
+            .collect();
+        futures::future::join_all(unknown.iter().map(|p| self.poll(p))).await;
+    }
+
+    async fn resolve(&self) {
+        let Some(dns) = &self.dns else { return };
+        let addrs: Vec<String> = match tokio::net::lookup_host(dns.as_str()).await {
+            Ok(a) => a.map(|a| format!("http://{a}")).collect(),
+            Err(e) => {
+                warn!(peers_dns = %dns, error = %e, "cannot resolve --peers-dns; keeping the peers known");
+                return;
+            }
+        };
+        let mut list = self.list.write().unwrap();
+        let mut urls: Vec<String> = self.static_urls.clone();
+        urls.extend(addrs);
+        urls.sort();
+        urls.dedup();
+        let kept: Vec<Arc<Peer>> = list
+            .iter()
+            .filter(|p| urls.contains(&p.url))
+            .cloned()
+            .collect();
+        let mut next = kept;
+        for u in urls {
+            if !next.iter().any(|p| p.url == u) {
+                info!(peer = %u, "peer found");
+                next.push(Arc::new(Peer::new(u)));
+            }
+        }
+        *list = next;
+    }
+
+    async fn poll(&self, peer: &Peer) {
+        let resp = self
+            .request(format!("{}/v1/images", peer.url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => return peer.mark_down(&format!("HTTP {}", r.status())),
+            Err(e) => return peer.mark_down(&e.to_string()),
+        };
+        let is_self = resp
+            .headers()
+            .get(NODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|id| id == self.node_id);
+        let listed: Vec<ListedImage> = match resp.json().await {
+            Ok(l) => l,
+            Err(e) => return peer.mark_down(&format!("unreadable image list: {e}")),
+        };
+        let mut i = peer.inner.lock().unwrap();
+        if i.reachable != Some(true) && !is_self {
+            info!(peer = %peer.url, images = listed.len(), "peer answering");
+        }
+        i.is_self = is_self;
+        i.reachable = Some(true);
+        i.failures = 0;
+        i.next_poll = None;
+        i.images = listed
+            .into_iter()
+            .map(|l| {
+                let img = PeerImage {
+                    state: l.state,
+                    progress: l.progress,
+                    version: l.version,
+                };
+                (l.name, img)
+            })
+            .collect();
+    }
+}
+
+/// One image's peers as a source.
+pub struct PeerSource {
+    name: String,
+    spec: ImageSpec,
+    version: String,
+    peers: Arc<Peers>,
+    turn: AtomicUsize,
+    /// Which peer served the request that started at a byte offset (for `report_corrupt`).
+    served_by: Mutex<HashMap<u64, Arc<Peer>>>,
+}
+
+impl PeerSource {
+    pub fn new(spec: &ImageSpec, version: String, peers: Arc<Peers>) -> Self {
+        Self {
+            name: spec.name.clone(),
+            spec: spec.clone(),
+            version,
+            peers,
+            turn: AtomicUsize::new(0),
+            served_by: Mutex::default(),
+        }
+    }
+
+    fn absent(&self, range: ByteRange) -> SourceError {
+        SourceError::Absent {
+            url: self.describe(),
+            start: range.start,
+            end: range.end,
+        }
+    }
+}
+
+#[async_trait]
+impl Source for PeerSource {
+    fn describe(&self) -> String {
+        "peers".into()
+    }
+
+    fn ranges(&self) -> bool {
+        true
+    }
+
+    fn needs_digests(&self) -> bool {
+        true
+    }
+
+    fn report_corrupt(&self, range: ByteRange) {
+        if let Some(p) = self.served_by.lock().unwrap().remove(&range.start) {
+            warn!(peer = %p.url, image = %self.name, "peer sent a corrupt piece; avoiding it for a while");
+            p.inner.lock().unwrap().avoid_until = Some(Instant::now() + AVOID_BAD_PEER);
+        }
+    }
+
+    async fn piece_digests(&self, _pin: &Identity) -> Option<Bytes> {
+        for peer in self.peers.candidates(&self.name, &self.version, 0) {
+            if peer
+                .image(&self.name)
+                .is_none_or(|i| i.state != State::Ready)
+            {
+                continue;
+            }
+            let url = format!("{}/v1/images/{}/manifest", peer.url, self.name);
+            let resp = self
+                .peers
+                .request(url)
+                .header(VERSION_HEADER, &self.version)
+                .send()
+                .await;
+            match resp {
+                Ok(r) if r.status().is_success() => {
+                    if let Ok(b) = r.bytes().await {
+                        return Some(b);
+                    }
+                }
+                Ok(r) => debug!(peer = %peer.url, status = %r.status(), "no piece digests"),
+                Err(e) => peer.mark_down(&e.to_string()),
+            }
+        }
+        None
+    }
+
+    /// The version a ready peer holds of an image with this spec (when the origin cannot
+    /// be asked, or there is none).
+    async fn probe(&self) -> Result<Identity, SourceError> {
+        self.peers.poll_unknown().await;
+        let peers: Vec<Arc<Peer>> = self.peers.list.read().unwrap().clone();
+        let now = Instant::now();
+        for peer in peers {
+            let ready = peer
+                .image(&self.name)
+                .is_some_and(|i| i.state == State::Ready);
+            if !ready || !peer.usable(now) {
+                continue;
+            }
+            let url = format!("{}/v1/images/{}/blocks", peer.url, self.name);
+            let Ok(resp) = self.peers.request(url).send().await else {
+                continue;
+            };
+            let Ok(doc) = resp.json::<BlocksDoc>().await else {
+                continue;
+            };
+            if doc.spec.conflict_with(&self.spec).is_none() {
+                return Ok(doc.identity);
+            }
+        }
+        Err(SourceError::Absent {
+            url: self.describe(),
+            start: 0,
+            end: 0,
+        })
+    }
+
+    async fn read(
+        &self,
+        range: ByteRange,
+        _pin: &Identity,
+        _prio: Priority,
+    ) -> Result<ByteStream, SourceError> {
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        for peer in self.peers.candidates(&self.name, &self.version, turn) {
+            let url = format!("{}/v1/images/{}/data", peer.url, self.name);
+            let resp = self
+                .peers
+                .request(url)
+                .header(VERSION_HEADER, &self.version)
+                .header(
+                    reqwest::header::RANGE,
+                    format!("bytes={}-{}", range.start, range.end - 1),
+                )
+                .send()
+                .await;
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) => {
+                    peer.mark_down(&e.to_string());
+                    continue;
+                }
+            };
+            if resp.status().as_u16() != 206 {
+                debug!(peer = %peer.url, status = %resp.status(), ?range, "peer cannot serve");
+                continue;
+            }
+            let mut served = self.served_by.lock().unwrap();
+            if served.len() > 4096 {
+                served.clear();
+            }
+            served.insert(range.start, peer.clone());
+            drop(served);
+            let url = peer.url.clone();
+            return Ok(resp
+                .bytes_stream()
+                .map(move |r| {
+                    r.map_err(|e| SourceError::Interrupted {
+                        url: url.clone(),
+                        reason: e.to_string(),
+                    })
+                })
+                .boxed());
+        }
+        Err(self.absent(range))
+    }
+}
