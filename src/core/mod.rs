@@ -27,6 +27,7 @@ pub mod status;
 pub mod store;
 pub mod verify;
 pub mod view;
+pub mod volume;
 
 pub use error::{Error, FailureKind, Result, SourceError};
 pub use image::{Image, ImageConfig, ImageEvent};
