@@ -18,6 +18,7 @@ pub mod format;
 pub mod image;
 pub mod node;
 pub mod qcow2;
+pub mod qcow2_export;
 pub mod range;
 pub mod readahead;
 pub mod source;
