@@ -11,6 +11,7 @@
 //! `image` moves an image's state.
 
 pub mod bitmap;
+pub mod decompress;
 pub mod error;
 pub mod fetch;
 pub mod fill;
