@@ -104,7 +104,12 @@ pub fn detect(h: &Hints) -> Result<Detected> {
     if let Some(enc) = h.content_encoding {
         // Several codings may be listed; the last one applied is the first to undo, and we
         // undo only one.
-        let last = enc.rsplit(',').next().unwrap_or("").trim().to_ascii_lowercase();
+        let last = enc
+            .rsplit(',')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match last.as_str() {
             "gzip" | "x-gzip" => return Ok(Detected::Compressed(Compression::Gzip)),
             "zstd" => return Ok(Detected::Compressed(Compression::Zstd)),
@@ -114,7 +119,12 @@ pub fn detect(h: &Hints) -> Result<Detected> {
         }
     }
     if let Some(ct) = h.content_type {
-        let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match mime.as_str() {
             "application/gzip" | "application/x-gzip" => {
                 return Ok(Detected::Compressed(Compression::Gzip))
@@ -150,7 +160,11 @@ pub fn detect(h: &Hints) -> Result<Detected> {
 pub enum DecompressError<E> {
     #[error("{0}")]
     Source(E),
-    #[error("the {codec} stream is corrupt within its first {compressed_bytes} compressed bytes (after {decompressed_bytes} good decompressed bytes): {reason}; the source does not hold a valid {codec} file")]
+    /// The bytes already yielded may be wrong too: gzip, xz and zstd check their
+    /// checksums at the end of a member or frame (seen: a zstd body damaged in a raw
+    /// block decoded to its end and only then failed its checksum). A consumer must
+    /// never count a body whose stream did not end cleanly as the image.
+    #[error("the {codec} stream is corrupt within its first {compressed_bytes} compressed bytes ({decompressed_bytes} bytes decompressed so far): {reason}; the source does not hold a valid {codec} file")]
     Corrupt {
         codec: Compression,
         compressed_bytes: u64,
@@ -167,7 +181,10 @@ pub enum DecompressError<E> {
 
 /// The decompressed bytes of `input` (`codec` data), in chunks of up to 256 KiB.
 /// The stream ends after its first error.
-pub fn decompress<S, E>(codec: Compression, input: S) -> BoxStream<'static, Result<Bytes, DecompressError<E>>>
+pub fn decompress<S, E>(
+    codec: Compression,
+    input: S,
+) -> BoxStream<'static, Result<Bytes, DecompressError<E>>>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Send + 'static,
@@ -260,7 +277,11 @@ where
             None => break,
         }
     }
-    let prefix: Vec<u8> = head.iter().flat_map(|b| b.iter().copied()).take(6).collect();
+    let prefix: Vec<u8> = head
+        .iter()
+        .flat_map(|b| b.iter().copied())
+        .take(6)
+        .collect();
     let codec = Compression::sniff(&prefix);
     let whole = stream::iter(head.into_iter().map(Ok)).chain(input).boxed();
     Ok((codec, whole))
@@ -268,7 +289,10 @@ where
 
 /// The image bytes of a body as `detect` judged it: decompressed, passed through, or
 /// (Unknown) sniffed first and then one of the two.
-pub fn decode<S, E>(detected: Detected, input: S) -> BoxStream<'static, Result<Bytes, DecompressError<E>>>
+pub fn decode<S, E>(
+    detected: Detected,
+    input: S,
+) -> BoxStream<'static, Result<Bytes, DecompressError<E>>>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
     E: Send + 'static,

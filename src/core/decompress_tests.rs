@@ -20,16 +20,31 @@ async fn compress(codec: Compression, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     // Fastest levels: the C codecs run unoptimised in test builds.
     match codec {
-        Compression::Gzip => GzipEncoder::with_quality(data, Level::Fastest).read_to_end(&mut out).await,
-        Compression::Xz => XzEncoder::with_quality(data, Level::Fastest).read_to_end(&mut out).await,
-        Compression::Zstd => ZstdEncoder::with_quality(data, Level::Fastest).read_to_end(&mut out).await,
+        Compression::Gzip => {
+            GzipEncoder::with_quality(data, Level::Fastest)
+                .read_to_end(&mut out)
+                .await
+        }
+        Compression::Xz => {
+            XzEncoder::with_quality(data, Level::Fastest)
+                .read_to_end(&mut out)
+                .await
+        }
+        Compression::Zstd => {
+            ZstdEncoder::with_quality(data, Level::Fastest)
+                .read_to_end(&mut out)
+                .await
+        }
     }
     .unwrap();
     out
 }
 
 /// `data` as a source stream of uneven chunks.
-fn chunked(data: Vec<u8>, chunk: usize) -> impl Stream<Item = Result<Bytes, Boom>> + Send + Unpin + 'static {
+fn chunked(
+    data: Vec<u8>,
+    chunk: usize,
+) -> impl Stream<Item = Result<Bytes, Boom>> + Send + Unpin + 'static {
     let data = Bytes::from(data);
     let pieces: Vec<Result<Bytes, Boom>> = (0..data.len())
         .step_by(chunk)
@@ -38,7 +53,9 @@ fn chunked(data: Vec<u8>, chunk: usize) -> impl Stream<Item = Result<Bytes, Boom
     stream::iter(pieces)
 }
 
-async fn collect(s: BoxStream<'static, Result<Bytes, DecompressError<Boom>>>) -> Result<Vec<u8>, DecompressError<Boom>> {
+async fn collect(
+    s: BoxStream<'static, Result<Bytes, DecompressError<Boom>>>,
+) -> Result<Vec<u8>, DecompressError<Boom>> {
     s.try_fold(Vec::new(), |mut acc, b| async move {
         acc.extend_from_slice(&b);
         Ok(acc)
@@ -72,7 +89,9 @@ async fn random_8mib_round_trips_through_every_codec() {
     for codec in ALL {
         let packed = compress(codec, &data).await;
         assert_eq!(Compression::sniff(&packed), Some(codec));
-        let out = collect(decompress(codec, chunked(packed.clone(), 65_536 + 13))).await.unwrap();
+        let out = collect(decompress(codec, chunked(packed.clone(), 65_536 + 13)))
+            .await
+            .unwrap();
         assert!(out == data, "{codec}: decompressed bytes differ");
         // Same through detection by magic bytes, the magic split over one-byte chunks.
         let rest = chunked(packed[5..].to_vec(), 65_536);
@@ -88,9 +107,14 @@ async fn concatenated_members_decode_as_one_body() {
     for codec in ALL {
         let mut packed = compress(codec, &a).await;
         packed.extend(compress(codec, &b).await);
-        let out = collect(decompress(codec, chunked(packed, 4096))).await.unwrap();
+        let out = collect(decompress(codec, chunked(packed, 4096)))
+            .await
+            .unwrap();
         assert_eq!(out.len(), a.len() + b.len(), "{codec}");
-        assert!(out[..a.len()] == a[..] && out[a.len()..] == b[..], "{codec}");
+        assert!(
+            out[..a.len()] == a[..] && out[a.len()..] == b[..],
+            "{codec}"
+        );
     }
 }
 
@@ -103,9 +127,16 @@ async fn corrupt_stream_is_an_error_that_says_corrupt_and_where() {
         for b in &mut packed[mid..mid + 64] {
             *b ^= 0xA5;
         }
-        let e = collect(decompress(codec, chunked(packed.clone(), 65_536))).await.unwrap_err();
+        let e = collect(decompress(codec, chunked(packed.clone(), 65_536)))
+            .await
+            .unwrap_err();
         match &e {
-            DecompressError::Corrupt { codec: c, compressed_bytes, decompressed_bytes, .. } => {
+            DecompressError::Corrupt {
+                codec: c,
+                compressed_bytes,
+                decompressed_bytes,
+                ..
+            } => {
                 assert_eq!(*c, codec);
                 assert!(*compressed_bytes as usize >= mid, "{codec}: {e}");
                 assert!((*decompressed_bytes as usize) < data.len(), "{codec}: {e}");
@@ -113,11 +144,18 @@ async fn corrupt_stream_is_an_error_that_says_corrupt_and_where() {
             other => panic!("{codec}: expected Corrupt, got {other}"),
         }
         let msg = e.to_string();
-        assert!(msg.contains(codec.name()) && msg.contains("corrupt") && msg.contains("compressed bytes"), "{msg}");
+        assert!(
+            msg.contains(codec.name())
+                && msg.contains("corrupt")
+                && msg.contains("compressed bytes"),
+            "{msg}"
+        );
 
         // Cut short: Truncated, not a quiet short image.
         packed.truncate(mid);
-        let e = collect(decompress(codec, chunked(packed, 65_536))).await.unwrap_err();
+        let e = collect(decompress(codec, chunked(packed, 65_536)))
+            .await
+            .unwrap_err();
         assert!(
             matches!(e, DecompressError::Truncated { codec: c, compressed_bytes, .. } if c == codec && compressed_bytes as usize == mid),
             "{codec}: {e}"
@@ -125,7 +163,9 @@ async fn corrupt_stream_is_an_error_that_says_corrupt_and_where() {
         assert!(e.to_string().contains("truncated"), "{e}");
     }
     // Not that codec at all.
-    let e = collect(decompress(Compression::Zstd, chunked(text(10_000), 999))).await.unwrap_err();
+    let e = collect(decompress(Compression::Zstd, chunked(text(10_000), 999)))
+        .await
+        .unwrap_err();
     assert!(matches!(e, DecompressError::Corrupt { .. }), "{e}");
 }
 
@@ -135,7 +175,10 @@ async fn source_error_passes_through_typed() {
     let first = Bytes::from(packed[..100_000].to_vec());
     let s = stream::iter(vec![Ok(first), Err(Boom("origin went away"))]);
     let e = collect(decompress(Compression::Gzip, s)).await.unwrap_err();
-    assert!(matches!(e, DecompressError::Source(Boom("origin went away"))), "{e}");
+    assert!(
+        matches!(e, DecompressError::Source(Boom("origin went away"))),
+        "{e}"
+    );
     // Before the first byte, while sniffing.
     let s = stream::iter(vec![Err::<Bytes, _>(Boom("refused"))]);
     let e = collect(decode(Detected::Unknown, s)).await.unwrap_err();
@@ -144,37 +187,96 @@ async fn source_error_passes_through_typed() {
 
 #[tokio::test]
 async fn plain_bodies_pass_through() {
-    for body in [text(1_000_000), b"QFI\xfb\0\0\0\x03".to_vec(), b"ab".to_vec()] {
+    for body in [
+        text(1_000_000),
+        b"QFI\xfb\0\0\0\x03".to_vec(),
+        b"ab".to_vec(),
+    ] {
         for d in [Detected::Unknown, Detected::Plain] {
             let out = collect(decode(d, chunked(body.clone(), 3))).await.unwrap();
             assert!(out == body, "{d:?}, {} bytes", body.len());
         }
     }
-    assert!(collect(decode(Detected::Unknown, chunked(Vec::new(), 1))).await.unwrap().is_empty());
+    assert!(collect(decode(Detected::Unknown, chunked(Vec::new(), 1)))
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
 fn detection_table() {
     use Compression::*;
     use Detected::*;
-    let h = |parameter, content_encoding, content_type, url| Hints { parameter, content_encoding, content_type, url };
+    let h = |parameter, content_encoding, content_type, url| Hints {
+        parameter,
+        content_encoding,
+        content_type,
+        url,
+    };
     let rows: Vec<(Hints, Detected)> = vec![
         (h(None, None, None, "http://h/img.qcow2"), Unknown),
         (h(None, None, None, "http://h/img.raw.gz"), Compressed(Gzip)),
-        (h(None, None, None, "http://h/IMG.QCOW2.XZ?sig=abc#x"), Compressed(Xz)),
+        (
+            h(None, None, None, "http://h/IMG.QCOW2.XZ?sig=abc#x"),
+            Compressed(Xz),
+        ),
         (h(None, None, None, "http://h/img.zst"), Compressed(Zstd)),
         (h(None, None, None, "http://h/img.zstd"), Compressed(Zstd)),
         (h(None, None, None, "http://h/gz/img.raw?f=.gz"), Unknown),
-        (h(None, None, Some("application/gzip"), "http://h/img"), Compressed(Gzip)),
-        (h(None, None, Some("application/x-xz; charset=binary"), "http://h/img"), Compressed(Xz)),
-        (h(None, None, Some("application/zstd"), "http://h/img"), Compressed(Zstd)),
-        (h(None, None, Some("application/octet-stream"), "http://h/img.gz"), Compressed(Gzip)),
-        (h(None, Some("gzip"), Some("application/octet-stream"), "http://h/img"), Compressed(Gzip)),
-        (h(None, Some("zstd"), Some("application/gzip"), "http://h/img.xz"), Compressed(Zstd)),
+        (
+            h(None, None, Some("application/gzip"), "http://h/img"),
+            Compressed(Gzip),
+        ),
+        (
+            h(
+                None,
+                None,
+                Some("application/x-xz; charset=binary"),
+                "http://h/img",
+            ),
+            Compressed(Xz),
+        ),
+        (
+            h(None, None, Some("application/zstd"), "http://h/img"),
+            Compressed(Zstd),
+        ),
+        (
+            h(
+                None,
+                None,
+                Some("application/octet-stream"),
+                "http://h/img.gz",
+            ),
+            Compressed(Gzip),
+        ),
+        (
+            h(
+                None,
+                Some("gzip"),
+                Some("application/octet-stream"),
+                "http://h/img",
+            ),
+            Compressed(Gzip),
+        ),
+        (
+            h(
+                None,
+                Some("zstd"),
+                Some("application/gzip"),
+                "http://h/img.xz",
+            ),
+            Compressed(Zstd),
+        ),
         (h(None, Some("identity"), None, "http://h/img.gz"), Plain),
         (h(None, Some("br"), None, "http://h/img.xz"), Compressed(Xz)),
-        (h(Some("none"), Some("gzip"), None, "http://h/img.gz"), Plain),
-        (h(Some("XZ"), Some("gzip"), None, "http://h/img.gz"), Compressed(Xz)),
+        (
+            h(Some("none"), Some("gzip"), None, "http://h/img.gz"),
+            Plain,
+        ),
+        (
+            h(Some("XZ"), Some("gzip"), None, "http://h/img.gz"),
+            Compressed(Xz),
+        ),
         (h(Some("zst"), None, None, "http://h/img"), Compressed(Zstd)),
         (h(Some("gz"), None, None, "http://h/img"), Compressed(Gzip)),
         (h(Some(""), None, None, "http://h/img.gz"), Compressed(Gzip)),
@@ -183,7 +285,10 @@ fn detection_table() {
         assert_eq!(detect(&hints).unwrap(), want, "{hints:?}");
     }
     match detect(&h(Some("bzip2"), None, None, "http://h/img")) {
-        Err(Error::BadInput(m)) => assert!(m.contains("bzip2") && m.contains("gzip, xz, zstd or none"), "{m}"),
+        Err(Error::BadInput(m)) => assert!(
+            m.contains("bzip2") && m.contains("gzip, xz, zstd or none"),
+            "{m}"
+        ),
         other => panic!("{other:?}"),
     }
     assert_eq!(Compression::sniff(b"\x1f\x8b\x08"), Some(Gzip));

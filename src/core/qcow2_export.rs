@@ -316,14 +316,17 @@ impl Qcow2Layout {
         let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
         put(0, b"QFI\xfb");
         put(4, &3u32.to_be_bytes()); // version
-        // 8: backing_file_offset, 16: backing_file_size: none
+                                     // 8: backing_file_offset, 16: backing_file_size: none
         put(20, &self.cluster_bits.to_be_bytes());
         put(24, &self.virtual_size.to_be_bytes());
         // 32: crypt_method none
         put(36, &(l1_entries as u32).to_be_bytes());
         put(40, &(self.l1_at << self.cluster_bits).to_be_bytes());
         put(48, &(self.rc_table_at << self.cluster_bits).to_be_bytes());
-        put(56, &((self.rc_blocks_at - self.rc_table_at) as u32).to_be_bytes());
+        put(
+            56,
+            &((self.rc_blocks_at - self.rc_table_at) as u32).to_be_bytes(),
+        );
         // 60: nb_snapshots, 64: snapshots_offset, 72..96: feature bits: all zero
         put(96, &REFCOUNT_ORDER.to_be_bytes());
         put(100, &HEADER_LENGTH.to_be_bytes());

@@ -10,12 +10,18 @@ use rand::seq::SliceRandom;
 /// Reads the whole qcow2 from `layout` in `chunk`-byte pieces, in random order, into `out`.
 fn export_shuffled(layout: &Qcow2Layout, out: &Path, chunk: u64) {
     let f = File::create(out).unwrap();
-    let mut offsets: Vec<u64> = (0..layout.len().div_ceil(chunk)).map(|i| i * chunk).collect();
+    let mut offsets: Vec<u64> = (0..layout.len().div_ceil(chunk))
+        .map(|i| i * chunk)
+        .collect();
     offsets.shuffle(&mut rand::rng());
     let mut buf = vec![0u8; chunk as usize];
     for off in offsets {
         let n = layout.read_at(off, &mut buf).unwrap();
-        assert_eq!(n as u64, chunk.min(layout.len() - off), "short read at {off}");
+        assert_eq!(
+            n as u64,
+            chunk.min(layout.len() - off),
+            "short read at {off}"
+        );
         f.write_all_at(&buf[..n], off).unwrap();
     }
     // Past the end: nothing.
@@ -24,8 +30,12 @@ fn export_shuffled(layout: &Qcow2Layout, out: &Path, chunk: u64) {
 }
 
 fn qemu_img(args: &[&str]) -> (bool, String) {
-    let out = Command::new("qemu-img").args(args).output().expect("run qemu-img (qemu-utils)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img (qemu-utils)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -33,13 +43,25 @@ fn qemu_img(args: &[&str]) -> (bool, String) {
 fn assert_valid_and_identical(qcow2: &Path, volume: &Path) {
     let (q, v) = (qcow2.to_str().unwrap(), volume.to_str().unwrap());
     let (ok, text) = qemu_img(&["check", "-f", "qcow2", q]);
-    assert!(ok && text.contains("No errors were found"), "qemu-img check: {text}");
+    assert!(
+        ok && text.contains("No errors were found"),
+        "qemu-img check: {text}"
+    );
     let (ok, text) = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", q, v]);
-    assert!(ok && text.contains("Images are identical"), "qemu-img compare: {text}");
+    assert!(
+        ok && text.contains("Images are identical"),
+        "qemu-img compare: {text}"
+    );
 }
 
 fn virtual_size(path: &Path, format: &str) -> u64 {
-    let (ok, text) = qemu_img(&["info", "--output=json", "-f", format, path.to_str().unwrap()]);
+    let (ok, text) = qemu_img(&[
+        "info",
+        "--output=json",
+        "-f",
+        format,
+        path.to_str().unwrap(),
+    ]);
     assert!(ok, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["virtual-size"].as_u64().unwrap()
@@ -66,7 +88,10 @@ fn qcow2_of_sparse_volume_is_clean_identical_and_holds_only_data_clusters() {
 
     let want = nonzero_clusters(&fx.writes, 65536);
     assert_eq!(layout.data_clusters(), want.len() as u64);
-    assert!(!layout.is_allocated(64 * MIB / 65536), "the zero cluster written explicitly stays unallocated");
+    assert!(
+        !layout.is_allocated(64 * MIB / 65536),
+        "the zero cluster written explicitly stays unallocated"
+    );
     for g in &want {
         assert!(layout.is_allocated(*g), "cluster {g} holds data");
     }
@@ -83,19 +108,37 @@ fn qcow2_of_sparse_volume_is_clean_identical_and_holds_only_data_clusters() {
     // As compact as qemu-img convert's own output of the same volume.
     let theirs = fx.path.with_file_name("qemu.qcow2");
     let (ok, text) = qemu_img(&[
-        "convert", "-f", "raw", "-O", "qcow2",
-        fx.path.to_str().unwrap(), theirs.to_str().unwrap(),
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        fx.path.to_str().unwrap(),
+        theirs.to_str().unwrap(),
     ]);
     assert!(ok, "{text}");
     let theirs_len = std::fs::metadata(&theirs).unwrap().len();
-    assert!(layout.len() <= theirs_len, "ours {} > qemu-img's {theirs_len}", layout.len());
+    assert!(
+        layout.len() <= theirs_len,
+        "ours {} > qemu-img's {theirs_len}",
+        layout.len()
+    );
 
     // Any range equals the same range of the assembled file.
     let whole = std::fs::read(&out).unwrap();
-    for (off, len) in [(0u64, 200usize), (65_000, 70_000), (5 * 65536 - 3, 10), (layout.len() - 100, 100)] {
+    for (off, len) in [
+        (0u64, 200usize),
+        (65_000, 70_000),
+        (5 * 65536 - 3, 10),
+        (layout.len() - 100, 100),
+    ] {
         let mut buf = vec![0u8; len];
         assert_eq!(layout.read_at(off, &mut buf).unwrap(), len);
-        assert_eq!(&buf[..], &whole[off as usize..off as usize + len], "range at {off}");
+        assert_eq!(
+            &buf[..],
+            &whole[off as usize..off as usize + len],
+            "range at {off}"
+        );
     }
 }
 
@@ -122,7 +165,11 @@ fn odd_sizes_and_cluster_sizes_convert_like_qemu() {
         let vol = Volume::open(&fx.path).unwrap();
         let layout = Qcow2Layout::build(&vol, cb).unwrap();
         let want = nonzero_clusters(&fx.writes, 1 << cb);
-        assert_eq!(layout.data_clusters(), want.len() as u64, "size {size}, cluster_bits {cb}");
+        assert_eq!(
+            layout.data_clusters(),
+            want.len() as u64,
+            "size {size}, cluster_bits {cb}"
+        );
         let out = fx.path.with_file_name("export.qcow2");
         export_shuffled(&layout, &out, 7 * 4096 + 5);
         assert_valid_and_identical(&out, &fx.path);
@@ -151,7 +198,12 @@ fn volume_that_shrinks_after_layout_fails_the_read() {
     let fx = sparse_volume(8 * MIB, vec![(0, random(8 * MIB as usize))]);
     let vol = Volume::open(&fx.path).unwrap();
     let layout = Qcow2Layout::build(&vol, DEFAULT_CLUSTER_BITS).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&fx.path).unwrap().set_len(2 * MIB).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fx.path)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
     let mut buf = vec![0u8; MIB as usize];
     // Metadata still reads (it comes from the map)...
     layout.read_at(0, &mut buf).unwrap();
@@ -162,11 +214,17 @@ fn volume_that_shrinks_after_layout_fails_the_read() {
 
 #[test]
 fn qcow2_of_a_block_device_leaves_its_zero_clusters_out() {
-    let fx = sparse_volume(16 * MIB, vec![(0, random(4096)), (9 * MIB + 1, random(200_000))]);
+    let fx = sparse_volume(
+        16 * MIB,
+        vec![(0, random(4096)), (9 * MIB + 1, random(200_000))],
+    );
     let dev = LoopDevice::attach(&fx.path);
     let vol = Volume::open(&dev.0).unwrap();
     let layout = Qcow2Layout::build(&vol, DEFAULT_CLUSTER_BITS).unwrap();
-    assert_eq!(layout.data_clusters(), nonzero_clusters(&fx.writes, 65536).len() as u64);
+    assert_eq!(
+        layout.data_clusters(),
+        nonzero_clusters(&fx.writes, 65536).len() as u64
+    );
     let out = fx.path.with_file_name("export.qcow2");
     export_shuffled(&layout, &out, MIB);
     assert_valid_and_identical(&out, &fx.path);

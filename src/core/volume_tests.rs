@@ -81,7 +81,10 @@ fn raw_reads_equal_the_file_and_holes_are_reported() {
     }
     let allocated: u64 = extents.iter().map(|e| e.end - e.start).sum();
     let written: u64 = fx.writes.iter().map(|(_, b)| b.len() as u64).sum();
-    assert!(allocated >= written && allocated < written + MIB, "{allocated} vs {written}");
+    assert!(
+        allocated >= written && allocated < written + MIB,
+        "{allocated} vs {written}"
+    );
     // Clipping to a window.
     assert_eq!(
         vol.data_extents(100 * MIB + 10..100 * MIB + 20).unwrap(),
@@ -104,11 +107,17 @@ fn raw_reads_equal_the_file_and_holes_are_reported() {
     assert_eq!(vol.read_at(64 * MIB, &mut buf).unwrap(), Contents::Zeros);
     assert_eq!(vol.read_at(100 * MIB, &mut buf).unwrap(), Contents::Data);
     // Half hole, half data.
-    assert_eq!(vol.read_at(100 * MIB - 32768, &mut buf).unwrap(), Contents::Data);
+    assert_eq!(
+        vol.read_at(100 * MIB - 32768, &mut buf).unwrap(),
+        Contents::Data
+    );
     assert_eq!(&buf[32768..], &fx.writes[3].1[..32768]);
     // Just before the last write, outside its 4 KiB filesystem block: a hole.
     let mut tail = vec![0xAAu8; 1000];
-    assert_eq!(vol.read_at(fx.size - 12_000, &mut tail).unwrap(), Contents::Hole);
+    assert_eq!(
+        vol.read_at(fx.size - 12_000, &mut tail).unwrap(),
+        Contents::Hole
+    );
 
     let mut past = vec![0u8; 10];
     let m = match vol.read_at(fx.size - 5, &mut past) {
@@ -138,8 +147,14 @@ fn volume_that_shrinks_after_open_is_an_error_that_says_so() {
         "{e:?}"
     );
     let msg = e.to_string();
-    assert!(msg.contains("changed size during the export") && msg.contains("snapshot"), "{msg}");
-    assert!(matches!(vol.check_unchanged(), Err(Error::VolumeChanged { .. })));
+    assert!(
+        msg.contains("changed size during the export") && msg.contains("snapshot"),
+        "{msg}"
+    );
+    assert!(matches!(
+        vol.check_unchanged(),
+        Err(Error::VolumeChanged { .. })
+    ));
 
     // A hole past the new end: SEEK_DATA's ENXIO must not pass for "all hole".
     let fx = sparse_volume(8 * MIB, vec![(0, random(4096))]);
@@ -156,22 +171,34 @@ fn volume_that_shrinks_after_open_is_an_error_that_says_so() {
     // Growing is a change too.
     let fx = sparse_volume(MIB, vec![(0, random(4096))]);
     let vol = Volume::open(&fx.path).unwrap();
-    let mut f = std::fs::OpenOptions::new().append(true).open(&fx.path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&fx.path)
+        .unwrap();
     f.write_all(b"more").unwrap();
-    assert!(matches!(vol.check_unchanged(), Err(Error::VolumeChanged { now_bytes, .. }) if now_bytes == MIB + 4));
+    assert!(
+        matches!(vol.check_unchanged(), Err(Error::VolumeChanged { now_bytes, .. }) if now_bytes == MIB + 4)
+    );
 }
 
 #[test]
 fn missing_path_directory_and_other_files_are_clear_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let m = bad_input(Volume::open(dir.path().join("nope.img")));
-    assert!(m.contains("does not exist") && m.contains("nope.img"), "{m}");
+    assert!(
+        m.contains("does not exist") && m.contains("nope.img"),
+        "{m}"
+    );
     let m = bad_input(Volume::open(dir.path()));
     assert!(m.contains("is a directory"), "{m}");
     let m = bad_input(Volume::open("/dev/null"));
     assert!(m.contains("character device"), "{m}");
     let fifo = dir.path().join("fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let m = bad_input(Volume::open(&fifo));
     assert!(m.contains("a FIFO"), "{m}");
     let empty = dir.path().join("empty.img");
@@ -211,7 +238,11 @@ impl Drop for LoopDevice {
 fn loop_device_is_a_block_device_volume() {
     let fx = sparse_volume(
         16 * MIB,
-        vec![(0, random(4096)), (5 * MIB + 3, random(100_000)), (16 * MIB - 512, random(512))],
+        vec![
+            (0, random(4096)),
+            (5 * MIB + 3, random(100_000)),
+            (16 * MIB - 512, random(512)),
+        ],
     );
     let dev = LoopDevice::attach(&fx.path);
     let vol = Volume::open(&dev.0).unwrap();
@@ -220,7 +251,10 @@ fn loop_device_is_a_block_device_volume() {
     assert_eq!(vol.data_extents(0..16 * MIB).unwrap(), vec![0..16 * MIB]);
     let mut got = vec![0u8; 16 * MIB as usize];
     assert_eq!(vol.read_at(0, &mut got).unwrap(), Contents::Data);
-    assert!(got == std::fs::read(&fx.path).unwrap(), "block device read differs from its file");
+    assert!(
+        got == std::fs::read(&fx.path).unwrap(),
+        "block device read differs from its file"
+    );
     // A block device has no holes, but its zero ranges are still found by reading.
     let mut buf = vec![0u8; 65536];
     assert_eq!(vol.read_at(10 * MIB, &mut buf).unwrap(), Contents::Zeros);
