@@ -43,6 +43,8 @@ const QCOW_OFLAG_COPIED: u64 = 1 << 63;
 const HEADER_LENGTH: u32 = 112;
 const REFCOUNT_ORDER: u32 = 4; // 16-bit refcounts
 const SCAN_CHUNK_BYTES: u64 = 4 << 20;
+/// A multiple of every cluster size (2 MiB at most).
+const SCAN_WINDOW_BYTES: u64 = 1 << 30;
 
 #[derive(Debug)]
 pub struct Qcow2Layout {
@@ -92,24 +94,28 @@ impl Qcow2Layout {
         // extents from being read twice.
         let mut buf = vec![0u8; SCAN_CHUNK_BYTES as usize];
         let mut scanned_to = 0u64;
-        for extent in volume.data_extents(0..size)? {
-            let mut pos = (extent.start & !(cluster - 1)).max(scanned_to);
-            let end = (extent.end.div_ceil(cluster) * cluster).min(size);
-            while pos < end {
-                let n = (end - pos).min(SCAN_CHUNK_BYTES) as usize;
-                let chunk = &mut buf[..n];
-                if !volume.read_at(pos, chunk)?.is_zero() {
-                    for (i, c) in chunk.chunks(cluster as usize).enumerate() {
-                        if !super::volume::is_all_zero(c) {
-                            let g = (pos >> cluster_bits) + i as u64;
-                            allocated[(g / 64) as usize] |= 1 << (g % 64);
+        // Extents a window at a time: a badly fragmented file has millions of them.
+        for w in 0..size.div_ceil(SCAN_WINDOW_BYTES) {
+            let window = w * SCAN_WINDOW_BYTES..((w + 1) * SCAN_WINDOW_BYTES).min(size);
+            for extent in volume.data_extents(window)? {
+                let mut pos = (extent.start & !(cluster - 1)).max(scanned_to);
+                let end = (extent.end.div_ceil(cluster) * cluster).min(size);
+                while pos < end {
+                    let n = (end - pos).min(SCAN_CHUNK_BYTES) as usize;
+                    let chunk = &mut buf[..n];
+                    if !volume.read_at(pos, chunk)?.is_zero() {
+                        for (i, c) in chunk.chunks(cluster as usize).enumerate() {
+                            if !super::volume::is_all_zero(c) {
+                                let g = (pos >> cluster_bits) + i as u64;
+                                allocated[(g / 64) as usize] |= 1 << (g % 64);
+                            }
                         }
                     }
+                    pos += n as u64;
+                    progress(pos);
                 }
-                pos += n as u64;
-                progress(pos);
+                scanned_to = scanned_to.max(end);
             }
-            scanned_to = scanned_to.max(end);
         }
 
         let l2_entries = cluster / 8;
@@ -212,7 +218,6 @@ impl Qcow2Layout {
         let n = (buf.len() as u64).min(len - offset) as usize;
         let cb = self.cluster_bits;
         let csize = 1u64 << cb;
-        let mut scratch = Vec::new();
         let mut done = 0usize;
         while done < n {
             let pos = offset + done as u64;
@@ -223,9 +228,7 @@ impl Qcow2Layout {
                 continue;
             }
             let take = (csize as usize - within).min(n - done);
-            scratch.resize(csize as usize, 0);
-            self.metadata_cluster(c, &mut scratch);
-            buf[done..done + take].copy_from_slice(&scratch[within..within + take]);
+            self.read_metadata(c, within, &mut buf[done..done + take]);
             done += take;
         }
         Ok(n)
@@ -257,16 +260,39 @@ impl Qcow2Layout {
         Ok(take)
     }
 
-    /// Generates metadata cluster `c` (< data_at) into `out` (one cluster long).
-    fn metadata_cluster(&self, c: u64, out: &mut [u8]) {
-        out.fill(0);
+    /// Bytes `within..within + out.len()` of metadata cluster `c` (< data_at). Only the
+    /// entries asked for are generated: with 2 MiB clusters a whole L2 table is 262144
+    /// entries, too many to make for every small read.
+    fn read_metadata(&self, c: u64, within: usize, out: &mut [u8]) {
+        if c == 0 {
+            let header = self.header();
+            out.fill(0);
+            if within < header.len() {
+                let n = (header.len() - within).min(out.len());
+                out[..n].copy_from_slice(&header[within..within + n]);
+            }
+            return;
+        }
+        let entry_size = if (self.rc_blocks_at..self.l1_at).contains(&c) {
+            2
+        } else {
+            8
+        };
+        let first = within / entry_size;
+        let end = (within + out.len()).div_ceil(entry_size);
+        let mut entries = vec![0u8; (end - first) * entry_size];
+        self.fill_entries(c, first as u64, &mut entries);
+        let skip = within - first * entry_size;
+        out.copy_from_slice(&entries[skip..skip + out.len()]);
+    }
+
+    /// Entries of metadata cluster `c` from entry index `first`, into `out` (zeroed).
+    fn fill_entries(&self, c: u64, first: u64, out: &mut [u8]) {
         let cb = self.cluster_bits;
         let csize = 1u64 << cb;
-        if c == 0 {
-            self.header(out);
-        } else if c < self.rc_blocks_at {
+        if c < self.rc_blocks_at {
             // Refcount table: entry i points at refcount block i.
-            let first = (c - self.rc_table_at) * (csize / 8);
+            let first = (c - self.rc_table_at) * (csize / 8) + first;
             let blocks = self.l1_at - self.rc_blocks_at;
             for (i, e) in out.chunks_exact_mut(8).enumerate() {
                 let idx = first + i as u64;
@@ -276,14 +302,14 @@ impl Qcow2Layout {
             }
         } else if c < self.l1_at {
             // Refcount block: every cluster of the file has refcount 1.
-            let first = (c - self.rc_blocks_at) * (csize / 2);
+            let first = (c - self.rc_blocks_at) * (csize / 2) + first;
             for (i, e) in out.chunks_exact_mut(2).enumerate() {
                 if first + (i as u64) < self.total_clusters {
                     e.copy_from_slice(&1u16.to_be_bytes());
                 }
             }
         } else if c < self.l2_at {
-            let first = (c - self.l1_at) * (csize / 8);
+            let first = (c - self.l1_at) * (csize / 8) + first;
             let l1_entries = self.rank_before_l1.len() as u64 - 1;
             for (i, e) in out.chunks_exact_mut(8).enumerate() {
                 let k = (first + i as u64) as usize;
@@ -297,9 +323,8 @@ impl Qcow2Layout {
             // is t and that has a table of its own.
             let t = c - self.l2_at;
             let k = self.l2_before_l1.partition_point(|&x| x <= t) - 1;
-            let l2_entries = csize / 8;
-            let first_guest = k as u64 * l2_entries;
-            let mut next_data = self.rank_before_l1[k];
+            let first_guest = k as u64 * (csize / 8) + first;
+            let mut next_data = self.rank(first_guest);
             for (i, e) in out.chunks_exact_mut(8).enumerate() {
                 let g = first_guest + i as u64;
                 if self.is_allocated(g) {
@@ -311,7 +336,8 @@ impl Qcow2Layout {
         }
     }
 
-    fn header(&self, out: &mut [u8]) {
+    fn header(&self) -> [u8; HEADER_LENGTH as usize] {
+        let mut out = [0u8; HEADER_LENGTH as usize];
         let l1_entries = self.rank_before_l1.len() as u64 - 1;
         let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
         put(0, b"QFI\xfb");
@@ -323,14 +349,26 @@ impl Qcow2Layout {
         put(36, &(l1_entries as u32).to_be_bytes());
         put(40, &(self.l1_at << self.cluster_bits).to_be_bytes());
         put(48, &(self.rc_table_at << self.cluster_bits).to_be_bytes());
-        put(
-            56,
-            &((self.rc_blocks_at - self.rc_table_at) as u32).to_be_bytes(),
-        );
+        let rc_table_clusters = (self.rc_blocks_at - self.rc_table_at) as u32;
+        put(56, &rc_table_clusters.to_be_bytes());
         // 60: nb_snapshots, 64: snapshots_offset, 72..96: feature bits: all zero
         put(96, &REFCOUNT_ORDER.to_be_bytes());
         put(100, &HEADER_LENGTH.to_be_bytes());
-        // 104: compression_type zlib (unused), then the end-of-extensions marker at 112.
+        // 104: compression_type zlib (unused), padding; the end-of-extensions marker
+        // (eight zero bytes) follows at 112, in the zeroed rest of the cluster.
+        out
+    }
+
+    /// Allocated guest clusters before guest cluster `g`.
+    fn rank(&self, g: u64) -> u64 {
+        let words_per_l2 = (1u64 << self.cluster_bits) / 8 / 64;
+        let k = g / (words_per_l2 * 64);
+        let word_at = |w: u64| self.allocated.get(w as usize).copied().unwrap_or(0);
+        let whole: u64 = (k * words_per_l2..g / 64)
+            .map(|w| u64::from(word_at(w).count_ones()))
+            .sum();
+        let part = word_at(g / 64) & ((1u64 << (g % 64)) - 1);
+        self.rank_before_l1[k as usize] + whole + u64::from(part.count_ones())
     }
 
     fn is_allocated(&self, g: u64) -> bool {

@@ -229,3 +229,38 @@ fn qcow2_of_a_block_device_leaves_its_zero_clusters_out() {
     export_shuffled(&layout, &out, MIB);
     assert_valid_and_identical(&out, &fx.path);
 }
+
+#[test]
+fn mostly_empty_100_gib_volume_exports_to_a_small_qcow2() {
+    let gib = 1u64 << 30;
+    let size = 100 * gib;
+    let fx = sparse_volume(
+        size,
+        vec![
+            (0, random(65536)),
+            (gib + 12345, random(100_000)), // across a scan window boundary below
+            (2 * gib - 10, random(20)),
+            (size - 4096, random(4096)),
+        ],
+    );
+    let vol = Volume::open(&fx.path).unwrap();
+    let layout = Qcow2Layout::build(&vol, DEFAULT_CLUSTER_BITS).unwrap();
+    assert_eq!(
+        layout.data_clusters(),
+        nonzero_clusters(&fx.writes, 65536).len() as u64
+    );
+    // Header, refcount table and block, one L1 cluster (200 entries), and five L2
+    // tables (the 20 bytes at 2 GiB - 10 reach into the fifth 512 MiB span).
+    assert_eq!(layout.metadata_bytes(), 9 * 65536);
+    assert!(layout.len() < 2 * MIB, "{}", layout.len());
+    let out = fx.path.with_file_name("export.qcow2");
+    export_shuffled(&layout, &out, 300_001);
+    assert_valid_and_identical(&out, &fx.path);
+}
+
+#[test]
+fn layout_and_volume_can_be_shared_across_threads() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<Qcow2Layout>();
+    shareable::<Volume>();
+}
