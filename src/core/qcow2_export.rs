@@ -4,7 +4,8 @@
 //!
 //! `Qcow2Layout::build` reads the volume's allocated extents once (SEEK_DATA/SEEK_HOLE,
 //! then each cluster that reads all-zero stays unallocated, as `qemu-img convert` leaves
-//! it) and fixes the layout; `read_at` then generates the metadata from the in-memory
+//! it; `ZeroScan::ExtentsOnly` skips the reading and trusts the extents) and fixes the
+//! layout; `read_at` then generates the metadata from the in-memory
 //! map and reads data clusters from the volume.
 //!
 //! Layout (the order `qemu-img convert` uses, with all L2 tables before the data):
@@ -45,6 +46,22 @@ const REFCOUNT_ORDER: u32 = 4; // 16-bit refcounts
 const SCAN_CHUNK_BYTES: u64 = 4 << 20;
 /// A multiple of every cluster size (2 MiB at most).
 const SCAN_WINDOW_BYTES: u64 = 1 << 30;
+/// qemu refuses images whose L1 table is larger (QCOW_MAX_L1_SIZE).
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+/// How `Qcow2Layout::build_with` decides which clusters hold data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroScan {
+    /// Read the volume's allocated extents and leave clusters that read all-zero out:
+    /// the smallest file (as `qemu-img convert`), but every allocated byte is read once
+    /// before the first byte of the qcow2 can be served (a full 100 GiB block device:
+    /// 100 GiB read up front).
+    Read,
+    /// Trust SEEK_DATA/SEEK_HOLE: every cluster that touches an extent is data, unread.
+    /// Instant for files; zero-filled allocated ranges are then stored, and a block
+    /// device (all data) exports at full size.
+    ExtentsOnly,
+}
 
 #[derive(Debug)]
 pub struct Qcow2Layout {
@@ -68,15 +85,18 @@ pub struct Qcow2Layout {
 
 impl Qcow2Layout {
     /// Scans `volume` and lays out its qcow2 image with clusters of `1 << cluster_bits`
-    /// bytes (9..=21, as qemu allows). Reads every allocated byte of the volume once.
+    /// bytes (9..=21, as qemu allows), leaving clusters that read all-zero out
+    /// (`ZeroScan::Read`).
     pub fn build(volume: &Volume, cluster_bits: u32) -> Result<Qcow2Layout> {
-        Self::build_with_progress(volume, cluster_bits, &mut |_| {})
+        Self::build_with(volume, cluster_bits, ZeroScan::Read, &mut |_| {})
     }
 
-    /// As `build`, calling `progress(offset)` as the scan passes volume offsets.
-    pub fn build_with_progress(
+    /// As `build`, choosing how zero clusters are found and calling `progress(offset)`
+    /// as the scan passes volume offsets (each of them once, in order).
+    pub fn build_with(
         volume: &Volume,
         cluster_bits: u32,
+        scan: ZeroScan,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Qcow2Layout> {
         if !(9..=21).contains(&cluster_bits) {
@@ -88,6 +108,14 @@ impl Qcow2Layout {
         let size = volume.size_bytes();
         let virtual_size = size.div_ceil(512) * 512;
         let guest_clusters = virtual_size.div_ceil(cluster);
+        let l2_entries = cluster / 8;
+        let l1_entries = guest_clusters.div_ceil(l2_entries);
+        if l1_entries * 8 > MAX_L1_BYTES {
+            return Err(Error::BadInput(format!(
+                "a {size}-byte volume needs an L1 table larger than qemu's 32 MiB limit with \
+                 {cluster}-byte clusters; use larger clusters"
+            )));
+        }
         let mut allocated = vec![0u64; guest_clusters.div_ceil(64) as usize];
 
         // Clusters that hold a non-zero byte. `scanned_to` keeps a cluster shared by two
@@ -102,6 +130,14 @@ impl Qcow2Layout {
                 let end = (extent.end.div_ceil(cluster) * cluster).min(size);
                 while pos < end {
                     let n = (end - pos).min(SCAN_CHUNK_BYTES) as usize;
+                    if scan == ZeroScan::ExtentsOnly {
+                        for g in pos >> cluster_bits..(pos + n as u64).div_ceil(cluster) {
+                            allocated[(g / 64) as usize] |= 1 << (g % 64);
+                        }
+                        pos += n as u64;
+                        progress(pos);
+                        continue;
+                    }
                     let chunk = &mut buf[..n];
                     if !volume.read_at(pos, chunk)?.is_zero() {
                         for (i, c) in chunk.chunks(cluster as usize).enumerate() {
@@ -118,8 +154,6 @@ impl Qcow2Layout {
             }
         }
 
-        let l2_entries = cluster / 8;
-        let l1_entries = guest_clusters.div_ceil(l2_entries);
         let words_per_l2 = (l2_entries / 64) as usize;
         let mut rank_before_l1 = Vec::with_capacity(l1_entries as usize + 1);
         let mut l2_before_l1 = Vec::with_capacity(l1_entries as usize + 1);

@@ -264,3 +264,41 @@ fn layout_and_volume_can_be_shared_across_threads() {
     shareable::<Qcow2Layout>();
     shareable::<Volume>();
 }
+
+#[test]
+fn extents_only_scan_stores_allocated_zero_clusters() {
+    let fx = standard_volume();
+    let vol = Volume::open(&fx.path).unwrap();
+    let mut seen = Vec::new();
+    let layout = Qcow2Layout::build_with(
+        &vol,
+        DEFAULT_CLUSTER_BITS,
+        ZeroScan::ExtentsOnly,
+        &mut |p| seen.push(p),
+    )
+    .unwrap();
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]) && *seen.last().unwrap() == fx.size,
+        "{seen:?}"
+    );
+    // The explicitly written zero cluster is allocated on disk, so it is stored.
+    assert!(layout.is_allocated(64 * MIB / 65536));
+    let full = Qcow2Layout::build(&vol, DEFAULT_CLUSTER_BITS).unwrap();
+    assert_eq!(layout.data_clusters(), full.data_clusters() + 1);
+    let out = fx.path.with_file_name("export.qcow2");
+    export_shuffled(&layout, &out, MIB + 1);
+    assert_valid_and_identical(&out, &fx.path);
+}
+
+#[test]
+fn volume_too_big_for_the_cluster_size_is_bad_input() {
+    // 512-byte clusters: each L1 entry covers 32 KiB, so 200 GiB needs a 50 MiB L1.
+    let fx = sparse_volume(200 << 30, vec![(0, random(10))]);
+    let vol = Volume::open(&fx.path).unwrap();
+    match Qcow2Layout::build(&vol, 9) {
+        Err(Error::BadInput(m)) => {
+            assert!(m.contains("32 MiB") && m.contains("larger clusters"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
