@@ -10,10 +10,14 @@
 //!
 //! Codecs: `async-compression` (tokio bufread decoders) over `tokio_util::io::StreamReader`,
 //! back to a stream with `ReaderStream`. It wraps flate2 (pure Rust, miniz_oxide), liblzma
-//! and zstd (both C libraries built from their bundled sources by cc: nothing to install,
-//! about 40 s of one core for a clean debug build of the three). Pure-Rust xz (lzma-rs) and
-//! zstd (ruzstd) decoders exist but run several times slower than the C ones, and
-//! decompression sits on the path to every byte of such an image.
+//! and zstd (both C libraries built from their bundled sources by cc: nothing to install).
+//! Build cost measured here (2 cores, clean debug build of just these 14 crates, the C
+//! at opt-level 3 as Cargo.toml asks): about 70 s wall, of which zstd-sys's C is 58 s,
+//! liblzma-sys 16 s, miniz_oxide 0.9 6 s (a second copy: qcow2-rs keeps 0.7), the rest
+//! under 5 s. Pure-Rust xz (lzma-rs) and zstd (ruzstd) decoders would build faster but
+//! run several times slower, and decompression sits on the path to every byte of such an
+//! image. Measured decode of a 90 MB image (64 MiB random + text) in a debug build:
+//! gzip 0.28 s, xz 0.33 s, zstd 0.19 s, all below SHA-512's 500 MiB/s.
 //!
 //! Concatenated members (pigz, `zstd` of several frames, `xz` of several streams) are
 //! decoded as one body. A corrupt or truncated body ends the stream with
