@@ -16,8 +16,9 @@
 //! liblzma-sys 16 s, miniz_oxide 0.9 6 s (a second copy: qcow2-rs keeps 0.7), the rest
 //! under 5 s. Pure-Rust xz (lzma-rs) and zstd (ruzstd) decoders would build faster but
 //! run several times slower, and decompression sits on the path to every byte of such an
-//! image. Measured decode of a 90 MB image (64 MiB random + text) in a debug build:
-//! gzip 0.28 s, xz 0.33 s, zstd 0.19 s, all below SHA-512's 500 MiB/s.
+//! image. Measured decode alone of a 90 MB body (64 MiB random + 26 MB text, made by the
+//! gzip/xz/zstd tools) in a debug build: gzip 0.18 s, xz 0.25 s, zstd 0.05 s; mostly
+//! incompressible data flatters gzip and xz, whose real-image speeds are lower.
 //!
 //! Concatenated members (pigz, `zstd` of several frames, `xz` of several streams) are
 //! decoded as one body. A corrupt or truncated body ends the stream with
