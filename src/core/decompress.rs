@@ -35,7 +35,7 @@ use futures::stream::{self, BoxStream, Stream, StreamExt, TryStreamExt};
 use tokio::io::AsyncRead;
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use super::error::{Error, Result};
+use super::error::{Error, Result, SourceError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Compression {
@@ -182,6 +182,20 @@ pub enum DecompressError<E> {
         compressed_bytes: u64,
         decompressed_bytes: u64,
     },
+}
+
+impl DecompressError<SourceError> {
+    /// For `Source::read`: bad compressed data is a permanent `Protocol` error of the
+    /// source at `url` (the image fails as source-gone: retrying fetches the same bytes).
+    pub fn into_source_error(self, url: &str) -> SourceError {
+        match self {
+            DecompressError::Source(e) => e,
+            bad => SourceError::Protocol {
+                url: url.to_string(),
+                reason: bad.to_string(),
+            },
+        }
+    }
 }
 
 /// The decompressed bytes of `input` (`codec` data), in chunks of up to 256 KiB.

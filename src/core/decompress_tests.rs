@@ -161,6 +161,17 @@ async fn corrupt_stream_is_an_error_that_says_corrupt_and_where() {
             "{codec}: {e}"
         );
         assert!(e.to_string().contains("truncated"), "{e}");
+        let se = DecompressError::<SourceError>::Truncated {
+            codec,
+            compressed_bytes: 1,
+            decompressed_bytes: 2,
+        }
+        .into_source_error("http://h/img.gz");
+        assert!(
+            matches!(&se, SourceError::Protocol { url, reason } if url == "http://h/img.gz" && reason.contains("truncated"))
+                && !se.is_retryable(),
+            "{se}"
+        );
     }
     // Not that codec at all.
     let e = collect(decompress(Compression::Zstd, chunked(text(10_000), 999)))

@@ -27,7 +27,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::error::{Error, Result};
+use super::error::{Error, Result, SourceError};
 
 /// What the volume is on its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +271,33 @@ impl Volume {
             return Err(Error::io(&i.path, e));
         }
         Ok(Some(r as u64))
+    }
+}
+
+/// What a `Source` over a volume reports for a read error (`Source::read` speaks
+/// `SourceError`): a size change is `Changed` (the image fails and cannot be retried:
+/// recreate it), an I/O error may pass (`Interrupted`, retried), anything else is
+/// permanent.
+pub fn to_source_error(e: Error) -> SourceError {
+    match e {
+        Error::VolumeChanged {
+            was_bytes,
+            now_bytes,
+            ..
+        } => SourceError::Changed {
+            what: "volume size (a volume must not be written while it is exported)",
+            was: was_bytes.to_string(),
+            now: now_bytes.to_string(),
+        },
+        Error::Io { path, msg, .. } => SourceError::Interrupted {
+            url: path.display().to_string(),
+            reason: msg,
+        },
+        Error::Source(s) => s,
+        other => SourceError::Protocol {
+            url: "volume".into(),
+            reason: other.to_string(),
+        },
     }
 }
 
