@@ -32,7 +32,7 @@
 //! Why not qcow2-rs's writer: it needs a seekable local file and rewrites metadata after
 //! the data (measured in FACTS.md), so the image would be written whole before a block
 //! of it could be served, at twice the disk traffic. A read-only generator of a
-//! fixed layout is about 300 lines and serves any range at once.
+//! fixed layout is a few hundred lines and serves any range at once.
 
 use super::error::{Error, Result};
 use super::volume::Volume;
