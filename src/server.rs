@@ -46,7 +46,9 @@ pub fn status(e: &Error) -> StatusCode {
         Error::Conflict { .. } | Error::Checksum { .. } | Error::Failed { .. } => {
             StatusCode::CONFLICT
         }
-        Error::Source(SourceError::Changed { .. }) => StatusCode::CONFLICT,
+        Error::Source(SourceError::Changed { .. }) | Error::VolumeChanged { .. } => {
+            StatusCode::CONFLICT
+        }
         Error::Source(_) => StatusCode::BAD_GATEWAY,
         Error::Io { errno, .. } if *errno == libc::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
         Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,

@@ -72,7 +72,9 @@ impl FailureKind {
     pub fn of(e: &Error) -> Self {
         match e {
             Error::Checksum { .. } => Self::Checksum,
-            Error::Source(SourceError::Changed { .. }) => Self::SourceChanged,
+            Error::Source(SourceError::Changed { .. }) | Error::VolumeChanged { .. } => {
+                Self::SourceChanged
+            }
             Error::Source(s) if s.is_retryable() => Self::SourceUnreachable,
             Error::Source(_) => Self::SourceGone,
             Error::Io { errno, .. } if *errno == libc::ENOSPC => Self::DiskFull,
@@ -158,6 +160,12 @@ pub enum Error {
     Unsupported(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("volume {path} changed size during the export ({was_bytes} -> {now_bytes} bytes); a volume must not be written while it is exported: export from a snapshot, then recreate the image")]
+    VolumeChanged {
+        path: PathBuf,
+        was_bytes: u64,
+        now_bytes: u64,
+    },
 }
 
 impl Error {
@@ -187,7 +195,8 @@ impl Error {
             | Self::NoSource { .. }
             | Self::ReadTimeout { .. }
             | Self::ShuttingDown
-            | Self::Deleted(_) => libc::EIO,
+            | Self::Deleted(_)
+            | Self::VolumeChanged { .. } => libc::EIO,
         }
     }
 }

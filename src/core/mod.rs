@@ -11,6 +11,7 @@
 //! `image` moves an image's state.
 
 pub mod bitmap;
+pub mod decompress;
 pub mod error;
 pub mod fetch;
 pub mod fill;
@@ -20,6 +21,7 @@ pub mod node;
 pub mod peer;
 pub mod pieces;
 pub mod qcow2;
+pub mod qcow2_export;
 pub mod range;
 pub mod readahead;
 pub mod source;
@@ -29,6 +31,7 @@ pub mod status;
 pub mod store;
 pub mod verify;
 pub mod view;
+pub mod volume;
 
 pub use error::{Error, FailureKind, Result, SourceError};
 pub use image::{Image, ImageConfig, ImageEvent};
