@@ -52,6 +52,7 @@ pub fn status(e: &Error) -> StatusCode {
         Error::NoSource { .. } | Error::ReadTimeout { .. } => StatusCode::BAD_GATEWAY,
         Error::Deleted(_) => StatusCode::NOT_FOUND,
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::SpecDiffers { .. } => StatusCode::CONFLICT,
     }
 }
 

@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod fill;
 pub mod format;
 pub mod image;
+pub mod manifest;
 pub mod node;
 pub mod qcow2;
 pub mod range;
