@@ -443,8 +443,10 @@ fn storage_class(params: &[(String, String, Option<usize>)]) -> Result<Wanted> {
         source.insert(k, (v, None));
     }
     // Name the parameter the user wrote, then the key inside its JSON.
-    let source_parameters = check_source(source_type, source)
-        .map_err(|p| err(SC_PARAMS, json_line, format!("{} {}", p.key, p.msg)))?;
+    let source_parameters = check_source(source_type, source).map_err(|p| {
+        let sep = if p.msg.starts_with("is ") { " " } else { ": " };
+        err(SC_PARAMS, json_line, format!("{}{sep}{}", p.key, p.msg))
+    })?;
     Ok(Wanted::Create(ImageSpec {
         name: name.to_string(),
         source_type,
