@@ -476,7 +476,11 @@ async fn wait_for(
 async fn apply(c: &Client, file: &std::path::Path) -> Result<(), Exit> {
     use std::io::Read;
     let stdin = file.as_os_str() == "-";
-    let shown = if stdin { "stdin".to_string() } else { file.display().to_string() };
+    let shown = if stdin {
+        "stdin".to_string()
+    } else {
+        file.display().to_string()
+    };
     let mut text = String::new();
     let limit = manifest::MAX_INPUT_BYTES as u64 + 1;
     let read = if stdin {
@@ -487,7 +491,9 @@ async fn apply(c: &Client, file: &std::path::Path) -> Result<(), Exit> {
     read.map_err(|e| usage(format!("cannot read {shown}: {e}")))?;
     let docs = manifest::parse(&text).map_err(|e| usage(format!("{shown}: {e}")))?;
     if docs.is_empty() {
-        return Err(usage(format!("{shown}: no documents; expected kind: BackingImage")));
+        return Err(usage(format!(
+            "{shown}: no documents; expected kind: BackingImage"
+        )));
     }
     let mut worst: Option<Exit> = None;
     for doc in &docs {
@@ -496,7 +502,10 @@ async fn apply(c: &Client, file: &std::path::Path) -> Result<(), Exit> {
             Err(Exit(code, msg)) => {
                 eprintln!("bifs: {shown} line {}: {msg}", doc.line);
                 if worst.as_ref().is_none_or(|w| code > w.0) {
-                    worst = Some(Exit(code, format!("{shown}: not every document was applied")));
+                    worst = Some(Exit(
+                        code,
+                        format!("{shown}: not every document was applied"),
+                    ));
                 }
             }
         }
@@ -512,9 +521,15 @@ async fn ensure(c: &Client, wanted: &Wanted) -> Result<String, Exit> {
     match wanted {
         Wanted::Create(spec) => {
             let body = serde_json::to_value(spec).map_err(|e| failed(e.to_string()))?;
-            let v = c.call(reqwest::Method::POST, "/v1/images", Some(body)).await?;
+            let v = c
+                .call(reqwest::Method::POST, "/v1/images", Some(body))
+                .await?;
             let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
-            let what = if existing.is_some() { "unchanged" } else { "created" };
+            let what = if existing.is_some() {
+                "unchanged"
+            } else {
+                "created"
+            };
             Ok(format!("{}: {what} ({}, {}%)", s.name, s.state, s.progress))
         }
         Wanted::Use { name, checksum } => {

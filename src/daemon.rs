@@ -139,7 +139,11 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     ));
     info!(mountpoint = %mp_str, api = %api_addr, images = node.list().len(), "bifs mounted");
     if let Some(dir) = &args.manifests {
-        rt.spawn(crate::manifests::watch(node.clone(), dir.clone(), stop.clone()));
+        rt.spawn(crate::manifests::watch(
+            node.clone(),
+            dir.clone(),
+            stop.clone(),
+        ));
     }
 
     let external_unmount = rt.block_on(async {

@@ -146,7 +146,9 @@ async fn apply_file(node: &Arc<Node>, path: &Path, text: &str) -> bool {
             Wanted::Create(spec) => {
                 let existed = node.get(&name).is_ok();
                 match node.create(spec, CreateOptions::default()).await {
-                    Ok(_) if existed => debug!(file, line, image = %name, "manifest applied: unchanged"),
+                    Ok(_) if existed => {
+                        debug!(file, line, image = %name, "manifest applied: unchanged")
+                    }
                     Ok(_) => info!(file, line, image = %name, "manifest applied: image created"),
                     Err(e) => {
                         let passing = can_pass(&e);

@@ -106,7 +106,10 @@ fn the_seed_backing_image_applies_reaches_ready_and_reapplies_as_a_no_op() {
     let sum = sha512_hex(&data);
     let d = Daemon::start();
     let file = d.dir.path().join("bi.yaml");
-    write(&file, &seed_download("bi-download", &origin.url("parrot.raw"), &sum));
+    write(
+        &file,
+        &seed_download("bi-download", &origin.url("parrot.raw"), &sum),
+    );
 
     let out = d.bifs_ok(&["apply", "-f", file.to_str().unwrap()]);
     assert!(out.contains("bi-download: created"), "{out}");
@@ -116,20 +119,34 @@ fn the_seed_backing_image_applies_reaches_ready_and_reapplies_as_a_no_op() {
 
     // The same manifest again, this time from stdin: nothing changes, nothing is fetched.
     let served = origin.served();
-    let out = bifs_stdin(&d, &["apply", "-f", "-"], &std::fs::read_to_string(&file).unwrap());
+    let out = bifs_stdin(
+        &d,
+        &["apply", "-f", "-"],
+        &std::fs::read_to_string(&file).unwrap(),
+    );
     expect_exit(&out, 0, &[]);
-    assert!(text(&out.stdout).contains("bi-download: unchanged (ready"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("bi-download: unchanged (ready"),
+        "{}",
+        text(&out.stdout)
+    );
     assert_eq!(origin.served(), served, "re-apply fetched bytes");
     assert_eq!(d.status("bi-download")["state"], "ready");
 
     // A different checksum for the same name: refused, naming the field and both values.
     let other = "ab".repeat(64);
-    write(&file, &seed_download("bi-download", &origin.url("parrot.raw"), &other));
+    write(
+        &file,
+        &seed_download("bi-download", &origin.url("parrot.raw"), &other),
+    );
     let out = d.bifs(&["apply", "-f", file.to_str().unwrap()]);
     expect_exit(
         &out,
         1,
-        &[&format!("checksum is {sum}, asked {other}"), "bifs delete bi-download"],
+        &[
+            &format!("checksum is {sum}, asked {other}"),
+            "bifs delete bi-download",
+        ],
     );
     assert_eq!(d.status("bi-download")["checksum"], sum.as_str());
 }
@@ -189,7 +206,11 @@ fn the_seed_storage_class_creates_then_validates_and_a_different_url_is_refused(
         &[&format!("sourceParameters.url is {url}, asked {other}")],
     );
     let out = d.bifs(&["ensure", "backingImage=missing"]);
-    expect_exit(&out, 1, &["missing does not exist", "backingImageDataSourceType"]);
+    expect_exit(
+        &out,
+        1,
+        &["missing does not exist", "backingImageDataSourceType"],
+    );
 }
 
 #[test]
@@ -224,7 +245,11 @@ fn bad_input_exits_2_naming_the_field_and_creates_nothing() {
         &["line 2: kind: \"Volume\" is not a kind"],
     );
     // Both seed examples pasted without `---` between them.
-    expect_exit(&apply(&format!("{good}{good}")), 2, &["apiVersion: given twice", "---"]);
+    expect_exit(
+        &apply(&format!("{good}{good}")),
+        2,
+        &["apiVersion: given twice", "---"],
+    );
     let ensure = |json: &str| {
         d.bifs(&[
             "ensure",
@@ -238,14 +263,22 @@ fn bad_input_exits_2_naming_the_field_and_creates_nothing() {
         2,
         &["backingImageDataSourceParameters: not JSON"],
     );
-    expect_exit(&ensure("{}"), 2, &["backingImageDataSourceParameters: url is missing"]);
+    expect_exit(
+        &ensure("{}"),
+        2,
+        &["backingImageDataSourceParameters: url is missing"],
+    );
     expect_exit(
         &ensure(r#"{"url": "http:\\/\\/127.0.0.1:9\\/x"}"#),
         2,
         &["backslash", "remove every"],
     );
     expect_exit(
-        &d.bifs(&["ensure", "backingImage=bi-bad", "backingImageDataSourceType=nfs"]),
+        &d.bifs(&[
+            "ensure",
+            "backingImage=bi-bad",
+            "backingImageDataSourceType=nfs",
+        ]),
         2,
         &["backingImageDataSourceType: \"nfs\" is not a source type"],
     );
@@ -281,7 +314,11 @@ impl ConfigMapDir {
     fn publish(&mut self, files: &[(&str, &str)]) {
         use std::os::unix::fs::symlink;
         self.version += 1;
-        let ver = format!("..2026_12_02_00_00_{:02}.{}", self.version, 1000 + self.version);
+        let ver = format!(
+            "..2026_12_02_00_00_{:02}.{}",
+            self.version,
+            1000 + self.version
+        );
         let vdir = self.dir.join(&ver);
         std::fs::create_dir(&vdir).unwrap();
         for (k, v) in files {
@@ -315,10 +352,14 @@ fn a_manifests_folder_laid_out_as_a_configmap_applies_added_files_and_swapped_ve
     let mut cm = ConfigMapDir::new(&base.path().join("manifests"));
     let d = Daemon::start_with(&["--manifests", cm.dir.to_str().unwrap()]);
     let appears = |name: &str| {
-        wait_for(&format!("image {name} to appear"), Duration::from_secs(20), || {
-            let out = d.bifs(&["status", name, "--json"]);
-            out.status.success().then_some(())
-        })
+        wait_for(
+            &format!("image {name} to appear"),
+            Duration::from_secs(20),
+            || {
+                let out = d.bifs(&["status", name, "--json"]);
+                out.status.success().then_some(())
+            },
+        )
     };
 
     // A key added to the ConfigMap: its image appears.
@@ -328,19 +369,27 @@ fn a_manifests_folder_laid_out_as_a_configmap_applies_added_files_and_swapped_ve
 
     // A new version swapped in: a.yaml gains a document, b.yml is a new key, and a
     // file with a mistake is logged naming its field and line without stopping the rest.
-    let a2 = format!("{a}---\n{}", seed_download("bi-c", &origin.url("c.raw"), ""));
+    let a2 = format!(
+        "{a}---\n{}",
+        seed_download("bi-c", &origin.url("c.raw"), "")
+    );
     let b = seed_download("bi-b", &origin.url("b.raw"), "");
-    let broken = seed_download("bi-x", &origin.url("a.raw"), "").replace("sourceType: download", "sourceType: torrent");
+    let broken = seed_download("bi-x", &origin.url("a.raw"), "")
+        .replace("sourceType: download", "sourceType: torrent");
     cm.publish(&[("a.yaml", &a2), ("b.yml", &b), ("broken.yaml", &broken)]);
     appears("bi-c");
     appears("bi-b");
     for n in ["bi-a", "bi-b", "bi-c"] {
         d.wait_state(n, "ready", READY);
     }
-    wait_for("the broken manifest to be logged", Duration::from_secs(20), || {
-        let log = d.log();
-        (log.contains("broken.yaml") && log.contains("line 7: spec.sourceType")).then_some(())
-    });
+    wait_for(
+        "the broken manifest to be logged",
+        Duration::from_secs(20),
+        || {
+            let log = d.log();
+            (log.contains("broken.yaml") && log.contains("line 7: spec.sourceType")).then_some(())
+        },
+    );
     assert!(
         !text(&d.bifs(&["list"]).stdout).contains("bi-x"),
         "the broken document created an image"
@@ -352,11 +401,18 @@ fn a_manifests_folder_laid_out_as_a_configmap_applies_added_files_and_swapped_ve
     cm.publish(&[("a.yaml", &a3)]);
     wait_for("the conflict to be logged", Duration::from_secs(20), || {
         d.log()
-            .contains(&format!("sourceParameters.url is {}, asked {}", origin.url("a.raw"), origin.url("b.raw")))
+            .contains(&format!(
+                "sourceParameters.url is {}, asked {}",
+                origin.url("a.raw"),
+                origin.url("b.raw")
+            ))
             .then_some(())
     });
     let s = d.status("bi-a");
-    assert_eq!(s["source"]["parameters"]["url"], origin.url("a.raw").as_str());
+    assert_eq!(
+        s["source"]["parameters"]["url"],
+        origin.url("a.raw").as_str()
+    );
     assert_eq!(d.status("bi-b")["state"], "ready", "{}", tail(&d.log(), 20));
 }
 
@@ -372,7 +428,10 @@ fn a_non_loopback_listen_without_a_token_is_refused() {
         .output()
         .unwrap();
     expect_exit(&out, 2, &["--token-file", "--insecure-listen"]);
-    assert!(!dir.path().join("disk").exists(), "the daemon started anyway");
+    assert!(
+        !dir.path().join("disk").exists(),
+        "the daemon started anyway"
+    );
 }
 
 #[test]
@@ -391,7 +450,10 @@ fn sha256_checksums_right_is_ready_wrong_is_failed() {
         seed_download("bad", &origin.url("img.raw"), &wrong)
     );
     expect_exit(&bifs_stdin(&d, &["apply", "-f", "-"], &yaml), 0, &[]);
-    assert_eq!(d.wait_state("good", "ready", READY)["checksum"], right.as_str());
+    assert_eq!(
+        d.wait_state("good", "ready", READY)["checksum"],
+        right.as_str()
+    );
     let s = d.wait_state("bad", "failed", READY);
     assert!(s["error"].as_str().unwrap().contains("checksum"), "{s}");
 }
