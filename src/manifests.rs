@@ -34,6 +34,8 @@ struct Seen {
     text: String,
     /// When to try again (a cause that can pass); None: done until the file changes.
     retry_at: Option<Instant>,
+    /// The file could not be read last time (this error); applied again once it can.
+    unreadable: Option<String>,
 }
 
 /// Applies DIR's manifests until `stop` is cancelled.
@@ -108,23 +110,45 @@ async fn sync(
         info!(file = %name, "manifest removed; its images stay (`bifs delete NAME` removes one)");
     }
     for (name, read) in files {
+        let now = Instant::now();
         let text = match read {
             Ok(t) => t,
             Err(e) => {
-                // A swap in progress can briefly leave a dangling link: the next poll sees it settled.
-                debug!(file = %name, error = %e, "manifest not readable yet");
+                // A swap in progress can leave a dangling link for a moment: say so once
+                // per distinct error, and read it again on the next poll.
+                if seen
+                    .get(&name)
+                    .is_none_or(|s| s.unreadable.as_deref() != Some(e.as_str()))
+                {
+                    warn!(file = %dir.join(&name).display(), error = %e, "manifest not readable; trying again");
+                }
+                let text = seen.get(&name).map(|s| s.text.clone()).unwrap_or_default();
+                seen.insert(
+                    name,
+                    Seen {
+                        text,
+                        retry_at: None,
+                        unreadable: Some(e),
+                    },
+                );
                 continue;
             }
         };
-        let now = Instant::now();
         if let Some(s) = seen.get(&name) {
-            if s.text == text && s.retry_at.is_none_or(|t| now < t) {
+            if s.unreadable.is_none() && s.text == text && s.retry_at.is_none_or(|t| now < t) {
                 continue;
             }
         }
         let path = dir.join(&name);
         let retry_at = apply_file(node, &path, &text).await.then(|| now + RETRY);
-        seen.insert(name, Seen { text, retry_at });
+        seen.insert(
+            name,
+            Seen {
+                text,
+                retry_at,
+                unreadable: None,
+            },
+        );
     }
 }
 

@@ -50,7 +50,11 @@ fn documents() -> Vec<Value> {
         .args(kubernetes_files())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -76,12 +80,19 @@ fn flag<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
 /// Flags in `args` that `bifs mount --help` does not list. `--peers-dns` is left out:
 /// the peers work adds it.
 fn unknown_mount_flags(args: &[String]) -> Vec<String> {
-    let help = Command::new(BIN).args(["mount", "--help"]).output().unwrap();
+    let help = Command::new(BIN)
+        .args(["mount", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&help.stdout).into_owned();
     args.iter()
         .filter(|a| a.starts_with("--"))
         .map(|a| a.split('=').next().unwrap().to_string())
-        .filter(|f| f != "--peers-dns" && !help.contains(&format!("{f} ")) && !help.contains(&format!("{f}\n")))
+        .filter(|f| {
+            f != "--peers-dns"
+                && !help.contains(&format!("{f} "))
+                && !help.contains(&format!("{f}\n"))
+        })
         .collect()
 }
 
@@ -99,7 +110,11 @@ fn kubernetes_documents_pass_the_offline_schema_check() {
     );
     assert!(out.status.success(), "{all}");
     assert!(!all.contains("ERROR") && !all.contains("WARN"), "{all}");
-    assert_eq!(all.matches(" passed for resource ").count(), kubernetes_files().len(), "{all}");
+    assert_eq!(
+        all.matches(" passed for resource ").count(),
+        kubernetes_files().len(),
+        "{all}"
+    );
 }
 
 #[test]
@@ -110,7 +125,11 @@ fn the_daemonset_holds_what_the_daemon_relies_on() {
     let c = &pod["containers"][0];
     let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
     assert_eq!(args[0], "mount");
-    assert_eq!(unknown_mount_flags(&args), Vec::<String>::new(), "flags bifs does not know");
+    assert_eq!(
+        unknown_mount_flags(&args),
+        Vec::<String>::new(),
+        "flags bifs does not know"
+    );
     assert_eq!(c["securityContext"]["privileged"], true);
 
     let mounts = c["volumeMounts"].as_array().unwrap();
@@ -131,12 +150,18 @@ fn the_daemonset_holds_what_the_daemon_relies_on() {
     assert_eq!(fuse["hostPath"]["path"], "/dev/fuse");
     let mp = flag(&args, "--mountpoint")[0];
     let (m, v) = volume_at(mp);
-    assert_eq!(m["mountPropagation"], "Bidirectional", "the host must see the mount");
+    assert_eq!(
+        m["mountPropagation"], "Bidirectional",
+        "the host must see the mount"
+    );
     assert!(v["hostPath"].is_object());
     let disks = flag(&args, "--disk");
     assert!(!disks.is_empty());
     for d in disks {
-        assert!(volume_at(d).1["hostPath"].is_object(), "disk {d} is not on the host");
+        assert!(
+            volume_at(d).1["hostPath"].is_object(),
+            "disk {d} is not on the host"
+        );
     }
 
     // The token: a non-loopback --listen needs it (the daemon refuses otherwise).
@@ -155,9 +180,15 @@ fn the_daemonset_holds_what_the_daemon_relies_on() {
     let cm = kind(&docs, "ConfigMap");
     assert_eq!(mv["configMap"]["name"], cm["metadata"]["name"]);
     for (k, text) in cm["data"].as_object().unwrap() {
-        assert!(k.ends_with(".yaml") || k.ends_with(".yml"), "{k} is not read by --manifests");
+        assert!(
+            k.ends_with(".yaml") || k.ends_with(".yml"),
+            "{k} is not read by --manifests"
+        );
         let parsed = bifs::core::manifest::parse(text.as_str().unwrap());
-        assert!(parsed.is_ok_and(|d| !d.is_empty()), "{k}: not a valid manifest");
+        assert!(
+            parsed.is_ok_and(|d| !d.is_empty()),
+            "{k}: not a valid manifest"
+        );
     }
 
     // Probes on /healthz at the API port; preStop unmounts the mountpoint.
@@ -175,7 +206,10 @@ fn the_daemonset_holds_what_the_daemon_relies_on() {
         assert_eq!(resolved, Some(port), "{probe} port");
     }
     let pre_stop = c["lifecycle"]["preStop"]["exec"]["command"].to_string();
-    assert!(pre_stop.contains("umount") && pre_stop.contains(mp), "{pre_stop}");
+    assert!(
+        pre_stop.contains("umount") && pre_stop.contains(mp),
+        "{pre_stop}"
+    );
 
     // Peers: --peers-dns names the headless Service, which selects these pods on the API port.
     let svc = kind(&docs, "Service");
@@ -183,7 +217,10 @@ fn the_daemonset_holds_what_the_daemon_relies_on() {
     let peers = flag(&args, "--peers-dns")[0];
     let ns = ds["metadata"]["namespace"].as_str().unwrap();
     assert!(
-        peers.starts_with(&format!("{}.{ns}.", svc["metadata"]["name"].as_str().unwrap())),
+        peers.starts_with(&format!(
+            "{}.{ns}.",
+            svc["metadata"]["name"].as_str().unwrap()
+        )),
         "{peers}"
     );
     let labels = &ds["spec"]["template"]["metadata"]["labels"];
@@ -221,7 +258,10 @@ fn the_systemd_unit_verifies_and_keeps_its_promises() {
         .iter()
         .find(|l| l.starts_with("ExecStartPre=") && l.contains("umount"))
         .expect("a stale mount is cleared before start");
-    assert!(pre.starts_with("ExecStartPre=-") && pre.ends_with(mp), "{pre}");
+    assert!(
+        pre.starts_with("ExecStartPre=-") && pre.ends_with(mp),
+        "{pre}"
+    );
 
     let Ok(v) = Command::new("systemd-analyze").arg("--version").output() else {
         eprintln!("NOTE: systemd-analyze is not installed here: `systemd-analyze verify` not run");
@@ -239,5 +279,8 @@ fn the_systemd_unit_verifies_and_keeps_its_promises() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     // It exits 0 on some mistakes ("..., ignoring"): any remark about the unit fails.
-    assert!(out.status.success() && !err.contains("bifs.service"), "{err}");
+    assert!(
+        out.status.success() && !err.contains("bifs.service"),
+        "{err}"
+    );
 }

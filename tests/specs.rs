@@ -435,6 +435,51 @@ fn a_non_loopback_listen_without_a_token_is_refused() {
 }
 
 #[test]
+fn apply_and_ensure_present_the_api_token() {
+    let origin = Origin::start();
+    origin.put("t.raw", random_bytes(MIB, 5));
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    write(&token, "s3cret-token\n");
+    let d = Daemon::start_with(&["--token-file", token.to_str().unwrap()]);
+    let yaml = seed_download("bi-t", &origin.url("t.raw"), "");
+    let run = |with_token: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["apply", "-f", "-"]).env("BIFS_SERVER", &d.server);
+        if with_token {
+            c.env("BIFS_TOKEN_FILE", &token);
+        }
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(yaml.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    expect_exit(&run(false), 1, &["bearer token"]);
+    expect_exit(&run(true), 0, &[]);
+    let out = Command::new(BIN)
+        .args(["ensure", "backingImage=bi-t"])
+        .env("BIFS_SERVER", &d.server)
+        .env("BIFS_TOKEN_FILE", &token)
+        .output()
+        .unwrap();
+    expect_exit(&out, 0, &[]);
+    assert!(text(&out.stdout).contains("bi-t: exists"));
+    assert!(
+        !d.log().contains("s3cret-token"),
+        "the token reached the log"
+    );
+}
+
+#[test]
 #[ignore = "needs SHA-256 in core verify"]
 fn sha256_checksums_right_is_ready_wrong_is_failed() {
     use sha2::Digest;
