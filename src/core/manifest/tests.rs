@@ -351,3 +351,21 @@ parameters:
         "{e}"
     );
 }
+
+proptest::proptest! {
+    /// Whatever the input, parsing answers Ok or a BadInput naming a line, and never panics
+    /// (the CLI and the --manifests watcher feed it files as they find them).
+    #[test]
+    fn any_input_gives_a_document_list_or_an_error_with_a_line(
+        s in "[-:&*\\[\\]{}#|>'\" \\na-zA-Z0-9!,?.]{0,300}"
+    ) {
+        match parse(&s) {
+            Ok(_) => {}
+            Err(Error::BadInput(msg)) => proptest::prop_assert!(
+                msg.starts_with("line ") || msg.starts_with("the manifest is"),
+                "{msg}"
+            ),
+            Err(e) => proptest::prop_assert!(false, "unexpected error kind: {e:?}"),
+        }
+    }
+}
