@@ -43,12 +43,18 @@ pub async fn watch(node: Arc<Node>, dir: PathBuf, stop: CancellationToken) {
     info!(dir = %dir.display(), "applying manifests from this folder and watching it for changes");
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     let mut dir_missing_logged = false;
+    let mut ignored_logged = std::collections::HashSet::new();
     loop {
         let d = dir.clone();
         match tokio::task::spawn_blocking(move || read_dir(&d)).await {
-            Ok(Ok(files)) => {
+            Ok(Ok(listing)) => {
                 dir_missing_logged = false;
-                sync(&node, &dir, files, &mut seen).await;
+                for name in listing.ignored {
+                    if ignored_logged.insert(name.clone()) {
+                        info!(file = %dir.join(&name).display(), "not a .yaml or .yml file; not applied");
+                    }
+                }
+                sync(&node, &dir, listing.files, &mut seen).await;
             }
             Ok(Err(e)) if !dir_missing_logged => {
                 warn!(dir = %dir.display(), error = %e, "cannot read the --manifests folder; trying again");
@@ -64,14 +70,26 @@ pub async fn watch(node: Arc<Node>, dir: PathBuf, stop: CancellationToken) {
     }
 }
 
-/// The visible YAML files of DIR by name, each read (following symlinks) or its error.
-fn read_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Result<String, String>>> {
+/// What one look at DIR found.
+struct Listing {
+    /// The YAML files by name, each read (following symlinks) or its error.
+    files: BTreeMap<String, Result<String, String>>,
+    /// Visible files that are not read: their names do not end in .yaml or .yml.
+    ignored: Vec<String>,
+}
+
+fn read_dir(dir: &Path) -> std::io::Result<Listing> {
     use std::io::Read;
     let mut out = BTreeMap::new();
+    let mut ignored = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+        if name.starts_with('.') {
+            continue;
+        }
+        if !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            ignored.push(name);
             continue;
         }
         let path = entry.path();
@@ -91,7 +109,10 @@ fn read_dir(dir: &Path) -> std::io::Result<BTreeMap<String, Result<String, Strin
         });
         out.insert(name, read.map(|_| text).map_err(|e| e.to_string()));
     }
-    Ok(out)
+    Ok(Listing {
+        files: out,
+        ignored,
+    })
 }
 
 async fn sync(

@@ -376,7 +376,12 @@ fn a_manifests_folder_laid_out_as_a_configmap_applies_added_files_and_swapped_ve
     let b = seed_download("bi-b", &origin.url("b.raw"), "");
     let broken = seed_download("bi-x", &origin.url("a.raw"), "")
         .replace("sourceType: download", "sourceType: torrent");
-    cm.publish(&[("a.yaml", &a2), ("b.yml", &b), ("broken.yaml", &broken)]);
+    cm.publish(&[
+        ("a.yaml", &a2),
+        ("b.yml", &b),
+        ("broken.yaml", &broken),
+        ("notes.txt", "not yaml"),
+    ]);
     appears("bi-c");
     appears("bi-b");
     for n in ["bi-a", "bi-b", "bi-c"] {
@@ -389,6 +394,10 @@ fn a_manifests_folder_laid_out_as_a_configmap_applies_added_files_and_swapped_ve
             let log = d.log();
             (log.contains("broken.yaml") && log.contains("line 7: spec.sourceType")).then_some(())
         },
+    );
+    assert!(
+        d.log().contains("not a .yaml or .yml file"),
+        "notes.txt not mentioned"
     );
     assert!(
         !text(&d.bifs(&["list"]).stdout).contains("bi-x"),
