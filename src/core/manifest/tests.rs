@@ -206,6 +206,35 @@ fn aliases_within_the_budget_work() {
     assert_eq!(one(text).url(), Some("http://h/x"));
 }
 
+#[test]
+fn merge_keys_fill_in_what_a_mapping_does_not_give() {
+    let text = "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata: {name: a}\n\
+                spec: &base\n  sourceType: download\n  sourceParameters: {url: 'http://h/a'}\n\
+                ---\napiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata: {name: b}\n\
+                spec:\n  <<: *base\n  sourceParameters: {url: 'http://h/b'}\n";
+    let docs = parse(text).unwrap();
+    let urls: Vec<_> = docs
+        .iter()
+        .map(|d| match &d.wanted {
+            Wanted::Create(s) => s.url().unwrap().to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(urls, ["http://h/a", "http://h/b"]);
+    // A chain of merges deeper than the limit is refused, not recursed into. The anchors
+    // sit under metadata.labels, which bifs does not look into.
+    let n = MAX_DEPTH + 2;
+    let mut text = String::from(
+        "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: a\n  labels:\n    a0: &a0 {sourceType: download}\n",
+    );
+    for i in 1..=n {
+        text.push_str(&format!("    a{i}: &a{i} {{<<: *a{}}}\n", i - 1));
+    }
+    text.push_str(&format!("spec: {{<<: *a{n}}}\n"));
+    let e = err(&text);
+    assert!(e.contains("spec: merge keys (<<) chained deeper"), "{e}");
+}
+
 fn kv(pairs: &[&str]) -> Result<Wanted> {
     from_parameters(&pairs.iter().map(|s| s.to_string()).collect::<Vec<_>>())
 }

@@ -171,6 +171,17 @@ pub(super) fn entries<'a>(
     node: &'a Node,
     field: &str,
 ) -> Result<BTreeMap<String, (usize, &'a Node)>> {
+    entries_merged(node, field, 0)
+}
+
+/// As `entries`, with YAML merge keys (`<<: *base`, as Kubernetes' YAML reader takes them):
+/// a key given in the mapping wins over a merged one. `depth` bounds chains of merges,
+/// which nest without nesting in the text.
+fn entries_merged<'a>(
+    node: &'a Node,
+    field: &str,
+    depth: usize,
+) -> Result<BTreeMap<String, (usize, &'a Node)>> {
     let Value::Map(items) = &node.value else {
         return Err(bad(
             node.line,
@@ -178,20 +189,50 @@ pub(super) fn entries<'a>(
             "expected a mapping (key: value lines)",
         ));
     };
+    if depth > MAX_DEPTH {
+        return Err(bad(
+            node.line,
+            field,
+            format!("merge keys (<<) chained deeper than {MAX_DEPTH}"),
+        ));
+    }
     let mut out = BTreeMap::new();
+    let mut merged: Vec<&Node> = Vec::new();
     for pair in items.chunks(2) {
         let (k, v) = (&pair[0], &pair[1]);
-        let Value::Scalar(key, _) = &k.value else {
+        let Value::Scalar(key, plain) = &k.value else {
             return Err(bad(k.line, field, "keys must be plain text"));
         };
+        if key == "<<" && *plain {
+            match &v.value {
+                Value::Map(_) => merged.push(v),
+                Value::Seq(list) => merged.extend(list.iter().map(|n| &**n)),
+                Value::Scalar(..) => {
+                    return Err(bad(
+                        k.line,
+                        &join(field, "<<"),
+                        "merges a mapping or a list of mappings (<<: *anchor)",
+                    ))
+                }
+            }
+            continue;
+        }
         if let Some((first, _)) = out.insert(key.clone(), (k.line, &**v)) {
+            let hint = if field.is_empty() {
+                "; separate documents with a line holding `---`"
+            } else {
+                ""
+            };
             return Err(bad(
                 k.line,
                 &join(field, key),
-                format!(
-                    "given twice (first on line {first}); separate documents with a line holding `---`"
-                ),
+                format!("given twice (first on line {first}){hint}"),
             ));
+        }
+    }
+    for m in merged {
+        for (k, entry) in entries_merged(m, field, depth + 1)? {
+            out.entry(k).or_insert(entry);
         }
     }
     Ok(out)
