@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::core::manifest::{self, Wanted};
 use crate::core::error::FailureKind;
+use crate::core::manifest::{self, Wanted};
 use crate::core::{CreateOptions, Error, Node};
 
 const POLL: Duration = Duration::from_secs(1);

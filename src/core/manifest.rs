@@ -7,17 +7,13 @@
 //! Pure: text in, `ImageSpec`s out; the CLI and the `--manifests` watcher do the I/O.
 //! Every error names the field (`spec.sourceType`, `parameters.backingImageDataSourceParameters`)
 //! and, in YAML, its line, so a person can fix the file without guessing.
-//! YAML is read by `yaml.rs` into a tree that keeps lines and bounds alias expansion.
-
-#[cfg(test)]
-mod tests;
-mod yaml;
+//! YAML is read by `core::yaml` into a tree that keeps lines and bounds alias expansion.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use yaml::{bad, entries, join, load, only, required, tags, text, Node};
-pub use yaml::{MAX_DEPTH, MAX_INPUT_BYTES, MAX_NODES};
+use super::yaml::{bad, entries, join, load, only, required, tags, text, Node};
+pub use super::yaml::{MAX_DEPTH, MAX_INPUT_BYTES, MAX_NODES};
 
 use super::error::{Error, Result};
 use super::spec::{validate_checksum, validate_name, validate_url, ImageSpec, SourceType};
@@ -457,3 +453,7 @@ fn storage_class(params: &[(String, String, Option<usize>)]) -> Result<Wanted> {
         disk_selector: Vec::new(),
     }))
 }
+
+#[cfg(test)]
+#[path = "manifest_tests.rs"]
+mod tests;

@@ -28,6 +28,7 @@ pub mod status;
 pub mod store;
 pub mod verify;
 pub mod view;
+pub(crate) mod yaml;
 
 pub use error::{Error, FailureKind, Result, SourceError};
 pub use image::{Image, ImageConfig, ImageEvent};

@@ -1,5 +1,5 @@
 //! A small YAML tree built from saphyr-parser's events, with each node's line, and the
-//! lookups manifest.rs needs (`entries`, `required`, `only`...), each naming the field
+//! lookups `manifest` needs (`entries`, `required`, `only`...), each naming the field
 //! and line it complains about.
 //!
 //! Why not a serde deserializer: we want the line of every key, and we decide how
@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use saphyr_parser::{Event, Parser, ScalarStyle};
 
-use crate::core::error::{Error, Result};
+use super::error::{Error, Result};
 
 /// Largest manifest file read (BackingImage documents are a few hundred bytes each).
 pub const MAX_INPUT_BYTES: usize = 1 << 20;
@@ -22,7 +22,7 @@ pub const MAX_NODES: usize = 20_000;
 pub const MAX_DEPTH: usize = 32;
 
 #[derive(Debug)]
-pub(super) enum Value {
+pub(crate) enum Value {
     /// Text and whether it was written plain (unquoted): only plain `null`, `~` or
     /// nothing at all is null.
     Scalar(String, bool),
@@ -32,15 +32,15 @@ pub(super) enum Value {
 }
 
 #[derive(Debug)]
-pub(super) struct Node {
-    pub(super) value: Value,
-    pub(super) line: usize,
+pub(crate) struct Node {
+    pub(crate) value: Value,
+    pub(crate) line: usize,
     /// Nodes in this subtree as expanded (aliases at their full size).
     size: usize,
 }
 
 impl Node {
-    pub(super) fn is_null(&self) -> bool {
+    pub(crate) fn is_null(&self) -> bool {
         matches!(&self.value, Value::Scalar(s, true) if matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL"))
     }
 }
@@ -53,7 +53,7 @@ struct Frame {
     size: usize,
 }
 
-pub(super) fn load(text: &str) -> Result<Vec<Rc<Node>>> {
+pub(crate) fn load(text: &str) -> Result<Vec<Rc<Node>>> {
     let syntax = |e: saphyr_parser::ScanError| {
         Error::BadInput(format!(
             "line {}: not valid YAML: {}",
@@ -157,7 +157,7 @@ fn check_budget(expanded: usize, line: usize) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn bad(line: usize, field: &str, msg: impl std::fmt::Display) -> Error {
+pub(crate) fn bad(line: usize, field: &str, msg: impl std::fmt::Display) -> Error {
     let field = if field.is_empty() {
         "the document"
     } else {
@@ -167,7 +167,7 @@ pub(super) fn bad(line: usize, field: &str, msg: impl std::fmt::Display) -> Erro
 }
 
 /// A mapping's entries by key, each with its key's line; duplicate keys are errors.
-pub(super) fn entries<'a>(
+pub(crate) fn entries<'a>(
     node: &'a Node,
     field: &str,
 ) -> Result<BTreeMap<String, (usize, &'a Node)>> {
@@ -238,7 +238,7 @@ fn entries_merged<'a>(
     Ok(out)
 }
 
-pub(super) fn join(field: &str, key: &str) -> String {
+pub(crate) fn join(field: &str, key: &str) -> String {
     if field.is_empty() {
         key.to_string()
     } else {
@@ -247,7 +247,7 @@ pub(super) fn join(field: &str, key: &str) -> String {
 }
 
 /// Rejects keys not in `known`, naming the first with its line.
-pub(super) fn only(
+pub(crate) fn only(
     map: &BTreeMap<String, (usize, &Node)>,
     field: &str,
     known: &[&str],
@@ -270,7 +270,7 @@ pub(super) fn only(
 }
 
 /// A scalar as text; null as None.
-pub(super) fn text(node: &Node, field: &str) -> Result<Option<String>> {
+pub(crate) fn text(node: &Node, field: &str) -> Result<Option<String>> {
     if node.is_null() {
         return Ok(None);
     }
@@ -284,7 +284,7 @@ pub(super) fn text(node: &Node, field: &str) -> Result<Option<String>> {
     }
 }
 
-pub(super) fn required(
+pub(crate) fn required(
     map: &BTreeMap<String, (usize, &Node)>,
     field: &str,
     key: &str,
@@ -299,7 +299,7 @@ pub(super) fn required(
     }
 }
 
-pub(super) fn tags(node: &Node, field: &str) -> Result<Vec<String>> {
+pub(crate) fn tags(node: &Node, field: &str) -> Result<Vec<String>> {
     if node.is_null() {
         return Ok(Vec::new());
     }
