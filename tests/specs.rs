@@ -489,7 +489,6 @@ fn apply_and_ensure_present_the_api_token() {
 }
 
 #[test]
-#[ignore = "needs SHA-256 in core verify"]
 fn sha256_checksums_right_is_ready_wrong_is_failed() {
     use sha2::Digest;
     let origin = Origin::start();

@@ -69,11 +69,12 @@ impl ChecksumAlgorithm {
         }
     }
 
-    /// Splits a valid checksum into its algorithm and its hex digits (`sha256:` removed).
+    /// Splits a valid checksum into its algorithm and its hex digits (a `sha256:` or
+    /// `sha512:` prefix removed).
     pub fn split(sum: &str) -> (Self, &str) {
         match sum.strip_prefix("sha256:") {
             Some(hex) => (Self::Sha256, hex),
-            None => (Self::Sha512, sum),
+            None => (Self::Sha512, sum.strip_prefix("sha512:").unwrap_or(sum)),
         }
     }
 }
@@ -246,14 +247,18 @@ pub fn validate_checksum(sum: &str) -> Result<()> {
             if hex(digits) { format!("{} digits", digits.len()) } else { "non-hex characters".into() }
         )));
     }
-    if sum.is_empty() || (sum.len() == 128 && hex(sum)) {
+    let digits = sum
+        .strip_prefix("sha512:")
+        .or_else(|| sum.strip_prefix("SHA512:"))
+        .unwrap_or(sum);
+    if sum.is_empty() || (digits.len() == 128 && hex(digits)) {
         return Ok(());
     }
     Err(Error::BadInput(format!(
         "invalid checksum {:?}: a checksum is a SHA-512 digest, 128 hex digits (as `sha512sum` prints), \
          or `sha256:` and 64 hex digits; {} given",
         shown(),
-        if hex(sum) { format!("{} digits", sum.len()) } else { "non-hex characters".into() }
+        if hex(digits) { format!("{} digits", digits.len()) } else { "non-hex characters".into() }
     )))
 }
 
@@ -346,6 +351,7 @@ mod tests {
         validate_checksum("").unwrap();
         validate_checksum(&"ab".repeat(64)).unwrap();
         validate_checksum(&format!("sha256:{}", "cd".repeat(32))).unwrap();
+        validate_checksum(&format!("sha512:{}", "ab".repeat(64))).unwrap();
         let e = validate_checksum("abc").unwrap_err().to_string();
         assert!(
             e.contains("128 hex digits") && e.contains("3 digits"),
@@ -371,6 +377,9 @@ mod tests {
         assert_eq!(s.checksum_algorithm(), ChecksumAlgorithm::Sha256);
         assert_eq!(s.checksum_hex(), "cd".repeat(32));
         assert_eq!(s.checksum_algorithm().as_str(), "sha256");
+        s.checksum = format!("sha512:{}", "ab".repeat(64));
+        assert_eq!(s.checksum_algorithm(), ChecksumAlgorithm::Sha512);
+        assert_eq!(s.checksum_hex(), "ab".repeat(64));
     }
 
     #[test]
