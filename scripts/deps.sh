@@ -2,7 +2,7 @@
 # Installs what bifs's scripts and tests need on a Debian machine, skipping what is there.
 # Usage: scripts/deps.sh [extra Debian packages...]
 set -euo pipefail
-want=(attr curl e2fsprogs qemu-utils util-linux "$@")
+want=(attr curl e2fsprogs qemu-utils util-linux python3 python3-venv "$@")
 need=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
@@ -18,3 +18,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 fi
 [ -e /dev/fuse ] || { echo "/dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
+# The offline Kubernetes schema check of deploy/kubernetes (tests/deploy.rs): the PyPI
+# package kubernetes-validate ships the schemas; it lives in a venv under target/.
+venv="$(cd "$(dirname "$0")/.." && pwd)/target/deploy-venv"
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  echo "installing kubernetes-validate into $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==1.37.0" "PyYAML>=6"
+fi

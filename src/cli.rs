@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use crate::core::manifest::{self, Wanted};
 use crate::core::spec::{validate_checksum, validate_name, validate_url};
 use crate::core::{ImageConfig, State, Status};
 
@@ -61,6 +62,12 @@ pub enum Cmd {
         /// re-resolved every 10 s.
         #[arg(long, value_name = "NAME:PORT")]
         peers_dns: Option<String>,
+        /// Apply every .yaml/.yml file in DIR at start and whenever DIR changes (a ConfigMap volume).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// Serve the API on a non-loopback --listen without --token-file (anyone who can reach it controls the node).
+        #[arg(long)]
+        insecure_listen: bool,
     },
     /// Create an image from a URL.
     Create {
@@ -101,6 +108,17 @@ pub enum Cmd {
         dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+    },
+    /// Create or validate the images of Longhorn BackingImage manifests (several per file, `---` between).
+    Apply {
+        /// The YAML file; `-` reads standard input.
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// StorageClass parameters (backingImage=..., backingImageDataSourceType=..., ...): create the image if missing, validate it if present.
+    Ensure {
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        params: Vec<String>,
     },
 }
 
@@ -279,7 +297,11 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
             read_timeout,
             peers,
             peers_dns,
+            manifests,
+            insecure_listen,
         } => {
+            crate::daemon::check_listen(*listen, cli.token_file.is_some(), *insecure_listen)
+                .map_err(usage)?;
             let mut cfg = ImageConfig {
                 require_verified: *require_verified,
                 block_size: block_kib * 1024,
@@ -291,6 +313,7 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                 disks: disks.clone(),
                 listen: *listen,
                 token_file: cli.token_file.clone(),
+                manifests: manifests.clone(),
                 cfg,
                 peers: peers.clone(),
                 peers_dns: peers_dns.clone(),
@@ -404,6 +427,11 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
             println!("{}: fill started ({}%)", s.name, s.progress);
         }
+        Cmd::Apply { file } => return apply(&c, file).await,
+        Cmd::Ensure { params } => {
+            let wanted = manifest::from_parameters(params).map_err(|e| usage(e.to_string()))?;
+            println!("{}", ensure(&c, &wanted).await?);
+        }
         Cmd::Mount { .. } | Cmd::Serve { .. } => unreachable!("handled in run"),
     }
     Ok(())
@@ -452,4 +480,103 @@ async fn wait_for(
         b.finish_and_clear();
     }
     Ok(s)
+}
+
+/// `bifs apply -f FILE`: every document is checked before any is sent, then each is
+/// ensured in turn; the exit code is the worst of them.
+async fn apply(c: &Client, file: &std::path::Path) -> Result<(), Exit> {
+    use std::io::Read;
+    let stdin = file.as_os_str() == "-";
+    let shown = if stdin {
+        "stdin".to_string()
+    } else {
+        file.display().to_string()
+    };
+    let mut text = String::new();
+    let limit = manifest::MAX_INPUT_BYTES as u64 + 1;
+    let read = if stdin {
+        std::io::stdin().take(limit).read_to_string(&mut text)
+    } else {
+        std::fs::File::open(file).and_then(|f| f.take(limit).read_to_string(&mut text))
+    };
+    read.map_err(|e| usage(format!("cannot read {shown}: {e}")))?;
+    let docs = manifest::parse(&text).map_err(|e| usage(format!("{shown}: {e}")))?;
+    if docs.is_empty() {
+        return Err(usage(format!(
+            "{shown}: no documents; expected kind: BackingImage"
+        )));
+    }
+    let mut worst: Option<Exit> = None;
+    for doc in &docs {
+        match ensure(c, &doc.wanted).await {
+            Ok(line) => println!("{line}"),
+            Err(Exit(code, msg)) => {
+                eprintln!("bifs: {shown} line {}: {msg}", doc.line);
+                if worst.as_ref().is_none_or(|w| code > w.0) {
+                    worst = Some(Exit(
+                        code,
+                        format!("{shown}: not every document was applied"),
+                    ));
+                }
+            }
+        }
+    }
+    worst.map_or(Ok(()), Err)
+}
+
+/// Creates the image when it is missing; when present the daemon compares the specs
+/// (Longhorn: "validate if the parameters match the existing one"): same is a no-op,
+/// different is a 409 naming each field.
+async fn ensure(c: &Client, wanted: &Wanted) -> Result<String, Exit> {
+    let existing = c.find(wanted.name()).await?;
+    match wanted {
+        Wanted::Create(spec) => {
+            let body = serde_json::to_value(spec).map_err(|e| failed(e.to_string()))?;
+            let v = c
+                .call(reqwest::Method::POST, "/v1/images", Some(body))
+                .await?;
+            let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
+            let what = if existing.is_some() {
+                "unchanged"
+            } else {
+                "created"
+            };
+            Ok(format!("{}: {what} ({}, {}%)", s.name, s.state, s.progress))
+        }
+        Wanted::Use { name, checksum } => {
+            let Some(s) = existing else {
+                return Err(failed(format!(
+                    "backing image {name} does not exist; create it first, or give backingImageDataSourceType \
+                     and backingImageDataSourceParameters so that it is created"
+                )));
+            };
+            if !checksum.is_empty() && !s.checksum.is_empty() && s.checksum != *checksum {
+                return Err(failed(format!(
+                    "backing image {name} has a different checksum: checksum is {}, asked {checksum}",
+                    s.checksum
+                )));
+            }
+            Ok(format!("{name}: exists ({}, {}%)", s.state, s.progress))
+        }
+    }
+}
+
+impl Client {
+    /// The image's status, or None when the daemon has no image of that name.
+    async fn find(&self, name: &str) -> Result<Option<Status>, Exit> {
+        let mut req = self.http.get(format!("{}/v1/images/{name}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => Ok(None),
+            Ok(r) if r.status().is_success() => r
+                .json()
+                .await
+                .map(Some)
+                .map_err(|e| failed(format!("unexpected reply from the daemon: {e}"))),
+            // Anything else (the daemon down, a bad token) the regular call reports.
+            _ => self.status(name).await.map(Some),
+        }
+    }
 }

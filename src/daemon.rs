@@ -21,9 +21,24 @@ pub struct MountArgs {
     pub disks: Vec<PathBuf>,
     pub listen: SocketAddr,
     pub token_file: Option<PathBuf>,
+    /// `--manifests DIR`: BackingImage YAML applied at start and on every change.
+    pub manifests: Option<PathBuf>,
     pub cfg: ImageConfig,
     pub peers: Vec<String>,
     pub peers_dns: Option<String>,
+}
+
+/// Without a token, anyone who reaches the API controls the node: only loopback,
+/// unless the operator says otherwise.
+pub fn check_listen(listen: SocketAddr, has_token: bool, insecure: bool) -> Result<(), String> {
+    if listen.ip().is_loopback() || has_token || insecure {
+        return Ok(());
+    }
+    Err(format!(
+        "--listen {listen} is reachable from other hosts and there is no --token-file: \
+         give --token-file F (clients use the same token), listen on 127.0.0.1, \
+         or pass --insecure-listen to serve the API without a token"
+    ))
 }
 
 /// A mount left behind by a killed daemon answers ENOTCONN; detach it so we can mount again.
@@ -150,6 +165,13 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         session.notifier(),
     ));
     info!(mountpoint = %mp_str, api = %api_addr, images = node.list().len(), "bifs mounted");
+    if let Some(dir) = &args.manifests {
+        rt.spawn(crate::manifests::watch(
+            node.clone(),
+            dir.clone(),
+            stop.clone(),
+        ));
+    }
 
     let external_unmount = rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;

@@ -3,5 +3,6 @@ pub mod cli;
 pub mod core;
 pub mod daemon;
 pub mod fs;
+pub mod manifests;
 pub mod serve;
 pub mod server;

@@ -56,6 +56,7 @@ pub fn status(e: &Error) -> StatusCode {
         Error::NoSource { .. } | Error::ReadTimeout { .. } => StatusCode::BAD_GATEWAY,
         Error::Deleted(_) => StatusCode::NOT_FOUND,
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::SpecDiffers { .. } => StatusCode::CONFLICT,
     }
 }
 
@@ -102,7 +103,7 @@ async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == &**token);
+            .is_some_and(|t| token_matches(t.as_bytes(), token.as_bytes()));
         if !ok {
             return (
                 StatusCode::UNAUTHORIZED,
@@ -113,6 +114,20 @@ async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
     }
     let span = info_span!("http", method = %req.method(), path = %req.uri().path());
     next.run(req).instrument(span).await
+}
+
+/// Compares a presented token with ours in time that depends only on their lengths,
+/// so response timing does not reveal how many leading bytes a guess got right.
+fn token_matches(given: &[u8], want: &[u8]) -> bool {
+    if given.len() != want.len() {
+        return false;
+    }
+    let diff = given
+        .iter()
+        .zip(want)
+        // black_box: keep the optimiser from turning the fold into an early-exit compare.
+        .fold(0u8, |acc, (a, b)| std::hint::black_box(acc | (a ^ b)));
+    diff == 0
 }
 
 async fn list(State(app): State<App>) -> Response {
@@ -356,4 +371,17 @@ pub async fn run(
     axum::serve(listener, router(node, token))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::token_matches;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(token_matches(b"s3cret", b"s3cret"));
+        for other in [&b"s3creT"[..], b"s3cre", b"s3cret!", b"", b"x3cret"] {
+            assert!(!token_matches(other, b"s3cret"), "{other:?}");
+        }
+    }
 }

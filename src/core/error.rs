@@ -86,7 +86,8 @@ impl FailureKind {
             | Error::Conflict { .. }
             | Error::Unsupported(_)
             | Error::ShuttingDown
-            | Error::Deleted(_) => Self::Other,
+            | Error::Deleted(_)
+            | Error::SpecDiffers { .. } => Self::Other,
         }
     }
 
@@ -166,6 +167,9 @@ pub enum Error {
         was_bytes: u64,
         now_bytes: u64,
     },
+    /// Creating an image that exists with another spec: every differing field, both values.
+    #[error("{}", describe_diffs(name, diffs))]
+    SpecDiffers { name: String, diffs: Vec<FieldDiff> },
 }
 
 impl Error {
@@ -186,7 +190,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Self::NotFound(_) => libc::ENOENT,
-            Self::BadInput(_) | Self::Conflict { .. } => libc::EINVAL,
+            Self::BadInput(_) | Self::Conflict { .. } | Self::SpecDiffers { .. } => libc::EINVAL,
             Self::Unsupported(_) => libc::EIO,
             Self::Io { errno, .. } => *errno,
             Self::Checksum { .. }
@@ -202,3 +206,38 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One field where an existing image's spec differs from the one asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldDiff {
+    pub field: String,
+    pub have: String,
+    pub want: String,
+}
+
+impl std::fmt::Display for FieldDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: &str| {
+            if v.is_empty() {
+                "(not set)".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        write!(
+            f,
+            "{} is {}, asked {}",
+            self.field,
+            show(&self.have),
+            show(&self.want)
+        )
+    }
+}
+
+fn describe_diffs(name: &str, diffs: &[FieldDiff]) -> String {
+    let fields: Vec<String> = diffs.iter().map(ToString::to_string).collect();
+    format!(
+        "image {name} already exists with a different spec: {}; delete it first (`bifs delete {name}`) or use another name",
+        fields.join("; ")
+    )
+}

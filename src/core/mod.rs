@@ -17,6 +17,7 @@ pub mod fetch;
 pub mod fill;
 pub mod format;
 pub mod image;
+pub mod manifest;
 pub mod node;
 pub mod peer;
 pub mod pieces;
@@ -32,6 +33,7 @@ pub mod store;
 pub mod verify;
 pub mod view;
 pub mod volume;
+pub(crate) mod yaml;
 
 pub use error::{Error, FailureKind, Result, SourceError};
 pub use image::{Image, ImageConfig, ImageEvent};

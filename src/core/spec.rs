@@ -1,11 +1,12 @@
-//! The image spec as DESIGN.md defines it (`{name, sourceType, sourceParameters, checksum}`)
-//! and the validation every shell runs before anything is created.
+//! The image spec as DESIGN.md defines it (`{name, sourceType, sourceParameters, checksum}`,
+//! plus Longhorn's newer `minNumberOfCopies`, `nodeSelector`, `diskSelector`) and the
+//! validation every shell runs before anything is created.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::{Error, Result};
+use super::error::{Error, FieldDiff, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -32,9 +33,50 @@ pub struct ImageSpec {
     pub source_type: SourceType,
     #[serde(default)]
     pub source_parameters: BTreeMap<String, String>,
-    /// SHA-512 as 128 lowercase hex digits, or empty: then the computed digest is recorded.
+    /// SHA-512 as 128 lowercase hex digits, `sha256:` and 64 hex digits, or empty: then
+    /// the computed digest is recorded.
     #[serde(default)]
     pub checksum: String,
+    /// Longhorn's `minNumberOfCopies`; 0 when not given. Stored and shown (acted on by the
+    /// lifecycle work). Skipped when empty so spec.json files and API bodies of older
+    /// versions read and compare the same.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_number_of_copies: u32,
+    /// Longhorn's node tags (`spec.nodeSelector`), sorted and without duplicates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_selector: Vec<String>,
+    /// Longhorn's disk tags (`spec.diskSelector`), sorted and without duplicates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_selector: Vec<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The digest a checksum names: Longhorn's SHA-512, or `sha256:<hex>` (Longhorn #10715).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumAlgorithm {
+    Sha512,
+    Sha256,
+}
+
+impl ChecksumAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sha512 => "sha512",
+            Self::Sha256 => "sha256",
+        }
+    }
+
+    /// Splits a valid checksum into its algorithm and its hex digits (a `sha256:` or
+    /// `sha512:` prefix removed).
+    pub fn split(sum: &str) -> (Self, &str) {
+        match sum.strip_prefix("sha256:") {
+            Some(hex) => (Self::Sha256, hex),
+            None => (Self::Sha512, sum.strip_prefix("sha512:").unwrap_or(sum)),
+        }
+    }
 }
 
 impl ImageSpec {
@@ -46,7 +88,21 @@ impl ImageSpec {
             source_type: SourceType::Download,
             source_parameters: p,
             checksum: checksum.to_ascii_lowercase(),
+            min_number_of_copies: 0,
+            node_selector: Vec::new(),
+            disk_selector: Vec::new(),
         }
+    }
+
+    /// The algorithm of `checksum` (SHA-512 when the checksum is empty: that is what
+    /// is computed and recorded then).
+    pub fn checksum_algorithm(&self) -> ChecksumAlgorithm {
+        ChecksumAlgorithm::split(&self.checksum).0
+    }
+
+    /// The hex digits of `checksum`, without an algorithm prefix.
+    pub fn checksum_hex(&self) -> &str {
+        ChecksumAlgorithm::split(&self.checksum).1
     }
 
     pub fn url(&self) -> Option<&str> {
@@ -71,36 +127,66 @@ impl ImageSpec {
         }
     }
 
-    /// The first field where `self` (existing) and `other` (asked) differ.
+    /// Every field where `self` (existing) and `other` (asked) differ, with both values,
+    /// as one error; None when `other` asks for what exists. Fields `other` leaves empty
+    /// (checksum, minNumberOfCopies, selectors) ask for nothing and match any value, as a
+    /// StorageClass that names no checksum uses any existing image of that name.
     pub fn conflict_with(&self, other: &ImageSpec) -> Option<Error> {
-        let conflict = |field, have: String, want: String| Error::Conflict {
-            name: self.name.clone(),
-            field,
-            have,
-            want,
-        };
+        let mut diffs = Vec::new();
+        let mut differ =
+            |field: String, have: String, want: String| diffs.push(FieldDiff { field, have, want });
         if self.source_type != other.source_type {
-            return Some(conflict(
-                "sourceType",
+            differ(
+                "sourceType".into(),
                 self.source_type.as_str().into(),
                 other.source_type.as_str().into(),
-            ));
+            );
         }
-        if self.source_parameters != other.source_parameters {
-            return Some(conflict(
-                "sourceParameters",
-                format!("{:?}", self.source_parameters),
-                format!("{:?}", other.source_parameters),
-            ));
+        let keys: std::collections::BTreeSet<&String> = self
+            .source_parameters
+            .keys()
+            .chain(other.source_parameters.keys())
+            .collect();
+        for key in keys {
+            let (have, want) = (
+                self.source_parameters.get(key),
+                other.source_parameters.get(key),
+            );
+            if have != want {
+                // URLs may carry credentials: never echo them.
+                let show = |v: Option<&String>| v.map_or_else(String::new, |v| redact_url(v));
+                differ(format!("sourceParameters.{key}"), show(have), show(want));
+            }
         }
         if !other.checksum.is_empty() && self.checksum != other.checksum {
-            return Some(conflict(
-                "checksum",
+            differ(
+                "checksum".into(),
                 self.checksum.clone(),
                 other.checksum.clone(),
-            ));
+            );
         }
-        None
+        if other.min_number_of_copies != 0
+            && self.min_number_of_copies != other.min_number_of_copies
+        {
+            let show = |n: u32| if n == 0 { String::new() } else { n.to_string() };
+            differ(
+                "minNumberOfCopies".into(),
+                show(self.min_number_of_copies),
+                show(other.min_number_of_copies),
+            );
+        }
+        for (field, have, want) in [
+            ("nodeSelector", &self.node_selector, &other.node_selector),
+            ("diskSelector", &self.disk_selector, &other.disk_selector),
+        ] {
+            if !want.is_empty() && have != want {
+                differ(field.into(), have.join(", "), want.join(", "));
+            }
+        }
+        (!diffs.is_empty()).then(|| Error::SpecDiffers {
+            name: self.name.clone(),
+            diffs,
+        })
     }
 }
 
@@ -138,18 +224,56 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A checksum is empty, 128 hex digits (SHA-512, as Longhorn), or `sha256:` and 64 hex digits.
 pub fn validate_checksum(sum: &str) -> Result<()> {
-    if sum.is_empty() || (sum.len() == 128 && sum.bytes().all(|b| b.is_ascii_hexdigit())) {
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    let shown = || {
+        if sum.len() > 40 {
+            format!("{}...", sum.get(..40).unwrap_or(sum))
+        } else {
+            sum.to_string()
+        }
+    };
+    if let Some(digits) = sum
+        .strip_prefix("sha256:")
+        .or_else(|| sum.strip_prefix("SHA256:"))
+    {
+        if digits.len() == 64 && hex(digits) {
+            return Ok(());
+        }
+        return Err(Error::BadInput(format!(
+            "invalid checksum {:?}: a sha256: checksum is `sha256:` and 64 hex digits (as `sha256sum` prints), {} given",
+            shown(),
+            if hex(digits) { format!("{} digits", digits.len()) } else { "non-hex characters".into() }
+        )));
+    }
+    let digits = sum
+        .strip_prefix("sha512:")
+        .or_else(|| sum.strip_prefix("SHA512:"))
+        .unwrap_or(sum);
+    if sum.is_empty() || (digits.len() == 128 && hex(digits)) {
         return Ok(());
     }
     Err(Error::BadInput(format!(
-        "invalid checksum {:?}: a checksum is a SHA-512 digest, 128 hex digits (as `sha512sum` prints), {} given",
-        if sum.len() > 40 { format!("{}...", &sum[..40]) } else { sum.to_string() },
-        if sum.bytes().all(|b| b.is_ascii_hexdigit()) { format!("{} digits", sum.len()) } else { "non-hex characters".into() }
+        "invalid checksum {:?}: a checksum is a SHA-512 digest, 128 hex digits (as `sha512sum` prints), \
+         or `sha256:` and 64 hex digits; {} given",
+        shown(),
+        if hex(digits) { format!("{} digits", digits.len()) } else { "non-hex characters".into() }
     )))
 }
 
 pub fn validate_url(url: &str) -> Result<()> {
+    // A URL never holds a backslash; one left over is an escape from StorageClass JSON
+    // (`https:\/\/...` or a doubled `\\`). The URL parser would read it as '/', so catch it first.
+    if let Some(at) = url.find('\\') {
+        return Err(Error::BadInput(format!(
+            "invalid URL '{}': it holds a backslash at character {}, left over from escaping; \
+             remove every '\\' from the URL (in a StorageClass write the parameters in single quotes, \
+             '{{\"url\": \"https://host/path\"}}', with no escapes)",
+            strip_userinfo(url),
+            url[..at].chars().count() + 1
+        )));
+    }
     let parsed = reqwest::Url::parse(url).map_err(|e| {
         Error::BadInput(format!(
             "invalid URL {url:?}: {e}; give an http:// or https:// URL"
@@ -167,6 +291,19 @@ pub fn validate_url(url: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `url` as written (not normalised by a parser), with any `user:pass@` cut out.
+fn strip_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '\\', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..scheme_end], &rest[at + 1..]),
+        None => url.to_string(),
+    }
 }
 
 /// A URL safe to log or show: credentials stripped.
@@ -210,15 +347,60 @@ mod tests {
     }
 
     #[test]
-    fn checksums_are_128_hex_digits_or_empty() {
+    fn checksums_are_sha512_hex_sha256_prefixed_or_empty() {
         validate_checksum("").unwrap();
         validate_checksum(&"ab".repeat(64)).unwrap();
+        validate_checksum(&format!("sha256:{}", "cd".repeat(32))).unwrap();
+        validate_checksum(&format!("sha512:{}", "ab".repeat(64))).unwrap();
         let e = validate_checksum("abc").unwrap_err().to_string();
         assert!(
             e.contains("128 hex digits") && e.contains("3 digits"),
             "{e}"
         );
         assert!(validate_checksum(&"zz".repeat(64)).is_err());
+        let e = validate_checksum(&format!("sha256:{}", "cd".repeat(64)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("64 hex digits") && e.contains("128 digits"),
+            "{e}"
+        );
+        assert!(validate_checksum(&format!("md5:{}", "cd".repeat(16))).is_err());
+    }
+
+    #[test]
+    fn checksum_algorithm_follows_the_prefix() {
+        let mut s = ImageSpec::download("x", "http://h/a", &"ab".repeat(64));
+        assert_eq!(s.checksum_algorithm(), ChecksumAlgorithm::Sha512);
+        assert_eq!(s.checksum_hex(), "ab".repeat(64));
+        s.checksum = format!("sha256:{}", "cd".repeat(32));
+        assert_eq!(s.checksum_algorithm(), ChecksumAlgorithm::Sha256);
+        assert_eq!(s.checksum_hex(), "cd".repeat(32));
+        assert_eq!(s.checksum_algorithm().as_str(), "sha256");
+        s.checksum = format!("sha512:{}", "ab".repeat(64));
+        assert_eq!(s.checksum_algorithm(), ChecksumAlgorithm::Sha512);
+        assert_eq!(s.checksum_hex(), "ab".repeat(64));
+    }
+
+    #[test]
+    fn a_stray_backslash_in_a_url_says_what_to_fix() {
+        for bad in [
+            r"https:\/\/h/x.raw",
+            r"http://h/a\b",
+            r"http://u:secret@h\x",
+        ] {
+            let e = validate_url(bad).unwrap_err().to_string();
+            assert!(e.contains("backslash") && e.contains("remove every"), "{e}");
+            assert!(!e.contains("secret"), "credentials shown: {e}");
+        }
+    }
+
+    #[test]
+    fn specs_without_the_new_fields_read_and_write_as_before() {
+        let old = r#"{"name":"x","sourceType":"download","sourceParameters":{"url":"http://h/a"},"checksum":""}"#;
+        let s: ImageSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(s, ImageSpec::download("x", "http://h/a", ""));
+        assert_eq!(serde_json::to_string(&s).unwrap(), old);
     }
 
     #[test]
@@ -231,12 +413,37 @@ mod tests {
     }
 
     #[test]
-    fn conflict_names_the_field() {
-        let a = ImageSpec::download("x", "http://h/a", "");
-        let b = ImageSpec::download("x", "http://h/b", "");
+    fn conflict_names_every_differing_field_with_both_values() {
+        let a = ImageSpec::download("x", "http://h/a", &"ab".repeat(64));
+        let mut b = ImageSpec::download("x", "http://u:pw@h/b", &"cd".repeat(64));
+        b.node_selector = vec!["ssd".into()];
         let e = a.conflict_with(&b).unwrap().to_string();
-        assert!(e.contains("sourceParameters"), "{e}");
+        for part in [
+            "sourceParameters.url is http://h/a, asked http://h/b",
+            &format!("checksum is {}, asked {}", "ab".repeat(64), "cd".repeat(64)),
+            "nodeSelector is (not set), asked ssd",
+        ] {
+            assert!(e.contains(part), "{part:?} missing in {e}");
+        }
+        assert!(
+            !e.contains("pw") && !e.contains('{') && !e.contains("\\\""),
+            "{e}"
+        );
         assert!(a.conflict_with(&a.clone()).is_none());
+    }
+
+    #[test]
+    fn fields_left_empty_ask_for_nothing() {
+        let mut have = ImageSpec::download("x", "http://h/a", &"ab".repeat(64));
+        have.min_number_of_copies = 2;
+        have.disk_selector = vec!["fast".into()];
+        assert!(have
+            .conflict_with(&ImageSpec::download("x", "http://h/a", ""))
+            .is_none());
+        let mut want = have.clone();
+        want.min_number_of_copies = 3;
+        let e = have.conflict_with(&want).unwrap().to_string();
+        assert!(e.contains("minNumberOfCopies is 2, asked 3"), "{e}");
     }
 
     #[test]
