@@ -140,6 +140,7 @@ fn store(c: &mut Criterion) {
     let plain_path = dir.path().join("plain");
     let plain = std::fs::OpenOptions::new()
         .create(true)
+        .truncate(false)
         .read(true)
         .write(true)
         .open(&plain_path)

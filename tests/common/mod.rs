@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod origin;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,9 @@ pub struct Daemon {
     pub disk: PathBuf,
     pub server: String,
     pub extra: Vec<String>,
+    /// A network namespace (`scripts/netns-cluster.sh`) the daemon and its clients run in.
+    pub netns: Option<String>,
+    host: String,
     child: Option<Child>,
     port: u16,
 }
@@ -96,16 +100,28 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Self::start_at(None, "127.0.0.1", extra)
+    }
+
+    /// A daemon in network namespace `netns` listening on `host` (its address there).
+    /// Started with `nsenter --net`, so its FUSE mount is visible here.
+    pub fn start_in(netns: &str, host: &str, extra: &[&str]) -> Daemon {
+        Self::start_at(Some(netns), host, extra)
+    }
+
+    fn start_at(netns: Option<&str>, host: &str, extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("mnt");
         let disk = dir.path().join("disk");
         std::fs::create_dir_all(&mnt).unwrap();
-        let port = free_port();
+        let port = if netns.is_some() { 8090 } else { free_port() };
         let mut d = Daemon {
             mnt,
             disk,
-            server: format!("http://127.0.0.1:{port}"),
+            server: format!("http://{host}:{port}"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(str::to_string),
+            host: host.to_string(),
             child: None,
             port,
             dir,
@@ -121,14 +137,15 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(BIN)
+        let child = self
+            .command(BIN)
             .arg("mount")
             .arg("--mountpoint")
             .arg(&self.mnt)
             .arg("--disk")
             .arg(&self.disk)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.host, self.port))
             .args(&self.extra)
             .env("RUST_LOG", "bifs=debug,info")
             .stdout(Stdio::null())
@@ -142,10 +159,30 @@ impl Daemon {
             "the daemon to serve its API and mount",
             Duration::from_secs(20),
             || {
-                let ok = reqwest::blocking_get_ok(&format!("{server}/healthz")) && is_mounted(&mnt);
-                ok.then_some(())
+                let health = format!("{server}/healthz");
+                let up = match &self.netns {
+                    None => reqwest::blocking_get_ok(&health),
+                    Some(_) => self
+                        .command("curl")
+                        .args(["-sf", "-m", "2", "-o", "/dev/null", &health])
+                        .status()
+                        .is_ok_and(|s| s.success()),
+                };
+                (up && is_mounted(&mnt)).then_some(())
             },
         );
+    }
+
+    /// `program`, run in the daemon's network namespace if it has one.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(program);
+                c
+            }
+        }
     }
 
     pub fn log(&self) -> String {
@@ -162,7 +199,7 @@ impl Daemon {
 
     /// Runs a client command against this daemon.
     pub fn bifs(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.command(BIN)
             .args(args)
             .env("BIFS_SERVER", &self.server)
             .output()
