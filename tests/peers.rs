@@ -155,3 +155,28 @@ fn a_peer_killed_mid_fill_harms_no_reader_and_resumes_its_files() {
     assert_eq!(origin.served(), served);
     assert!(std::fs::read(a.path("kimg")).unwrap() == data);
 }
+
+#[test]
+fn peers_found_through_dns_serve_like_listed_ones() {
+    let origin = Origin::start();
+    let data = random_bytes(8 * MIB, 75);
+    let sum = sha512_hex(&data);
+    origin.put("d.raw", data.clone());
+    let a = ready_node(&origin, "dimg", "d.raw", &sum);
+    let port = a.server.rsplit(':').next().unwrap().to_string();
+    // As a headless Service lists a DaemonSet's pods: every address of the name.
+    let b = Daemon::start_with(&["--peers-dns", &format!("localhost:{port}")]);
+    let before = origin.served();
+    common::wait_for("B to resolve and see A", Duration::from_secs(30), || {
+        let out = b.bifs(&["create", "dimg", "--url", &origin.url("d.raw"), "--checksum", &sum]);
+        out.status.success().then_some(())
+    });
+    let s = b.wait_state("dimg", "ready", Duration::from_secs(60));
+    assert!(std::fs::read(b.path("dimg")).unwrap() == data);
+    let copies = s["copies"].as_array().unwrap();
+    assert!(
+        copies.iter().any(|c| c["node"] == format!("http://127.0.0.1:{port}") && c["state"] == "ready"),
+        "{s}"
+    );
+    assert!((origin.served() - before) * 100 < data.len() as u64);
+}
