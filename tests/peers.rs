@@ -168,14 +168,23 @@ fn peers_found_through_dns_serve_like_listed_ones() {
     let b = Daemon::start_with(&["--peers-dns", &format!("localhost:{port}")]);
     let before = origin.served();
     common::wait_for("B to resolve and see A", Duration::from_secs(30), || {
-        let out = b.bifs(&["create", "dimg", "--url", &origin.url("d.raw"), "--checksum", &sum]);
+        let out = b.bifs(&[
+            "create",
+            "dimg",
+            "--url",
+            &origin.url("d.raw"),
+            "--checksum",
+            &sum,
+        ]);
         out.status.success().then_some(())
     });
     let s = b.wait_state("dimg", "ready", Duration::from_secs(60));
     assert!(std::fs::read(b.path("dimg")).unwrap() == data);
     let copies = s["copies"].as_array().unwrap();
     assert!(
-        copies.iter().any(|c| c["node"] == format!("http://127.0.0.1:{port}") && c["state"] == "ready"),
+        copies
+            .iter()
+            .any(|c| c["node"] == format!("http://127.0.0.1:{port}") && c["state"] == "ready"),
         "{s}"
     );
     assert!((origin.served() - before) * 100 < data.len() as u64);

@@ -417,7 +417,8 @@ fn unsupported_qcow2_features_fail_the_raw_view_only_and_say_why() {
 #[test]
 fn a_raw_read_the_origin_cannot_serve_gives_eio_and_a_later_one_succeeds() {
     let origin = Origin::start();
-    let d = Daemon::start();
+    // Readers ride out a failing source for --read-timeout before EIO.
+    let d = Daemon::start_with(&["--read-timeout", "5s"]);
     let work = work_dir(&d);
     let base = variant_base(&work);
     let qcow = work.join("flaky.qcow2");

@@ -41,6 +41,9 @@ use super::store::{page_io, BufPool, ImageFiles};
 
 /// How many times a job retries a retryable error without making progress.
 const MAX_ATTEMPTS: u32 = 6;
+/// How long a reader pauses before asking again after its job failed for a cause that
+/// may pass.
+const READER_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Whole blocks buffered before they are written (a job smaller than this writes once).
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -438,8 +441,22 @@ impl Fetcher {
                     }
                 };
                 tokio::select! {
-                    // The job's error is the reader's: the job already retried.
-                    r = job.wait_landed(upto) => r?,
+                    r = job.wait_landed(upto) => match r {
+                        Ok(()) => {}
+                        // A source that cannot serve for now: try again (a new job) after
+                        // a pause, until the deadline; anything else is the reader's error.
+                        Err(e) if self.worth_waiting(&e) => {
+                            let pause = tokio::time::sleep(READER_RETRY_PAUSE);
+                            tokio::select! {
+                                _ = pause => {}
+                                _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
+                            }
+                            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                                return Err(e);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    },
                     _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
                     _ = timeout => {
                         let bytes = self.geo.bytes_of(range);
@@ -456,6 +473,17 @@ impl Fetcher {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether a reader whose job ended with `e` should wait and try again: the source
+    /// may come back (unreachable, busy), or a peer may get the blocks. An image with no
+    /// source at all answers at once.
+    fn worth_waiting(&self, e: &Error) -> bool {
+        match e {
+            Error::Source(s) => s.is_retryable(),
+            Error::NoSource { .. } => !self.sources().list.is_empty(),
+            _ => false,
         }
     }
 

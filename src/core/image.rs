@@ -31,6 +31,34 @@ use super::store::{page_io, BufPool, Disk, ImageFiles, State, StoredSpec, Stored
 use super::verify::{self, Algo, HashWorker, VerifyInput};
 use super::view::{self, KernelCaps, OpenMode, View};
 
+/// The fill's first pause after a source could not serve, and its longest.
+const FILL_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const FILL_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `t` as `YYYY-MM-DD HH:MM:SS UTC`, for error lines a person reads.
+fn humantime_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Tunables shared by every image of a node.
 #[derive(Debug, Clone)]
 pub struct ImageConfig {
@@ -477,24 +505,46 @@ impl Image {
         let span = tracing::info_span!("fill", image = %self.name);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let stop = || me.is_failed() || !me.fill_enabled();
-                let end = fill::run(
-                    me.fetcher.clone(),
-                    me.cfg.fill_parallel,
-                    me.cancel.clone(),
-                    stop,
-                )
-                .await;
+                me.fill_until_done().await;
                 me.fill_running.store(false, Ordering::Release);
-                if let FillEnd::Failed(e) = end {
-                    me.set_condition(format!(
-                        "the fill stopped: {e}; `bifs fill {}` restarts it",
-                        me.name
-                    ));
-                }
             },
             span,
         ));
+    }
+
+    /// Runs the fill; a source that cannot serve for now (unreachable, busy, or no source
+    /// has the blocks yet) is ridden out: the image stays in progress, its error line
+    /// says since when, present blocks keep serving, and the fill tries again after a
+    /// pause that doubles up to `FILL_RETRY_MAX`. Only a permanent problem fails the image
+    /// (through `fetch_failed`).
+    async fn fill_until_done(self: &Arc<Self>) {
+        let mut pause = FILL_RETRY_MIN;
+        let mut since: Option<std::time::SystemTime> = None;
+        loop {
+            let stop = || self.is_failed() || !self.fill_enabled();
+            let end = fill::run(
+                self.fetcher.clone(),
+                self.cfg.fill_parallel,
+                self.cancel.clone(),
+                stop,
+            )
+            .await;
+            let FillEnd::Failed(e) = end else { return };
+            let t = *since.get_or_insert_with(std::time::SystemTime::now);
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.set_condition(format!(
+                "source unavailable since {} (unix time {secs}), retrying every {} s at most: {e}",
+                humantime_utc(t),
+                FILL_RETRY_MAX.as_secs()
+            ));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.cancel.cancelled() => return,
+            }
+            pause = (pause * 2).min(FILL_RETRY_MAX);
+        }
     }
 
     /// Asks the origin (the last source) whether it still holds the version this image
@@ -784,17 +834,23 @@ impl FetchObserver for Image {
         if self.state() == State::Pending && self.state.start() {
             info!(image = %self.name, "state changed: in-progress");
         }
+        let mut c = self.condition.lock().unwrap();
+        if c.as_deref()
+            .is_some_and(|c| c.starts_with("source unavailable since"))
+        {
+            info!(image = %self.name, "source serving again");
+            *c = None;
+        }
     }
 
     fn fetch_failed(&self, err: &Error, prio: Priority) {
         match err {
             // No source can serve: present blocks keep serving, the status says why.
             Error::NoSource { .. } => self.set_condition(err.to_string()),
-            // A reader's request that kept failing with errors that may pass: that reader
-            // gets EIO, the image goes on. The fill's failures fail the image (a retry,
-            // `bifs fill`, may clear them).
-            Error::Source(s) if s.is_retryable() && prio == Priority::Reader => {
-                warn!(image = %self.name, error = %err, "fetch failed; readers of these blocks get EIO");
+            // A source that cannot serve for now: the image rides it out. A reader's
+            // request retries until --read-timeout; the fill pauses and tries again.
+            Error::Source(s) if s.is_retryable() => {
+                warn!(image = %self.name, error = %err, ?prio, "fetch failed; will try again");
             }
             _ => self.fail(err),
         }

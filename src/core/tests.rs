@@ -391,39 +391,38 @@ async fn retries_back_off_and_a_stalled_source_times_the_reader_out() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_fill_that_exhausts_its_retries_fails_the_image_with_a_kind_a_retry_clears() {
+async fn an_unreachable_source_is_ridden_out_and_the_fill_resumes_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let want = data(16 * BS as usize, 4);
     let src = Arc::new(MemSource::new(want.clone()));
     let reg = Arc::new(Mutex::new(vec![("f".to_string(), src.clone())]));
     let node = start(dir.path(), &reg).await;
     let image = create(&node, "f", src.clone(), false).await;
-    for _ in 0..20 {
+    image.read(0, 4096, None).await.unwrap();
+    for _ in 0..40 {
         src.fail_next(SourceError::Unreachable {
             url: "memory".into(),
             reason: "connection refused".into(),
         });
     }
     node.fill("f").unwrap();
-    let e = image.wait_ready().await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Failed {
-                kind: FailureKind::SourceUnreachable,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    // The kind is persisted: after a restart `bifs fill` may still retry it.
-    let st: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("images/f/state.json")).unwrap())
-            .unwrap();
-    assert_eq!(st["failure"], "source-unreachable");
+    // The fill runs out of attempts: the image stays in progress and says why...
+    let st = loop {
+        let st = image.status("/t");
+        if st.error.contains("source unavailable since") {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(st.state, State::InProgress, "{st:?}");
+    assert!(st.error.contains("connection refused"), "{}", st.error);
+    // ...present blocks keep serving...
+    let b = image.read(0, 4096, None).await.unwrap();
+    assert_eq!(&b[..], &want[..4096]);
+    // ...and once the source is back the fill resumes by itself: no `bifs fill`.
     src.clear_faults();
-    node.fill("f").unwrap();
     image.wait_ready().await.unwrap();
+    assert_eq!(image.status("/t").error, "", "the condition is cleared");
     node.cancel.cancel();
 }
 
