@@ -100,7 +100,11 @@ fn a_peer_that_corrupts_pieces_is_caught_and_never_served() {
         f.read_exact_at(&mut got[off..off + MIB], off as u64)
             .unwrap();
     }
-    assert!(got == data, "no corrupt byte reached a reader");
+    assert!(
+        got == data,
+        "no corrupt byte reached a reader: {}",
+        common::tail(&b.log(), 60)
+    );
     let s = b.wait_state("cimg", "ready", Duration::from_secs(60));
     assert_eq!(s["computedChecksum"], sum);
     assert!(liar.corrupted() > 0, "the proxy corrupted nothing");
@@ -188,4 +192,43 @@ fn peers_found_through_dns_serve_like_listed_ones() {
         "{s}"
     );
     assert!((origin.served() - before) * 100 < data.len() as u64);
+}
+
+#[test]
+fn three_fresh_nodes_filling_at_once_share_the_work_and_the_origin_sends_about_one_copy() {
+    let origin = Origin::start();
+    let data = random_bytes(32 * MIB, 76);
+    let sum = sha512_hex(&data);
+    origin.put("t.raw", data.clone());
+    // A rate-limited origin: 64 KiB pieces 16 ms apart (4 MiB/s per stream).
+    origin.set_chunk_delay(Duration::from_millis(16));
+    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let nodes: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let mut extra = Vec::new();
+            for (j, p) in ports.iter().enumerate() {
+                if j != i {
+                    extra.push("--peer".to_string());
+                    extra.push(format!("http://127.0.0.1:{p}"));
+                }
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            Daemon::start_on_port(ports[i], &extra)
+        })
+        .collect();
+    let url = origin.url("t.raw");
+    std::thread::scope(|s| {
+        for n in &nodes {
+            let (url, sum) = (&url, &sum);
+            s.spawn(move || n.bifs_ok(&["create", "timg", "--url", url, "--checksum", sum]));
+        }
+    });
+    for n in &nodes {
+        let s = n.wait_state("timg", "ready", Duration::from_secs(120));
+        assert_eq!(s["computedChecksum"], sum);
+        assert!(std::fs::read(n.path("timg")).unwrap() == data, "cmp equal");
+    }
+    let ratio = origin.served() as f64 / data.len() as f64;
+    println!("origin sent {ratio:.2}x the image for 3 nodes");
+    assert!(ratio < 1.2, "origin sent {ratio:.2}x the image for 3 nodes");
 }

@@ -338,7 +338,8 @@ impl Fetcher {
         let mut waits = Vec::new();
         let mut started = None;
         let one_job = permit.is_some();
-        let ranged = self.sources().ranged();
+        let sources = self.sources();
+        let ranged = sources.ranged();
         let max_blocks = self.max_blocks();
         let mut inflight = self.inflight.lock().unwrap();
         let mut b = range.start;
@@ -352,6 +353,31 @@ impl Fetcher {
                     waits.push((job.clone(), job.blocks.end.min(range.end)));
                 }
                 continue;
+            }
+            // Several nodes filling this image at once share the work unit by unit.
+            let shared = match (&sources.fill_policy, prio) {
+                (Some(p), Priority::Fill) if ranged => p.unit_bytes().map(|u| (p, u)),
+                _ => None,
+            };
+            if let Some((policy, unit_bytes)) = shared {
+                let unit = (unit_bytes / self.geo.block_size).max(1);
+                let start = m / unit * unit;
+                let run = BlockRange::new(start, (start + unit).min(self.geo.blocks()));
+                if policy.defer(self.geo.bytes_of(run))
+                    || Self::covering(&inflight, start).is_some()
+                {
+                    b = run.end;
+                    continue;
+                }
+                let job = Arc::new(Job {
+                    blocks: run,
+                    prio,
+                    progress: watch::channel(JobProgress::default()).0,
+                });
+                inflight.insert(run.start, job.clone());
+                tokio::spawn(self.clone().run_job(job, permit.take()));
+                started = Some(run);
+                break;
             }
             let run = if !ranged {
                 // Without range support the one stream covers the whole image.

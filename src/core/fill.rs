@@ -14,6 +14,9 @@ use super::error::Error;
 use super::fetch::Fetcher;
 use super::range::BlockRange;
 
+/// How often a fill with nothing to start looks again (work left to other nodes).
+const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How a fill ended.
 #[derive(Debug)]
 pub enum FillEnd {
@@ -38,7 +41,14 @@ pub async fn run(
     info!(present = map.present_count(), blocks, "fill started");
     let sem = Arc::new(Semaphore::new(parallel.max(1)));
     let landed = fetcher.landed_notify();
-    let mut cursor = 0;
+    // Nodes sharing the fill begin in different places (see `FillPolicy::first_unit`).
+    let mut cursor = match &fetcher.sources().fill_policy {
+        Some(p) => {
+            let unit = (super::pieces::PIECE_SIZE / fetcher.geometry().block_size).max(1);
+            p.first_unit(blocks.div_ceil(unit)) * unit
+        }
+        None => 0,
+    };
     loop {
         if cancel.is_cancelled() || stop() {
             return FillEnd::Stopped;
@@ -61,11 +71,13 @@ pub async fn run(
             info!("fill complete");
             return FillEnd::Complete;
         }
-        // Everything absent is being fetched: wait for a job to end, then rescan from
-        // the start (a reader's failed job may have left a hole behind the cursor).
+        // Everything absent is being fetched (or left to another node for now): wait for
+        // a job to end or a while, then rescan from the start (a reader's failed job may
+        // have left a hole behind the cursor; another node may have fetched its share).
         cursor = 0;
         tokio::select! {
             _ = notified => {}
+            _ = tokio::time::sleep(RESCAN_EVERY) => {}
             _ = cancel.cancelled() => return FillEnd::Stopped,
         }
     }

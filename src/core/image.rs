@@ -31,6 +31,8 @@ use super::store::{page_io, BufPool, Disk, ImageFiles, State, StoredSpec, Stored
 use super::verify::{self, Algo, HashWorker, VerifyInput};
 use super::view::{self, KernelCaps, OpenMode, View};
 
+/// How long a fill that may share its work with peers waits for their polls at start.
+const FILL_SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
 /// The fill's first pause after a source could not serve, and its longest.
 const FILL_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 const FILL_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
@@ -266,7 +268,7 @@ impl Image {
     /// needs them (peers are used only once they are known).
     fn start_digest_watch(self: &Arc<Self>) {
         let sources = self.fetcher.sources();
-        if !sources.list.iter().any(|s| s.needs_digests()) || self.fetcher.pieces().is_some() {
+        if !sources.list.iter().any(|s| s.offers_digests()) || self.fetcher.pieces().is_some() {
             return;
         }
         let me = self.clone();
@@ -518,6 +520,15 @@ impl Image {
     /// pause that doubles up to `FILL_RETRY_MAX`. Only a permanent problem fails the image
     /// (through `fetch_failed`).
     async fn fill_until_done(self: &Arc<Self>) {
+        // With peers, other nodes may be starting on the same image right now: give the
+        // peer polls a moment to find them, so the work is shared from the first piece
+        // (readers are not held up by this; only the background fill waits).
+        if self.fetcher.sources().fill_policy.is_some() {
+            tokio::select! {
+                _ = tokio::time::sleep(FILL_SETTLE) => {}
+                _ = self.cancel.cancelled() => return,
+            }
+        }
         let mut pause = FILL_RETRY_MIN;
         let mut since: Option<std::time::SystemTime> = None;
         loop {

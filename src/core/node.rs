@@ -20,7 +20,7 @@ use super::bitmap::BlockMap;
 use super::error::{Error, Result, SourceError};
 use super::image::{Image, ImageConfig, ImageEvent, ImageParts, Shared};
 use super::peer::{PeerSource, Peers};
-use super::source::{HttpClients, HttpSource, Identity, Source, Sources};
+use super::source::{FillPolicy, HttpClients, HttpSource, Identity, Source, Sources};
 use super::spec::{ImageSpec, SourceType};
 use super::status::Status;
 use super::store::{Disk, ImageFiles, State, StoredSpec, StoredState};
@@ -35,9 +35,12 @@ pub type SourceFactory = Arc<dyn Fn(&ImageSpec, &Identity) -> Sources + Send + S
 pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFactory {
     Arc::new(move |spec: &ImageSpec, id: &Identity| {
         let mut list: Vec<Arc<dyn Source>> = Vec::new();
+        let mut fill_policy: Option<Arc<dyn FillPolicy>> = None;
         if let Some(p) = &peers {
             let version = id.version_tag(spec);
-            list.push(Arc::new(PeerSource::new(spec, version, p.clone())));
+            let peer = Arc::new(PeerSource::new(spec, version, p.clone()));
+            fill_policy = Some(peer.clone());
+            list.push(peer);
         }
         match (spec.source_type, spec.url()) {
             (SourceType::Download, Some(url)) => {
@@ -59,6 +62,7 @@ pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFa
         Sources {
             list,
             unavailable: None,
+            fill_policy,
         }
     })
 }
@@ -437,6 +441,10 @@ impl Node {
         );
         info!(image = %image.name, disk = %disk.uuid8(), size = image.size(), source = %origin.describe(), "image created");
         self.images.write().unwrap().insert(image.clone());
+        // Learn at once which other nodes hold (or are filling) this image.
+        if let Some(p) = self.peers.get() {
+            p.poll_all().await;
+        }
         // Peers serve only against piece digests: get them before anything is fetched,
         // so a copy on another node is used from the first block on.
         if image
@@ -444,7 +452,7 @@ impl Node {
             .sources()
             .list
             .iter()
-            .any(|s| s.needs_digests())
+            .any(|s| s.offers_digests())
         {
             let _ = tokio::time::timeout(Duration::from_secs(5), image.acquire_digests()).await;
         }

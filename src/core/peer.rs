@@ -5,7 +5,8 @@
 //! image's view of them: a read goes to a peer holding that image's version (ready
 //! copies first, the starting peer rotated to spread the load), and a peer that lacks
 //! the bytes, fails or is slow passes the request on. Peer bytes are only ever landed
-//! against piece digests of a verified copy (`needs_digests`), and a peer whose bytes
+//! against piece digests of a verified copy (`needs_digests`), unless the spec names a
+//! checksum (then unfinished copies share blocks and the whole-image check decides), and a peer whose bytes
 //! failed them is avoided for a while.
 
 use std::collections::HashMap;
@@ -22,12 +23,12 @@ use tracing::{debug, info, warn};
 
 use super::error::SourceError;
 use super::range::ByteRange;
-use super::source::{ByteStream, Identity, Priority, Source};
+use super::source::{ByteStream, FillPolicy, Identity, Priority, Source};
 use super::spec::ImageSpec;
 use super::store::State;
 
 /// How often peers are asked what they hold.
-const POLL_EVERY: Duration = Duration::from_secs(2);
+const POLL_EVERY: Duration = Duration::from_secs(1);
 /// How often `--peers-dns` is resolved again.
 const RESOLVE_EVERY: Duration = Duration::from_secs(10);
 /// How long a peer that sent a corrupt piece is avoided.
@@ -44,6 +45,36 @@ pub struct PeerImage {
     pub progress: u32,
     pub version: String,
 }
+
+/// A peer's block bitmap of an image this node fills (polled while it matters).
+#[derive(Debug, Clone)]
+struct PeerBlocks {
+    block_size: u64,
+    bits: Vec<u8>,
+    present: u64,
+    /// When `present` last grew (or the peer became ready): is it making progress?
+    changed_at: Instant,
+}
+
+impl PeerBlocks {
+    fn has(&self, bytes: ByteRange) -> bool {
+        if bytes.is_empty() {
+            return true;
+        }
+        let first = bytes.start / self.block_size;
+        let last = (bytes.end - 1) / self.block_size;
+        (first..=last).all(|b| {
+            self.bits
+                .get((b / 8) as usize)
+                .is_some_and(|byte| byte & (1 << (b % 8)) != 0)
+        })
+    }
+}
+
+/// How long an owner may go without landing a block before its share is taken over.
+const OWNER_STALL: Duration = Duration::from_secs(10);
+/// The unit fills are shared in (the piece digests' size).
+const SHARE_UNIT: u64 = super::pieces::PIECE_SIZE;
 
 /// One copy of an image on another node, as `bifs status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -63,6 +94,8 @@ struct PeerInner {
     next_poll: Option<Instant>,
     avoid_until: Option<Instant>,
     is_self: bool,
+    node_id: Option<String>,
+    blocks: HashMap<String, PeerBlocks>,
 }
 
 pub struct Peer {
@@ -116,6 +149,8 @@ struct ListedImage {
 }
 
 pub struct Peers {
+    /// Images this node fills: their peers' bitmaps are polled too.
+    interest: Mutex<std::collections::HashSet<String>>,
     static_urls: Vec<String>,
     dns: Option<String>,
     node_id: String,
@@ -137,6 +172,7 @@ impl Peers {
             .map(|u| Arc::new(Peer::new(u.clone())))
             .collect();
         Arc::new(Self {
+            interest: Mutex::default(),
             static_urls: urls,
             dns,
             node_id,
@@ -245,6 +281,12 @@ impl Peers {
         }
     }
 
+    /// Asks every peer now (a new image: learn at once who else holds it).
+    pub async fn poll_all(&self) {
+        let all: Vec<Arc<Peer>> = self.list.read().unwrap().clone();
+        futures::future::join_all(all.iter().map(|p| self.poll(p))).await;
+    }
+
     /// Asks the peers that never answered yet (a create right after start-up must not
     /// miss a copy the first poll has not seen).
     pub async fn poll_unknown(&self) {
@@ -299,34 +341,109 @@ impl Peers {
             Ok(r) => return peer.mark_down(&format!("HTTP {}", r.status())),
             Err(e) => return peer.mark_down(&e.to_string()),
         };
-        let is_self = resp
+        let peer_id = resp
             .headers()
             .get(NODE_HEADER)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|id| id == self.node_id);
+            .map(str::to_string);
+        let is_self = peer_id.as_deref() == Some(self.node_id.as_str());
         let listed: Vec<ListedImage> = match resp.json().await {
             Ok(l) => l,
             Err(e) => return peer.mark_down(&format!("unreadable image list: {e}")),
         };
-        let mut i = peer.inner.lock().unwrap();
-        if i.reachable != Some(true) && !is_self {
-            info!(peer = %peer.url, images = listed.len(), "peer answering");
+        let wanted: Vec<String> = {
+            let mut i = peer.inner.lock().unwrap();
+            if i.reachable != Some(true) && !is_self {
+                info!(peer = %peer.url, images = listed.len(), "peer answering");
+            }
+            i.is_self = is_self;
+            i.node_id = peer_id;
+            i.reachable = Some(true);
+            i.failures = 0;
+            i.next_poll = None;
+            i.images = listed
+                .into_iter()
+                .map(|l| {
+                    let img = PeerImage {
+                        state: l.state,
+                        progress: l.progress,
+                        version: l.version,
+                    };
+                    (l.name, img)
+                })
+                .collect();
+            let interest = self.interest.lock().unwrap();
+            i.images
+                .iter()
+                .filter(|(n, img)| interest.contains(*n) && img.state == State::InProgress)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        for name in wanted {
+            self.poll_blocks(peer, &name).await;
         }
-        i.is_self = is_self;
-        i.reachable = Some(true);
-        i.failures = 0;
-        i.next_poll = None;
-        i.images = listed
-            .into_iter()
-            .map(|l| {
-                let img = PeerImage {
-                    state: l.state,
-                    progress: l.progress,
-                    version: l.version,
-                };
-                (l.name, img)
-            })
-            .collect();
+    }
+
+    /// Fetches a peer's bitmap of `name` (for sharing a fill).
+    async fn poll_blocks(&self, peer: &Peer, name: &str) {
+        use base64::Engine;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Doc {
+            block_size: u64,
+            present: u64,
+            bitmap: String,
+        }
+        let url = format!("{}/v1/images/{name}/blocks", peer.url);
+        let Ok(resp) = self
+            .request(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        else {
+            return;
+        };
+        let Ok(doc) = resp.json::<Doc>().await else {
+            return;
+        };
+        let Ok(bits) = base64::engine::general_purpose::STANDARD.decode(doc.bitmap) else {
+            return;
+        };
+        let mut i = peer.inner.lock().unwrap();
+        let changed_at = match i.blocks.get(name) {
+            Some(old) if old.present >= doc.present => old.changed_at,
+            _ => Instant::now(),
+        };
+        i.blocks.insert(
+            name.to_string(),
+            PeerBlocks {
+                block_size: doc.block_size.max(1),
+                bits,
+                present: doc.present,
+                changed_at,
+            },
+        );
+    }
+
+    /// The nodes holding `version` of `name`, this one included (None), by node id.
+    fn holders(&self, name: &str, version: &str) -> Vec<(String, Option<Arc<Peer>>)> {
+        let now = Instant::now();
+        let mut out = vec![(self.node_id.clone(), None)];
+        for p in self.list.read().unwrap().iter() {
+            if !p.usable(now) {
+                continue;
+            }
+            let i = p.inner.lock().unwrap();
+            let holds = i
+                .images
+                .get(name)
+                .is_some_and(|img| img.version == version && img.state != State::Failed);
+            if let (true, Some(id)) = (holds, i.node_id.clone()) {
+                out.push((id, Some(p.clone())));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 }
 
@@ -343,6 +460,7 @@ pub struct PeerSource {
 
 impl PeerSource {
     pub fn new(spec: &ImageSpec, version: String, peers: Arc<Peers>) -> Self {
+        peers.interest.lock().unwrap().insert(spec.name.clone());
         Self {
             name: spec.name.clone(),
             spec: spec.clone(),
@@ -372,7 +490,13 @@ impl Source for PeerSource {
         true
     }
 
+    /// Peer bytes land unchecked only when the spec names a checksum: the whole-image
+    /// check then still decides. Without one, only against piece digests of a verified copy.
     fn needs_digests(&self) -> bool {
+        self.spec.checksum.is_empty()
+    }
+
+    fn offers_digests(&self) -> bool {
         true
     }
 
@@ -490,5 +614,43 @@ impl Source for PeerSource {
                 .boxed());
         }
         Err(self.absent(range))
+    }
+}
+
+impl FillPolicy for PeerSource {
+    fn first_unit(&self, units: u64) -> u64 {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(format!("{}/{}", self.peers.node_id, self.name));
+        u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % units.max(1)
+    }
+
+    fn unit_bytes(&self) -> Option<u64> {
+        (self.peers.holders(&self.name, &self.version).len() > 1).then_some(SHARE_UNIT)
+    }
+
+    /// Unit `u` is owned by holder `u mod n` (holders sorted by node id, this node among
+    /// them). Another owner's unit is left to it while it lacks the unit and is making
+    /// progress; once it has the unit, or stalls, this node fetches it (peers first).
+    fn defer(&self, bytes: ByteRange) -> bool {
+        let holders = self.peers.holders(&self.name, &self.version);
+        if holders.len() <= 1 {
+            return false;
+        }
+        let unit = bytes.start / SHARE_UNIT;
+        let (_, owner) = &holders[(unit % holders.len() as u64) as usize];
+        let Some(owner) = owner else {
+            return false; // this node's own share
+        };
+        let i = owner.inner.lock().unwrap();
+        let ready = i
+            .images
+            .get(&self.name)
+            .is_some_and(|img| img.state == State::Ready);
+        match i.blocks.get(&self.name) {
+            _ if ready => false,
+            Some(b) => !b.has(bytes) && b.changed_at.elapsed() < OWNER_STALL,
+            // Not polled yet: give the owner a moment.
+            None => true,
+        }
     }
 }

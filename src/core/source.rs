@@ -117,6 +117,11 @@ pub trait Source: Send + Sync {
     fn needs_digests(&self) -> bool {
         false
     }
+    /// Whether this source may give piece digests (`piece_digests`): the image asks for
+    /// them before it fetches anything.
+    fn offers_digests(&self) -> bool {
+        false
+    }
     /// This source's reply to the request that started at `range.start` failed a
     /// piece digest: avoid whoever sent it for a while.
     fn report_corrupt(&self, _range: ByteRange) {}
@@ -142,6 +147,22 @@ pub struct Sources {
     pub list: Vec<Arc<dyn Source>>,
     /// Why no source can serve absent blocks (shown in status and in readers' errors).
     pub unavailable: Option<String>,
+    /// Who fetches what when several nodes fill the same image at once (peers).
+    pub fill_policy: Option<Arc<dyn FillPolicy>>,
+}
+
+/// Shares the work of filling one image among the nodes that fill it at the same time,
+/// so the origin sends each piece about once per cluster: each node fills the pieces it
+/// owns from the origin and takes the others from their owners once they have them.
+pub trait FillPolicy: Send + Sync {
+    /// The size of the pieces work is shared in, when it is shared now (None: fill alone).
+    fn unit_bytes(&self) -> Option<u64>;
+    /// Whether the fill should leave `bytes` (one unit) for now: another node fetches
+    /// them and is making progress.
+    fn defer(&self, bytes: ByteRange) -> bool;
+    /// Where this node starts filling, in units of `unit_bytes` out of `units`: nodes
+    /// that start at once begin in different places before they have heard of each other.
+    fn first_unit(&self, units: u64) -> u64;
 }
 
 impl Sources {
@@ -149,6 +170,7 @@ impl Sources {
         Self {
             list: vec![source],
             unavailable: None,
+            fill_policy: None,
         }
     }
 
@@ -156,6 +178,7 @@ impl Sources {
         Self {
             list: Vec::new(),
             unavailable: Some(why.into()),
+            fill_policy: None,
         }
     }
 

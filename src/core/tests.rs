@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::error::{Error, FailureKind, SourceError};
+use super::error::{Error, SourceError};
 use super::fetch::FetchConfig;
 use super::image::{Image, ImageConfig};
 use super::node::{CreateOptions, Node, SourceFactory};
@@ -473,6 +473,7 @@ fn a_source_without_the_bytes_passes_the_request_to_the_next() {
         let sources = Sources {
             list: vec![peer.clone() as Arc<dyn Source>, origin.clone()],
             unavailable: None,
+            fill_policy: None,
         };
         let image = node
             .create_with_sources(

@@ -50,7 +50,7 @@ pub fn sha512_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha512::digest(data))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -109,12 +109,21 @@ impl Daemon {
         Self::start_at(Some(netns), host, extra)
     }
 
+    /// A daemon on loopback port `port` (picked beforehand, so peers can name each other).
+    pub fn start_on_port(port: u16, extra: &[&str]) -> Daemon {
+        Self::start_full(None, "127.0.0.1", Some(port), extra)
+    }
+
     fn start_at(netns: Option<&str>, host: &str, extra: &[&str]) -> Daemon {
+        Self::start_full(netns, host, None, extra)
+    }
+
+    fn start_full(netns: Option<&str>, host: &str, port: Option<u16>, extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("mnt");
         let disk = dir.path().join("disk");
         std::fs::create_dir_all(&mnt).unwrap();
-        let port = if netns.is_some() { 8090 } else { free_port() };
+        let port = port.unwrap_or_else(|| if netns.is_some() { 8090 } else { free_port() });
         let mut d = Daemon {
             mnt,
             disk,
