@@ -87,6 +87,7 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         .route("/v1/images", get(list).post(create))
         .route("/v1/images/{name}", get(show).delete(delete))
         .route("/v1/images/{name}/fill", post(fill))
+        .route("/v1/images/{name}/from-peers", post(from_peers))
         .route("/v1/images/{name}/blocks", get(blocks))
         .route("/v1/images/{name}/data", get(data))
         .route("/v1/images/{name}/manifest", get(manifest))
@@ -158,6 +159,18 @@ fn peer_image(app: &App, name: &str, headers: &HeaderMap) -> ApiResult<Arc<crate
         }
     }
     Ok(image)
+}
+
+/// Creates an image as a peer holds it (spec from the peer, bytes from the peers).
+async fn from_peers(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let image = app
+        .node
+        .create_from_peers(&name, CreateOptions::default())
+        .await?;
+    Ok((StatusCode::CREATED, Json(app.node.status(&image))))
 }
 
 /// Which blocks this node has (for peers).

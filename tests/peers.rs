@@ -232,3 +232,28 @@ fn three_fresh_nodes_filling_at_once_share_the_work_and_the_origin_sends_about_o
     println!("origin sent {ratio:.2}x the image for 3 nodes");
     assert!(ratio < 1.2, "origin sent {ratio:.2}x the image for 3 nodes");
 }
+
+#[test]
+fn an_image_named_only_is_created_as_a_peer_holds_it() {
+    let origin = Origin::start();
+    let data = random_bytes(4 * MIB + 5, 77);
+    let sum = sha512_hex(&data);
+    origin.put("n.raw", data.clone());
+    let a = ready_node(&origin, "named", "n.raw", &sum);
+    drop(origin);
+    let b = Daemon::start_with(&["--peer", &a.server]);
+    let (rc, out, err) = common::sh(&format!(
+        "curl -sf -X POST {}/v1/images/named/from-peers",
+        b.server
+    ));
+    assert_eq!(rc, 0, "{out} {err}");
+    let s = b.wait_state("named", "ready", Duration::from_secs(60));
+    assert_eq!(s["checksum"], sum, "the spec came from the peer");
+    assert!(std::fs::read(b.path("named")).unwrap() == data);
+    // A name no node holds: a clear 404.
+    let (_, out, _) = common::sh(&format!(
+        "curl -s -X POST {}/v1/images/nobody/from-peers",
+        b.server
+    ));
+    assert!(out.contains("no peer holds a copy"), "{out}");
+}

@@ -609,10 +609,10 @@ impl Fetcher {
             return Err(e.into());
         }
         let bytes = self.geo.bytes_of(BlockRange::new(*next, job.blocks.end));
-        let reason = match &sources.unavailable {
-            Some(why) => why.clone(),
-            None if sources.list.is_empty() => "the image has no source".into(),
-            None => "no source has them".into(),
+        let reason = match (&sources.unavailable, &sources.when_absent) {
+            (Some(why), _) | (None, Some(why)) => why.clone(),
+            (None, None) if sources.list.is_empty() => "the image has no source".into(),
+            (None, None) => "no source has them".into(),
         };
         Err(Error::NoSource {
             name: self.name.clone(),

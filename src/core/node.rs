@@ -36,6 +36,7 @@ pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFa
     Arc::new(move |spec: &ImageSpec, id: &Identity| {
         let mut list: Vec<Arc<dyn Source>> = Vec::new();
         let mut fill_policy: Option<Arc<dyn FillPolicy>> = None;
+        let mut when_absent = None;
         if let Some(p) = &peers {
             let version = id.version_tag(spec);
             let peer = Arc::new(PeerSource::new(spec, version, p.clone()));
@@ -46,7 +47,13 @@ pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFa
             (SourceType::Download, Some(url)) => {
                 list.push(Arc::new(HttpSource::new(url, clients.clone(), id.ranges)));
             }
-            _ if !list.is_empty() => {}
+            _ if !list.is_empty() => {
+                when_absent = Some(
+                    "no reachable node holds them and the image has no URL: it cannot be \
+                     recovered until a node with a copy is back"
+                        .to_string(),
+                );
+            }
             (SourceType::Download, None) => {
                 return Sources::none("its spec names no URL to fetch the rest from")
             }
@@ -63,6 +70,7 @@ pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFa
             list,
             unavailable: None,
             fill_policy,
+            when_absent,
         }
     })
 }
@@ -350,6 +358,35 @@ impl Node {
         spec.validate()?;
         // The origin is asked for the version first; the image's sources are then built
         // for that version (peers serve each other one version only).
+        let probing = (self.sources)(&spec, &Identity::unknown());
+        let factory = self.sources.clone();
+        self.create_inner(spec, opts, probing, Some(factory)).await
+    }
+
+    /// Creates image `name` as another node holds it: its spec comes from a peer with a
+    /// copy, and its bytes from the peers (and its URL, if it has one). How images
+    /// without a URL (uploads, exports) reach other nodes.
+    pub async fn create_from_peers(
+        self: &Arc<Self>,
+        name: &str,
+        opts: CreateOptions,
+    ) -> Result<Arc<Image>> {
+        super::spec::validate_name(name)?;
+        if let Ok(existing) = self.get(name) {
+            return Ok(existing);
+        }
+        let Some(peers) = self.peers.get().cloned() else {
+            return Err(Error::BadInput(format!(
+                "no source given for image {name:?} and this daemon has no peers \
+                 (--peer or --peers-dns): give --url"
+            )));
+        };
+        let Some(spec) = peers.find_spec(name).await else {
+            return Err(Error::NotFound(format!(
+                "{name} (no peer holds a copy either; an image without a URL cannot be \
+                 created until a node with a copy is reachable)"
+            )));
+        };
         let probing = (self.sources)(&spec, &Identity::unknown());
         let factory = self.sources.clone();
         self.create_inner(spec, opts, probing, Some(factory)).await

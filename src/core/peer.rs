@@ -281,6 +281,33 @@ impl Peers {
         }
     }
 
+    /// The spec of image `name` as a peer holding a copy has it (ready copies first).
+    pub async fn find_spec(&self, name: &str) -> Option<ImageSpec> {
+        self.poll_all().await;
+        let mut holders: Vec<(bool, Arc<Peer>)> = self
+            .list
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|p| p.usable(Instant::now()))
+            .filter_map(|p| {
+                let img = p.image(name)?;
+                (img.state != State::Failed).then(|| (img.state != State::Ready, p.clone()))
+            })
+            .collect();
+        holders.sort_by_key(|(not_ready, _)| *not_ready);
+        for (_, peer) in holders {
+            let url = format!("{}/v1/images/{name}/blocks", peer.url);
+            let Ok(resp) = self.request(url).send().await else {
+                continue;
+            };
+            if let Ok(doc) = resp.json::<BlocksDoc>().await {
+                return Some(doc.spec);
+            }
+        }
+        None
+    }
+
     /// Asks every peer now (a new image: learn at once who else holds it).
     pub async fn poll_all(&self) {
         let all: Vec<Arc<Peer>> = self.list.read().unwrap().clone();

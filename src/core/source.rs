@@ -149,6 +149,8 @@ pub struct Sources {
     pub unavailable: Option<String>,
     /// Who fetches what when several nodes fill the same image at once (peers).
     pub fill_policy: Option<Arc<dyn FillPolicy>>,
+    /// What it means when every source lacks some bytes (an image with peers only).
+    pub when_absent: Option<String>,
 }
 
 /// Shares the work of filling one image among the nodes that fill it at the same time,
@@ -171,6 +173,7 @@ impl Sources {
             list: vec![source],
             unavailable: None,
             fill_policy: None,
+            when_absent: None,
         }
     }
 
@@ -179,6 +182,7 @@ impl Sources {
             list: Vec::new(),
             unavailable: Some(why.into()),
             fill_policy: None,
+            when_absent: None,
         }
     }
 

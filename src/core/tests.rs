@@ -474,6 +474,7 @@ fn a_source_without_the_bytes_passes_the_request_to_the_next() {
             list: vec![peer.clone() as Arc<dyn Source>, origin.clone()],
             unavailable: None,
             fill_policy: None,
+            when_absent: None,
         };
         let image = node
             .create_with_sources(
