@@ -262,7 +262,7 @@ impl Bench {
 
     fn delete(&self, image: &bifs::core::Image) {
         self.rt
-            .block_on(self.node.delete(&image.name))
+            .block_on(self.node.delete(&image.name, true))
             .expect("delete");
     }
 }

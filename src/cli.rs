@@ -68,12 +68,19 @@ pub enum Cmd {
         /// Serve the API on a non-loopback --listen without --token-file (anyone who can reach it controls the node).
         #[arg(long)]
         insecure_listen: bool,
+        /// Remove a copy unused this long (0: at once), never below the copies the cluster keeps.
+        #[arg(long, default_value = "60m", value_parser = parse_duration)]
+        cleanup_wait: Duration,
+        /// Ready copies the cluster keeps of an image whose spec sets no minNumberOfCopies.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        min_copies: u32,
     },
-    /// Create an image from a URL.
+    /// Create an image from a URL (without --url: as a peer holds it).
     Create {
         name: String,
+        /// Where the image comes from; without it the spec and bytes come from a peer.
         #[arg(long)]
-        url: String,
+        url: Option<String>,
         /// SHA-512 of the image, 128 hex digits.
         #[arg(long, default_value = "")]
         checksum: String,
@@ -99,8 +106,15 @@ pub enum Cmd {
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         timeout: Duration,
     },
-    /// Delete an image and its cached blocks.
-    Delete { name: String },
+    /// Delete an image and its cached blocks (refused while in use).
+    Delete {
+        name: String,
+        /// Delete even while handles are open (they get EIO from then on).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove this node's copy now (refused for a copy in use or one the cluster keeps).
+    Cleanup { name: String },
     /// Start the fill of an image created with --no-fill, or retry one that failed for a cause that can pass.
     Fill { name: String },
     /// Serve the files of a directory over HTTP with Range support (a plain origin).
@@ -299,6 +313,8 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
             peers_dns,
             manifests,
             insecure_listen,
+            cleanup_wait,
+            min_copies,
         } => {
             crate::daemon::check_listen(*listen, cli.token_file.is_some(), *insecure_listen)
                 .map_err(usage)?;
@@ -317,6 +333,10 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                 cfg,
                 peers: peers.clone(),
                 peers_dns: peers_dns.clone(),
+                lifecycle: crate::core::node::LifecycleConfig {
+                    cleanup_wait: *cleanup_wait,
+                    min_copies: *min_copies,
+                },
             };
             return crate::daemon::run(args).map_err(|e| failed(format!("{e:#}")));
         }
@@ -347,15 +367,22 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
         } => {
             // Check locally first: bad input never reaches the daemon and creates nothing.
             validate_name(name).map_err(|e| usage(e.to_string()))?;
-            validate_url(url).map_err(|e| usage(e.to_string()))?;
             validate_checksum(checksum).map_err(|e| usage(e.to_string()))?;
-            let body = serde_json::json!({
-                "name": name, "sourceType": "download", "sourceParameters": {"url": url},
-                "checksum": checksum.to_ascii_lowercase(), "disk": disk, "noFill": no_fill,
-            });
-            let v = c
-                .call(reqwest::Method::POST, "/v1/images", Some(body))
-                .await?;
+            let v = match url {
+                Some(url) => {
+                    validate_url(url).map_err(|e| usage(e.to_string()))?;
+                    let body = serde_json::json!({
+                        "name": name, "sourceType": "download", "sourceParameters": {"url": url},
+                        "checksum": checksum.to_ascii_lowercase(), "disk": disk, "noFill": no_fill,
+                    });
+                    c.call(reqwest::Method::POST, "/v1/images", Some(body))
+                        .await?
+                }
+                None => {
+                    let path = format!("/v1/images/{name}/from-peers");
+                    c.call(reqwest::Method::POST, &path, None).await?
+                }
+            };
             let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
             println!(
                 "{}: {} ({}, {}), {}",
@@ -409,11 +436,17 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
                 return Err(failed(format!("image {name} failed: {}", s.error)));
             }
         }
-        Cmd::Delete { name } => {
+        Cmd::Delete { name, force } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
-            c.call(reqwest::Method::DELETE, &format!("/v1/images/{name}"), None)
-                .await?;
+            let path = format!("/v1/images/{name}?force={force}");
+            c.call(reqwest::Method::DELETE, &path, None).await?;
             println!("{name}: deleted");
+        }
+        Cmd::Cleanup { name } => {
+            validate_name(name).map_err(|e| usage(e.to_string()))?;
+            let path = format!("/v1/images/{name}/cleanup");
+            c.call(reqwest::Method::POST, &path, None).await?;
+            println!("{name}: this node's copy removed");
         }
         Cmd::Fill { name } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;

@@ -26,6 +26,7 @@ pub struct MountArgs {
     pub cfg: ImageConfig,
     pub peers: Vec<String>,
     pub peers_dns: Option<String>,
+    pub lifecycle: crate::core::node::LifecycleConfig,
 }
 
 /// Without a token, anyone who reaches the API controls the node: only loopback,
@@ -127,9 +128,12 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         mp_str.clone(),
         sources,
     ))?;
-    if let Some(p) = peers {
+    {
         let _rt = rt.enter();
-        node.attach_peers(p);
+        if let Some(p) = peers {
+            node.attach_peers(p);
+        }
+        node.start_lifecycle(args.lifecycle.clone());
     }
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(args.listen))

@@ -256,7 +256,7 @@ impl fuser::Filesystem for BifsFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let Some((image, view)) = self.image_of(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -268,6 +268,8 @@ impl fuser::Filesystem for BifsFs {
             return reply.error(Errno::EIO);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        // In use from now on: delete and cleanup name this pid while the handle is open.
+        image.opened(fh, req.pid());
         let mut opens = self.opens.lock().unwrap();
         let o = opens.entry(ino.0).or_default();
         // Ready images go to the kernel as the data file itself: local-file speed. The
@@ -296,6 +298,7 @@ impl fuser::Filesystem for BifsFs {
         }
         if o.passthrough > 0 {
             // Cannot happen while ready is final; refuse rather than let the kernel fail it.
+            image.closed(fh);
             return reply.error(Errno::EBUSY);
         }
         o.cached += 1;
@@ -369,6 +372,9 @@ impl fuser::Filesystem for BifsFs {
         reply: ReplyEmpty,
     ) {
         if let Some(h) = self.handles.lock().unwrap().remove(&fh.0) {
+            if let Some((image, _)) = self.image_of(h.ino) {
+                image.closed(fh.0);
+            }
             let mut opens = self.opens.lock().unwrap();
             if let Some(o) = opens.get_mut(&h.ino) {
                 if h.passthrough {

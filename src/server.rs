@@ -56,7 +56,7 @@ pub fn status(e: &Error) -> StatusCode {
         Error::NoSource { .. } | Error::ReadTimeout { .. } => StatusCode::BAD_GATEWAY,
         Error::Deleted(_) => StatusCode::NOT_FOUND,
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        Error::SpecDiffers { .. } => StatusCode::CONFLICT,
+        Error::SpecDiffers { .. } | Error::Kept { .. } => StatusCode::CONFLICT,
     }
 }
 
@@ -88,6 +88,7 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         .route("/v1/images/{name}", get(show).delete(delete))
         .route("/v1/images/{name}/fill", post(fill))
         .route("/v1/images/{name}/from-peers", post(from_peers))
+        .route("/v1/images/{name}/cleanup", post(cleanup))
         .route("/v1/images/{name}/blocks", get(blocks))
         .route("/v1/images/{name}/data", get(data))
         .route("/v1/images/{name}/manifest", get(manifest))
@@ -216,6 +217,7 @@ async fn data(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let image = peer_image(&app, &name, &headers)?;
+    image.touch(); // a peer fetching from this copy keeps it in use
     let size = image.size();
     let range = match headers.get(axum::http::header::RANGE) {
         Some(v) => v.to_str().ok().and_then(|v| parse_range(v, size)),
@@ -306,8 +308,24 @@ async fn show(State(app): State<App>, Path(name): Path<String>) -> ApiResult<imp
     Ok(Json(app.node.status(&image)))
 }
 
-async fn delete(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
-    app.node.delete(&name).await?;
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<DeleteQuery>,
+) -> ApiResult<impl IntoResponse> {
+    app.node.delete(&name, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes this node's copy now; refused for a copy in use or one the cluster needs.
+async fn cleanup(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    app.node.cleanup(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -129,7 +129,16 @@ fn deleting_an_image_in_use_ends_its_reads_and_frees_its_files() {
     let f = File::open(d.path("gone")).unwrap();
     let mut buf = vec![0u8; 4096];
     f.read_exact_at(&mut buf, 0).unwrap();
-    d.bifs_ok(&["delete", "gone"]);
+    // In use: refused, naming who holds it (this test process).
+    let out = d.bifs(&["delete", "gone"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use") && err.contains(&format!("pid {} (", std::process::id())),
+        "{err}"
+    );
+    assert!(d.path("gone").exists(), "nothing was deleted");
+    d.bifs_ok(&["delete", "gone", "--force"]);
     assert!(!d.path("gone").exists());
     assert!(!d.disk.join("images/gone").exists(), "its files are gone");
     assert!(
@@ -222,4 +231,65 @@ fn metrics_show_each_image() {
         "{out}"
     );
     assert!(out.contains("state=\"ready\"} 1"), "{out}");
+}
+
+#[test]
+fn unused_copies_are_cleaned_up_after_the_wait_but_never_the_last_or_one_in_use() {
+    let origin = Origin::start();
+    let data = random_bytes(2 * MIB, 41);
+    origin.put("w.raw", data.clone());
+    origin.put("v.raw", random_bytes(MIB, 42));
+    let url = origin.url("w.raw");
+    let ports: Vec<u16> = (0..2).map(|_| common::free_port()).collect();
+    let peer_of = |i: usize| format!("http://127.0.0.1:{}", ports[1 - i]);
+    let (p0, p1) = (peer_of(0), peer_of(1));
+    let a = Daemon::start_on_port(ports[0], &["--peer", &p0, "--cleanup-wait", "2s"]);
+    let b = Daemon::start_on_port(ports[1], &["--peer", &p1, "--cleanup-wait", "2s"]);
+    for d in [&a, &b] {
+        d.bifs_ok(&["create", "w", "--url", &url]);
+        d.wait_state("w", "ready", Duration::from_secs(60));
+    }
+    // A holds its copy open; B's copy is unused: B's goes, A's stays.
+    let held = File::open(a.path("w")).unwrap();
+    common::wait_for(
+        "B's unused copy to be removed",
+        Duration::from_secs(30),
+        || (!b.path("w").exists() && !b.disk.join("images/w").exists()).then_some(()),
+    );
+    assert!(a.path("w").exists(), "the copy in use stays");
+    // Now A holds the only copy: even unused it is never removed.
+    drop(held);
+    let v_url = origin.url("v.raw");
+    a.bifs_ok(&["create", "only", "--url", &v_url]);
+    a.wait_state("only", "ready", Duration::from_secs(60));
+    let quiet_deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < quiet_deadline {
+        assert!(
+            a.path("w").exists() && a.path("only").exists(),
+            "a last copy was removed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(std::fs::read(a.path("w")).unwrap() == data);
+}
+
+#[test]
+fn manual_cleanup_is_refused_for_the_last_copy_and_a_copy_in_use() {
+    let origin = Origin::start();
+    origin.put("m.raw", random_bytes(MIB, 43));
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "m", "--url", &origin.url("m.raw")]);
+    d.wait_state("m", "ready", Duration::from_secs(60));
+    let out = d.bifs(&["cleanup", "m"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keeps at least 1 ready copy"), "{err}");
+    let f = File::open(d.path("m")).unwrap();
+    let err = String::from_utf8_lossy(&d.bifs(&["cleanup", "m"]).stderr).to_string();
+    assert!(
+        err.contains("in use") && err.contains("open handle"),
+        "{err}"
+    );
+    drop(f);
+    assert!(d.path("m").exists());
 }

@@ -87,6 +87,7 @@ impl FailureKind {
             | Error::Unsupported(_)
             | Error::ShuttingDown
             | Error::Deleted(_)
+            | Error::Kept { .. }
             | Error::SpecDiffers { .. } => Self::Other,
         }
     }
@@ -157,6 +158,13 @@ pub enum Error {
     },
     #[error("image {0:?} was deleted")]
     Deleted(String),
+    /// A delete or cleanup refused: the copy is in use or the cluster needs it.
+    #[error("image {name:?} stays: {why}{hint}")]
+    Kept {
+        name: String,
+        why: String,
+        hint: &'static str,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("the daemon is shutting down")]
@@ -201,6 +209,7 @@ impl Error {
             | Self::ShuttingDown
             | Self::Deleted(_)
             | Self::VolumeChanged { .. } => libc::EIO,
+            Self::Kept { .. } => libc::EBUSY,
         }
     }
 }

@@ -134,6 +134,10 @@ pub struct Image {
     raw_view: RawViewSlot,
     /// Names this version of this image to peers (`Identity::version_tag`).
     version: String,
+    /// Handles open through the mount (file handle -> the pid that opened it).
+    open_handles: Mutex<std::collections::BTreeMap<u64, u32>>,
+    /// When the image was last opened, closed or served to a peer.
+    last_used: Mutex<std::time::Instant>,
     /// Piece digests of this node's verified copy, computed on first request.
     served_pieces: tokio::sync::OnceCell<Arc<PieceDigests>>,
     me: Weak<Image>,
@@ -201,6 +205,8 @@ impl Image {
             events,
             raw_view: RawViewSlot::default(),
             version,
+            open_handles: Mutex::default(),
+            last_used: Mutex::new(std::time::Instant::now()),
             served_pieces: tokio::sync::OnceCell::new(),
             me: me.clone(),
         });
@@ -210,6 +216,38 @@ impl Image {
             image.fetcher.halt(image.failure());
         }
         image
+    }
+
+    /// A handle `fh` was opened through the mount by `pid`.
+    pub fn opened(&self, fh: u64, pid: u32) {
+        self.open_handles.lock().unwrap().insert(fh, pid);
+        self.touch();
+    }
+
+    /// Handle `fh` was released.
+    pub fn closed(&self, fh: u64) {
+        self.open_handles.lock().unwrap().remove(&fh);
+        self.touch();
+    }
+
+    /// The pids holding handles open now.
+    pub fn open_pids(&self) -> Vec<u32> {
+        self.open_handles
+            .lock()
+            .unwrap()
+            .values()
+            .copied()
+            .collect()
+    }
+
+    /// Records a use (an open, a close, a peer's fetch).
+    pub fn touch(&self) {
+        *self.last_used.lock().unwrap() = std::time::Instant::now();
+    }
+
+    /// How long since the last use.
+    pub fn idle(&self) -> std::time::Duration {
+        self.last_used.lock().unwrap().elapsed()
     }
 
     /// The tag naming this version of this image (peers compare it).
@@ -835,6 +873,7 @@ impl Image {
             block_size: self.block_size(),
             bytes_fetched: self.fetcher.fetched_bytes(),
             version: self.version.clone(),
+            open_handles: self.open_handles.lock().unwrap().len() as u32,
             copies: Vec::new(),
         }
     }

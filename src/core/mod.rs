@@ -17,6 +17,7 @@ pub mod fetch;
 pub mod fill;
 pub mod format;
 pub mod image;
+pub mod lifecycle;
 pub mod manifest;
 pub mod node;
 pub mod peer;

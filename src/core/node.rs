@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 
+use super::lifecycle::{self, CopyFacts, Verdict};
 use super::range::BlockRange;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -100,6 +101,24 @@ const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Sources asked at once at start-up whether unfinished images' versions still exist.
 const STARTUP_PROBES: usize = 8;
 
+/// When unused copies leave this node's disks.
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    /// A copy unused this long is removed (never below the copies the cluster keeps).
+    pub cleanup_wait: Duration,
+    /// The copies the cluster keeps of an image whose spec names no minNumberOfCopies.
+    pub min_copies: u32,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            cleanup_wait: Duration::from_secs(3600),
+            min_copies: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
     /// A disk uuid (or its first characters); the disk with most free space otherwise.
@@ -150,6 +169,7 @@ pub struct Node {
     next_id: AtomicU64,
     sources: SourceFactory,
     peers: std::sync::OnceLock<Arc<Peers>>,
+    lifecycle: std::sync::OnceLock<LifecycleConfig>,
     shared: Shared,
     pub cancel: CancellationToken,
     events: tokio::sync::broadcast::Sender<ImageEvent>,
@@ -191,6 +211,7 @@ impl Node {
             next_id: AtomicU64::new(1),
             sources,
             peers: std::sync::OnceLock::new(),
+            lifecycle: std::sync::OnceLock::new(),
             shared: Shared::start(),
             cancel: CancellationToken::new(),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -504,7 +525,105 @@ impl Node {
     }
 
     /// Deletes an image: readers get ENOENT, its files go away.
-    pub async fn delete(&self, name: &str) -> Result<()> {
+    /// Deletes an image: refused while handles are open on it, naming who holds them,
+    /// unless `force` (open handles then get EIO).
+    pub async fn delete(&self, name: &str, force: bool) -> Result<()> {
+        let image = self.get(name)?;
+        if !force {
+            if let Some(h) = lifecycle::holder(&self.copy_facts(&image)) {
+                return Err(Error::Kept {
+                    name: name.to_string(),
+                    why: format!("in use: {h}"),
+                    hint: "; close it (detach loop devices, stop the VM) or use `bifs delete --force`, \
+                           after which open handles get EIO",
+                });
+            }
+        }
+        self.remove_copy(name).await?;
+        info!(image = %name, force, "image deleted");
+        Ok(())
+    }
+
+    /// The facts the cleanup rules decide on (see `lifecycle`).
+    pub fn copy_facts(&self, image: &Image) -> CopyFacts {
+        let (node_id, ready_elsewhere) = match self.peers.get() {
+            Some(p) => (
+                p.node_id().to_string(),
+                p.ready_elsewhere(&image.name, image.version()),
+            ),
+            None => (String::new(), Vec::new()),
+        };
+        CopyFacts {
+            name: image.name.clone(),
+            state: image.state(),
+            open_pids: image.open_pids(),
+            idle: image.idle(),
+            node_id,
+            ready_elsewhere,
+            min_copies: image.stored().spec.min_number_of_copies,
+        }
+    }
+
+    /// Removes this node's copy now (`bifs cleanup`): refused for a copy in use or one the
+    /// cluster's minimum number of copies needs.
+    pub async fn cleanup(&self, name: &str) -> Result<()> {
+        let image = self.get(name)?;
+        if let Verdict::Keep(why) =
+            lifecycle::manual_cleanup(&self.copy_facts(&image), self.lifecycle().min_copies, false)
+        {
+            return Err(Error::Kept {
+                name: name.to_string(),
+                why,
+                hint: "",
+            });
+        }
+        self.remove_copy(name).await?;
+        info!(image = %name, "copy cleaned up");
+        Ok(())
+    }
+
+    fn lifecycle(&self) -> LifecycleConfig {
+        self.lifecycle.get().cloned().unwrap_or_default()
+    }
+
+    /// Starts removing copies unused for `cfg.cleanup_wait` (never below the copies the
+    /// cluster keeps), until shutdown.
+    pub fn start_lifecycle(self: &Arc<Self>, cfg: LifecycleConfig) {
+        if self.lifecycle.set(cfg.clone()).is_err() {
+            return;
+        }
+        let me = self.clone();
+        let every = (cfg.cleanup_wait / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = me.cancel.cancelled() => return,
+                }
+                me.cleanup_pass(&cfg).await;
+            }
+        });
+    }
+
+    async fn cleanup_pass(&self, cfg: &LifecycleConfig) {
+        let mut images = self.list();
+        images.sort_by_key(|i| lifecycle::cleanup_order(i.state()));
+        for image in images {
+            let facts = self.copy_facts(&image);
+            if lifecycle::auto_cleanup(&facts, cfg.cleanup_wait, cfg.min_copies) == Verdict::Remove
+            {
+                match self.remove_copy(&image.name).await {
+                    Ok(()) => info!(image = %image.name, state = image.state().as_str(),
+                        idle_secs = facts.idle.as_secs(), ready_elsewhere = facts.ready_elsewhere.len(),
+                        "unused copy removed"),
+                    Err(e) => warn!(image = %image.name, error = %e, "cannot remove unused copy"),
+                }
+            }
+        }
+    }
+
+    /// Removes an image from this node: readers get "deleted", its files go away.
+    async fn remove_copy(&self, name: &str) -> Result<()> {
         let image = self
             .images
             .write()
@@ -520,7 +639,6 @@ impl Node {
         tokio::task::spawn_blocking(move || files.remove())
             .await
             .map_err(|_| Error::ShuttingDown)??;
-        info!(image = %name, "image deleted");
         Ok(())
     }
 

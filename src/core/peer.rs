@@ -44,6 +44,8 @@ pub struct PeerImage {
     pub state: State,
     pub progress: u32,
     pub version: String,
+    /// Handles are open on the peer's copy.
+    pub in_use: bool,
 }
 
 /// A peer's block bitmap of an image this node fills (polled while it matters).
@@ -146,6 +148,8 @@ struct ListedImage {
     progress: u32,
     #[serde(default)]
     version: String,
+    #[serde(default)]
+    open_handles: u32,
 }
 
 pub struct Peers {
@@ -395,6 +399,7 @@ impl Peers {
                         state: l.state,
                         progress: l.progress,
                         version: l.version,
+                        in_use: l.open_handles > 0,
                     };
                     (l.name, img)
                 })
@@ -450,6 +455,26 @@ impl Peers {
                 changed_at,
             },
         );
+    }
+
+    /// The peers holding a ready copy of `version` of `name`: node id, copy in use.
+    pub fn ready_elsewhere(&self, name: &str, version: &str) -> Vec<(String, bool)> {
+        let now = Instant::now();
+        self.list
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|p| p.usable(now))
+            .filter_map(|p| {
+                let i = p.inner.lock().unwrap();
+                let img = i.images.get(name)?;
+                if img.version == version && img.state == State::Ready {
+                    Some((i.node_id.clone()?, img.in_use))
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     /// The nodes holding `version` of `name`, this one included (None), by node id.

@@ -40,6 +40,9 @@ pub struct Status {
     /// Names this version of the image (peers serve each other only the same version).
     #[serde(default)]
     pub version: String,
+    /// Handles open through this node's mount.
+    #[serde(default)]
+    pub open_handles: u32,
     /// The copies other nodes hold, as this node last heard from them.
     #[serde(default)]
     pub copies: Vec<CopyDoc>,
