@@ -293,3 +293,53 @@ fn manual_cleanup_is_refused_for_the_last_copy_and_a_copy_in_use() {
     drop(f);
     assert!(d.path("m").exists());
 }
+
+#[test]
+fn a_lost_copy_is_made_again_on_another_node_to_keep_the_minimum() {
+    let origin = Origin::start();
+    let data = random_bytes(3 * MIB, 44);
+    origin.put("r.raw", data.clone());
+    let yaml = format!(
+        "apiVersion: longhorn.io/v1beta2\nkind: BackingImage\nmetadata:\n  name: kept\nspec:\n  \
+         minNumberOfCopies: 2\n  sourceType: download\n  sourceParameters:\n    url: {}\n",
+        origin.url("r.raw")
+    );
+    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let mut nodes: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let mut extra = Vec::new();
+            for (j, p) in ports.iter().enumerate() {
+                if j != i {
+                    extra.push("--peer".to_string());
+                    extra.push(format!("http://127.0.0.1:{p}"));
+                }
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            Daemon::start_on_port(ports[i], &extra)
+        })
+        .collect();
+    let file = nodes[0].dir.path().join("kept.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    for n in &nodes[..2] {
+        n.bifs_ok(&["apply", "-f", file.to_str().unwrap()]);
+        n.wait_state("kept", "ready", Duration::from_secs(60));
+    }
+    // Two ready copies, as asked: the third node does not fetch one.
+    assert!(!nodes[2].path("kept").exists());
+    assert_eq!(nodes[0].status("kept")["minNumberOfCopies"], 2);
+    // One holder is lost: the third node makes a copy (from the peer) within a bound.
+    nodes[0].kill9();
+    let third = &nodes[2];
+    let t0 = std::time::Instant::now();
+    while !third.path("kept").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the third node made no copy: {}",
+            common::tail(&third.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    third.wait_state("kept", "ready", Duration::from_secs(60));
+    assert!(std::fs::read(third.path("kept")).unwrap() == data);
+    drop(nodes.remove(0));
+}

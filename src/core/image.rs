@@ -874,6 +874,9 @@ impl Image {
             bytes_fetched: self.fetcher.fetched_bytes(),
             version: self.version.clone(),
             open_handles: self.open_handles.lock().unwrap().len() as u32,
+            min_number_of_copies: stored.spec.min_number_of_copies,
+            node_selector: stored.spec.node_selector.clone(),
+            disk_selector: stored.spec.disk_selector.clone(),
             copies: Vec::new(),
         }
     }

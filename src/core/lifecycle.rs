@@ -130,6 +130,17 @@ pub fn manual_cleanup(f: &CopyFacts, node_default: u32, automatic: bool) -> Verd
     Verdict::Remove
 }
 
+/// Whether this node should fetch a copy of `name` to bring the cluster back to its
+/// minimum, and after how long a deficit: the nodes without a copy ordered by a hash of
+/// the name and node id; the first acts after `grace`, the next after another `grace`,
+/// and so on, so one node fetches and the others see the count restored first.
+pub fn replica_delay(name: &str, me: &str, others_without: &[String], grace: Duration) -> Duration {
+    let rank = |id: &str| -> [u8; 32] { Sha256::digest(format!("{name}\0{id}")).into() };
+    let mine = rank(me);
+    let ahead = others_without.iter().filter(|id| rank(id) < mine).count() as u32;
+    grace * (ahead + 1)
+}
+
 /// The order a cleanup pass goes through copies: failed, then unfinished, then ready.
 pub fn cleanup_order(state: State) -> u8 {
     match state {

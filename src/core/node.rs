@@ -4,7 +4,7 @@
 //! share (`Shared`: hashing thread, buffer pool) and the choice of each image's sources
 //! (`SourceFactory`: the HTTP origin by default, in-memory sources in tests).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -95,6 +95,10 @@ async fn probe(sources: &Sources) -> Result<Identity> {
         Error::Source,
     ))
 }
+
+/// How long a deficit of ready copies lasts before the first node in line fetches one
+/// (and again for each node after it).
+const REPLICA_GRACE: Duration = Duration::from_secs(5);
 
 /// How often landed blocks are made durable (data fdatasync, then bitmap).
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
@@ -593,16 +597,55 @@ impl Node {
             return;
         }
         let me = self.clone();
-        let every = (cfg.cleanup_wait / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let every = (cfg.cleanup_wait / 4).clamp(Duration::from_secs(1), Duration::from_secs(5));
         tokio::spawn(async move {
+            let mut deficits = HashMap::new();
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
                     _ = me.cancel.cancelled() => return,
                 }
+                me.replica_pass(&cfg, &mut deficits).await;
                 me.cleanup_pass(&cfg).await;
             }
         });
+    }
+
+    /// Brings images whose ready copies fell below their minimum back up: a deficit seen
+    /// for long enough (`lifecycle::replica_delay`) makes this node fetch a copy (from
+    /// peers first), unless it holds one already.
+    async fn replica_pass(
+        self: &Arc<Self>,
+        cfg: &LifecycleConfig,
+        since: &mut HashMap<String, std::time::Instant>,
+    ) {
+        let Some(peers) = self.peers.get().cloned() else {
+            return;
+        };
+        let cluster = peers.cluster_images();
+        since.retain(|n, _| cluster.contains_key(n));
+        for (name, (ready, min, without)) in cluster {
+            let need = lifecycle::needed(min, cfg.min_copies);
+            if self.get(&name).is_ok() || ready == 0 || ready >= need {
+                since.remove(&name);
+                continue;
+            }
+            let first = *since
+                .entry(name.clone())
+                .or_insert_with(std::time::Instant::now);
+            let wait = lifecycle::replica_delay(&name, peers.node_id(), &without, REPLICA_GRACE);
+            if first.elapsed() < wait {
+                continue;
+            }
+            info!(image = %name, ready, need, "fewer ready copies than the cluster keeps; fetching one");
+            if let Err(e) = self
+                .create_from_peers(&name, CreateOptions::default())
+                .await
+            {
+                warn!(image = %name, error = %e, "cannot make a copy");
+            }
+            since.remove(&name);
+        }
     }
 
     async fn cleanup_pass(&self, cfg: &LifecycleConfig) {

@@ -46,6 +46,7 @@ pub struct PeerImage {
     pub version: String,
     /// Handles are open on the peer's copy.
     pub in_use: bool,
+    pub min_copies: u32,
 }
 
 /// A peer's block bitmap of an image this node fills (polled while it matters).
@@ -142,6 +143,7 @@ struct BlocksDoc {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ListedImage {
     name: String,
     state: State,
@@ -150,6 +152,8 @@ struct ListedImage {
     version: String,
     #[serde(default)]
     open_handles: u32,
+    #[serde(default)]
+    min_number_of_copies: u32,
 }
 
 pub struct Peers {
@@ -400,6 +404,7 @@ impl Peers {
                         progress: l.progress,
                         version: l.version,
                         in_use: l.open_handles > 0,
+                        min_copies: l.min_number_of_copies,
                     };
                     (l.name, img)
                 })
@@ -455,6 +460,43 @@ impl Peers {
                 changed_at,
             },
         );
+    }
+
+    /// Images the reachable peers hold: name -> (ready copies, minNumberOfCopies, the node
+    /// ids of reachable peers that hold no copy of it).
+    pub fn cluster_images(&self) -> HashMap<String, (usize, u32, Vec<String>)> {
+        let now = Instant::now();
+        let peers: Vec<Arc<Peer>> = self.list.read().unwrap().clone();
+        let mut out: HashMap<String, (usize, u32, Vec<String>)> = HashMap::new();
+        let mut answering: Vec<(String, Vec<String>)> = Vec::new();
+        for p in &peers {
+            if !p.usable(now) {
+                continue;
+            }
+            let i = p.inner.lock().unwrap();
+            if i.reachable != Some(true) {
+                continue;
+            }
+            let Some(id) = i.node_id.clone() else {
+                continue;
+            };
+            answering.push((id, i.images.keys().cloned().collect()));
+            for (name, img) in &i.images {
+                let e = out.entry(name.clone()).or_default();
+                if img.state == State::Ready {
+                    e.0 += 1;
+                }
+                e.1 = e.1.max(img.min_copies);
+            }
+        }
+        for (name, e) in out.iter_mut() {
+            e.2 = answering
+                .iter()
+                .filter(|(_, names)| !names.contains(name))
+                .map(|(id, _)| id.clone())
+                .collect();
+        }
+        out
     }
 
     /// The peers holding a ready copy of `version` of `name`: node id, copy in use.

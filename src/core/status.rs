@@ -40,6 +40,14 @@ pub struct Status {
     /// Names this version of the image (peers serve each other only the same version).
     #[serde(default)]
     pub version: String,
+    /// The ready copies the cluster keeps (0: the node default, `--min-copies`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_number_of_copies: u32,
+    /// Stored as given; bifs does not place images by them (Kubernetes does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_selector: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_selector: Vec<String>,
     /// Handles open through this node's mount.
     #[serde(default)]
     pub open_handles: u32,
@@ -59,6 +67,10 @@ pub struct SourceDoc {
 pub struct DiskDoc {
     pub uuid: String,
     pub path: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The extended attributes of every image file, in `listxattr` order.
