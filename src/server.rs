@@ -364,6 +364,13 @@ async fn metrics(State(app): State<App>) -> String {
             "progress in percent",
             format!("{{{l}}} {}", st.progress),
         );
+        let copies = st.copies.iter().filter(|c| c.state == "ready").count()
+            + usize::from(st.state == crate::core::State::Ready);
+        add(
+            "bifs_image_ready_copies",
+            "ready copies in the cluster (this node and the peers it hears from)",
+            format!("{{{l}}} {copies}"),
+        );
         for s in ["pending", "in-progress", "ready", "failed"] {
             add(
                 "bifs_image_state",
@@ -376,6 +383,7 @@ async fn metrics(State(app): State<App>) -> String {
         "# HELP bifs_images images on this node\n# TYPE bifs_images gauge\nbifs_images {}\n",
         images.len()
     ));
+    node_metrics(&app.node, &mut out);
     for (name, (help, samples)) in gauges {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {}\n",
@@ -390,6 +398,126 @@ async fn metrics(State(app): State<App>) -> String {
         }
     }
     out
+}
+
+/// The node-wide counters: sources by kind, reads, verification, cleanup, disks.
+fn node_metrics(node: &Node, out: &mut String) {
+    use crate::core::metrics::{Metrics, SOURCE_KINDS, TTFB_BUCKETS};
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let m: &Metrics = node.metrics();
+    fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    }
+    family(
+        out,
+        "bifs_source_bytes_total",
+        "counter",
+        "bytes landed from sources, by kind",
+    );
+    for k in SOURCE_KINDS {
+        let v = m.kind(k).bytes.load(Relaxed);
+        let _ = writeln!(out, "bifs_source_bytes_total{{kind=\"{k}\"}} {v}");
+    }
+    family(
+        out,
+        "bifs_source_requests_total",
+        "counter",
+        "requests to sources, by kind",
+    );
+    for k in SOURCE_KINDS {
+        let v = m.kind(k).requests.load(Relaxed);
+        let _ = writeln!(out, "bifs_source_requests_total{{kind=\"{k}\"}} {v}");
+    }
+    family(
+        out,
+        "bifs_source_first_byte_seconds",
+        "histogram",
+        "time from a source request to its first byte",
+    );
+    for k in SOURCE_KINDS {
+        let c = m.kind(k);
+        for (i, le) in TTFB_BUCKETS.iter().enumerate() {
+            let le = if le.is_infinite() {
+                "+Inf".to_string()
+            } else {
+                le.to_string()
+            };
+            let v = c.ttfb_buckets[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "bifs_source_first_byte_seconds_bucket{{kind=\"{k}\",le=\"{le}\"}} {v}"
+            );
+        }
+        let sum = c.ttfb_sum_us.load(Relaxed) as f64 / 1e6;
+        let count = c.requests.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "bifs_source_first_byte_seconds_sum{{kind=\"{k}\"}} {sum}"
+        );
+        let _ = writeln!(
+            out,
+            "bifs_source_first_byte_seconds_count{{kind=\"{k}\"}} {count}"
+        );
+    }
+    family(
+        out,
+        "bifs_reads_total",
+        "counter",
+        "reads through the mount: from cached blocks (hit) or waiting on a fetch (miss)",
+    );
+    let _ = writeln!(
+        out,
+        "bifs_reads_total{{result=\"hit\"}} {}",
+        m.cache_hits.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "bifs_reads_total{{result=\"miss\"}} {}",
+        m.cache_misses.load(Relaxed)
+    );
+    for (name, help, v) in [
+        (
+            "bifs_verify_failures_total",
+            "images whose whole checksum did not match",
+            &m.verify_failures,
+        ),
+        (
+            "bifs_corrupt_pieces_total",
+            "pieces refused because they failed their digest",
+            &m.corrupt_pieces,
+        ),
+        (
+            "bifs_copies_removed_total",
+            "unused copies removed by the cleanup",
+            &m.copies_removed,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+    }
+    family(
+        out,
+        "bifs_disk_bytes",
+        "gauge",
+        "each cache disk: capacity, free, and used by image data",
+    );
+    for disk in &node.disks {
+        let (total, free) = disk.space();
+        let used: u64 = node
+            .list()
+            .iter()
+            .filter(|i| i.disk.uuid == disk.uuid)
+            .map(|i| i.allocated_bytes())
+            .sum();
+        let d = disk.uuid8();
+        let _ = writeln!(
+            out,
+            "bifs_disk_bytes{{disk=\"{d}\",kind=\"total\"}} {total}"
+        );
+        let _ = writeln!(out, "bifs_disk_bytes{{disk=\"{d}\",kind=\"free\"}} {free}");
+        let _ = writeln!(out, "bifs_disk_bytes{{disk=\"{d}\",kind=\"used\"}} {used}");
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` completes.

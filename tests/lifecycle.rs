@@ -343,3 +343,108 @@ fn a_lost_copy_is_made_again_on_another_node_to_keep_the_minimum() {
     assert!(std::fs::read(third.path("kept")).unwrap() == data);
     drop(nodes.remove(0));
 }
+
+/// A strict reader of the Prometheus text format: every sample belongs to a family
+/// declared by `# TYPE` before it, names and labels are well formed, values are numbers.
+fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut types = std::collections::BTreeMap::new();
+    let mut samples = std::collections::BTreeMap::new();
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(ident(name), "bad family name {name:?}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            types.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment {line:?}");
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(ident(name), "bad metric name in {line:?}");
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                let inner = labels
+                    .strip_prefix('{')
+                    .and_then(|l| l.strip_suffix('}'))
+                    .unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                for pair in inner.split("\",").map(|p| p.trim_end_matches('"')) {
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    assert!(ident(k) && !v.contains('"'), "bad label in {line:?}");
+                }
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(
+            types.contains_key(family),
+            "sample before its # TYPE: {line:?}"
+        );
+        samples.insert(series.to_string(), v);
+    }
+    samples
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_move_as_reads_happen() {
+    let origin = Origin::start();
+    let data = random_bytes(8 * MIB, 37);
+    origin.put("p.raw", data.clone());
+    let d = Daemon::start();
+    d.bifs_ok(&["create", "prom", "--url", &origin.url("p.raw"), "--no-fill"]);
+    let scrape = || {
+        let (rc, out, _) = sh(&format!("curl -sf {}/metrics", d.server));
+        assert_eq!(rc, 0);
+        parse_prometheus(&out)
+    };
+    let before = scrape();
+    let f = File::open(d.path("prom")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 5 * MIB as u64).unwrap();
+    f.read_exact_at(&mut buf, 5 * MIB as u64).unwrap();
+    let after = scrape();
+    let get = |m: &std::collections::BTreeMap<String, f64>, k: &str| {
+        *m.get(k).unwrap_or_else(|| panic!("no {k}"))
+    };
+    assert!(
+        get(&after, "bifs_source_bytes_total{kind=\"url\"}")
+            > get(&before, "bifs_source_bytes_total{kind=\"url\"}")
+    );
+    assert!(
+        get(&after, "bifs_source_requests_total{kind=\"url\"}")
+            > get(&before, "bifs_source_requests_total{kind=\"url\"}")
+    );
+    assert!(
+        get(&after, "bifs_reads_total{result=\"miss\"}")
+            > get(&before, "bifs_reads_total{result=\"miss\"}")
+    );
+    assert!(get(&after, "bifs_source_first_byte_seconds_count{kind=\"url\"}") >= 1.0);
+    let disk = after
+        .keys()
+        .find(|k| k.starts_with("bifs_disk_bytes{") && k.contains("kind=\"total\""))
+        .unwrap();
+    assert!(get(&after, disk) > 0.0);
+    assert!(
+        get(&after, "bifs_reads_total{result=\"hit\"}")
+            > get(&before, "bifs_reads_total{result=\"hit\"}"),
+        "the second read was a hit"
+    );
+}

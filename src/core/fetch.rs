@@ -34,6 +34,7 @@ use tracing::{debug, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result, SourceError};
+use super::metrics::Metrics;
 use super::pieces::PieceDigests;
 use super::range::{BlockRange, ByteRange, Geometry};
 use super::source::{Identity, Priority, Source, Sources};
@@ -159,6 +160,7 @@ pub struct Fetcher {
     sources: RwLock<Arc<Sources>>,
     cfg: FetchConfig,
     buffers: Arc<BufPool>,
+    metrics: Arc<Metrics>,
     inflight: Mutex<BTreeMap<u64, Arc<Job>>>,
     /// One write into the data file at a time: concurrent pwritevs of one file serialise
     /// on its inode lock in the kernel anyway, spinning there (13% of the daemon's CPU
@@ -193,6 +195,7 @@ impl Fetcher {
         sources: Sources,
         cfg: FetchConfig,
         buffers: Arc<BufPool>,
+        metrics: Arc<Metrics>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -204,6 +207,7 @@ impl Fetcher {
             sources: RwLock::new(Arc::new(sources)),
             cfg,
             buffers,
+            metrics,
             inflight: Mutex::new(BTreeMap::new()),
             writer: tokio::sync::Mutex::new(()),
             landed: Arc::new(Notify::new()),
@@ -651,10 +655,12 @@ impl Fetcher {
         }
         let batch_unit = pieces.as_ref().map_or(bs, |p| p.piece_size) as usize;
         debug!(image = %self.name, ?ask, prio = ?job.prio, checked = pieces.is_some(), "range request");
+        let asked_at = std::time::Instant::now();
         let mut stream = tokio::select! {
             r = source.read(ask, &self.pin, job.prio) => r?,
             _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
         };
+        self.metrics.request(source.kind(), asked_at.elapsed());
         // Received chunks wait here, uncopied, until whole blocks can be written with one pwritev.
         let mut pending: VecDeque<Bytes> = VecDeque::new();
         let mut pending_len = 0usize;
@@ -719,8 +725,10 @@ impl Fetcher {
                     batch.push(c);
                 }
                 pending_len -= whole;
+                self.metrics.bytes(source.kind(), whole as u64);
                 if let Some(p) = &pieces {
                     if let Some(bad) = check_pieces(p, *next * bs, &batch) {
+                        Metrics::add(&self.metrics.corrupt_pieces);
                         return Err(SourceError::Corrupt {
                             url: source.describe(),
                             piece: bad,

@@ -18,6 +18,7 @@ use super::error::{Error, FailureKind, Result, SourceError};
 use super::fetch::{FetchConfig, FetchObserver, Fetcher};
 use super::fill::{self, FillEnd};
 use super::format::Format;
+use super::metrics::Metrics;
 use super::pieces::PieceDigests;
 use super::qcow2::{RawViewSlot, StoredBytes};
 use super::range::{BlockRange, ByteRange, Geometry};
@@ -89,6 +90,7 @@ impl Default for ImageConfig {
 pub struct Shared {
     pub hasher: Arc<HashWorker>,
     pub buffers: Arc<BufPool>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -96,6 +98,7 @@ impl Shared {
         Self {
             hasher: Arc::new(HashWorker::start()),
             buffers: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 }
@@ -182,6 +185,7 @@ impl Image {
             sources,
             cfg.fetch.clone(),
             shared.buffers.clone(),
+            shared.metrics.clone(),
             cancel.clone(),
         ));
         let failed = state.state == State::Failed;
@@ -216,6 +220,16 @@ impl Image {
             image.fetcher.halt(image.failure());
         }
         image
+    }
+
+    /// Bytes the data file takes on disk (holes take none).
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.fetcher
+            .files()
+            .data
+            .metadata()
+            .map_or(0, |m| m.blocks() * 512)
     }
 
     /// A handle `fh` was opened through the mount by `pid`.
@@ -421,6 +435,9 @@ impl Image {
     pub fn fail(&self, err: &Error) {
         if !self.state.fail(err) {
             return;
+        }
+        if matches!(err, Error::Checksum { .. }) {
+            Metrics::add(&self.shared.metrics.verify_failures);
         }
         self.fetcher.halt(self.failure());
         error!(image = %self.name, disk = %self.disk.uuid8(), error = %err, "image failed");
@@ -671,6 +688,7 @@ impl Image {
         if self.state() != State::Ready {
             self.shared.hasher.reader_active();
         }
+        Metrics::add(&self.shared.metrics.cache_hits);
         self.read_ahead(bytes, ra);
         Some(self.read_landed(bytes))
     }
@@ -729,9 +747,14 @@ impl Image {
             return Ok(Bytes::new());
         }
         self.read_ahead(bytes, ra);
-        self.fetcher
-            .ensure(self.geometry().blocks_of(bytes))
-            .await?;
+        let blocks = self.geometry().blocks_of(bytes);
+        let counter = if self.fetcher.map().all_set(blocks) {
+            &self.shared.metrics.cache_hits
+        } else {
+            &self.shared.metrics.cache_misses
+        };
+        Metrics::add(counter);
+        self.fetcher.ensure(blocks).await?;
         if !self.verified_enough() {
             if !self.fill_enabled() {
                 // Nothing would ever make it ready: say so instead of hanging the reader.

@@ -19,6 +19,7 @@ pub mod format;
 pub mod image;
 pub mod lifecycle;
 pub mod manifest;
+pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod pieces;

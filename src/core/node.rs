@@ -341,6 +341,11 @@ impl Node {
         }
     }
 
+    /// The node-wide counters (`/metrics`).
+    pub fn metrics(&self) -> &Arc<crate::core::metrics::Metrics> {
+        &self.shared.metrics
+    }
+
     pub fn peers(&self) -> Option<&Arc<Peers>> {
         self.peers.get()
     }
@@ -656,9 +661,12 @@ impl Node {
             if lifecycle::auto_cleanup(&facts, cfg.cleanup_wait, cfg.min_copies) == Verdict::Remove
             {
                 match self.remove_copy(&image.name).await {
-                    Ok(()) => info!(image = %image.name, state = image.state().as_str(),
+                    Ok(()) => {
+                        crate::core::metrics::Metrics::add(&self.shared.metrics.copies_removed);
+                        info!(image = %image.name, state = image.state().as_str(),
                         idle_secs = facts.idle.as_secs(), ready_elsewhere = facts.ready_elsewhere.len(),
-                        "unused copy removed"),
+                        "unused copy removed")
+                    }
                     Err(e) => warn!(image = %image.name, error = %e, "cannot remove unused copy"),
                 }
             }

@@ -594,6 +594,10 @@ impl Source for PeerSource {
         true
     }
 
+    fn kind(&self) -> &'static str {
+        "peer"
+    }
+
     fn report_corrupt(&self, range: ByteRange) {
         if let Some(p) = self.served_by.lock().unwrap().remove(&range.start) {
             warn!(peer = %p.url, image = %self.name, "peer sent a corrupt piece; avoiding it for a while");

@@ -109,6 +109,10 @@ pub enum Priority {
 pub trait Source: Send + Sync {
     /// A short, credential-free description for logs and status.
     fn describe(&self) -> String;
+    /// What `/metrics` counts its bytes as: `url`, `peer` or `other`.
+    fn kind(&self) -> &'static str {
+        "other"
+    }
     /// Whether this source serves byte ranges. Without them only the whole image
     /// (`0..size`) may be asked, and the fetcher skips what it does not need.
     fn ranges(&self) -> bool;
@@ -293,6 +297,10 @@ impl Source for HttpSource {
 
     fn ranges(&self) -> bool {
         self.ranges.load(Ordering::Relaxed)
+    }
+
+    fn kind(&self) -> &'static str {
+        "url"
     }
 
     async fn probe(&self) -> Result<Identity, SourceError> {

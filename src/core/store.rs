@@ -88,6 +88,24 @@ impl Disk {
         Ok(names)
     }
 
+    /// Capacity and free bytes of the filesystem holding the disk.
+    pub fn space(&self) -> (u64, u64) {
+        let c =
+            std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
+        unsafe {
+            let mut s: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(c.as_ptr(), &mut s) == 0 {
+                (
+                    s.f_blocks as u64 * s.f_frsize as u64,
+                    s.f_bavail as u64 * s.f_frsize as u64,
+                )
+            } else {
+                (0, 0)
+            }
+        }
+    }
+
     pub fn free_bytes(&self) -> u64 {
         let c =
             std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
