@@ -292,6 +292,19 @@ where
             "upload piece {range:?} of {name:?} is not whole {bs}-byte blocks (the last piece may end at the file's end)"
         )));
     }
+    // As a download's fill is refused when the disk cannot hold the rest of the image.
+    let need = size - image.bytes_cached();
+    let free = image.disk.free_bytes();
+    if free < need {
+        return Err(Error::Io {
+            path: image.disk.path.clone(),
+            msg: format!(
+                "not enough space for the rest of the upload: {need} more bytes needed, {free} free; \
+                 free space and run the same `bifs upload` again"
+            ),
+            errno: libc::ENOSPC,
+        });
+    }
     let fetcher = image.fetcher().clone();
     let _ = state.fetcher.set(Arc::downgrade(&fetcher));
     state.active.fetch_add(1, Ordering::AcqRel);
