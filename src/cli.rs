@@ -74,13 +74,28 @@ pub enum Cmd {
         /// Ready copies the cluster keeps of an image whose spec sets no minNumberOfCopies.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         min_copies: u32,
+        /// Where an export's `volume-name` is looked up (a Longhorn host's volumes).
+        #[arg(long, value_name = "DIR", default_value = crate::core::spec_sources::DEFAULT_VOLUMES_DIR)]
+        volumes_dir: PathBuf,
     },
-    /// Create an image from a URL (without --url: as a peer holds it).
+    /// Create an image from a URL, export one from a volume (--from-volume), or (with
+    /// neither) create it as a peer holds it.
     Create {
         name: String,
         /// Where the image comes from; without it the spec and bytes come from a peer.
         #[arg(long)]
         url: Option<String>,
+        /// A volume file or block device to export (on the daemon's host).
+        #[arg(
+            long,
+            value_name = "PATH",
+            requires = "export_type",
+            conflicts_with = "url"
+        )]
+        from_volume: Option<PathBuf>,
+        /// What an export produces.
+        #[arg(long, value_parser = ["raw", "qcow2"], requires = "from_volume")]
+        export_type: Option<String>,
         /// SHA-512 of the image, 128 hex digits.
         #[arg(long, default_value = "")]
         checksum: String,
@@ -90,6 +105,17 @@ pub enum Cmd {
         /// Fetch only what is read; `bifs fill NAME` starts the fill later.
         #[arg(long)]
         no_fill: bool,
+    },
+    /// Upload FILE as image NAME (resumes: run it again after an interruption).
+    Upload {
+        name: String,
+        file: PathBuf,
+        /// SHA-512 of the file, 128 hex digits.
+        #[arg(long, default_value = "")]
+        checksum: String,
+        /// At most this many bytes per second (e.g. 50M), as curl --limit-rate.
+        #[arg(long, value_name = "RATE", value_parser = crate::upload_client::parse_rate)]
+        limit_rate: Option<u64>,
     },
     /// List the images.
     List {
@@ -315,6 +341,7 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
             insecure_listen,
             cleanup_wait,
             min_copies,
+            volumes_dir,
         } => {
             crate::daemon::check_listen(*listen, cli.token_file.is_some(), *insecure_listen)
                 .map_err(usage)?;
@@ -337,6 +364,7 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                     cleanup_wait: *cleanup_wait,
                     min_copies: *min_copies,
                 },
+                volumes_dir: volumes_dir.clone(),
             };
             return crate::daemon::run(args).map_err(|e| failed(format!("{e:#}")));
         }
@@ -361,6 +389,8 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
         Cmd::Create {
             name,
             url,
+            from_volume,
+            export_type,
             checksum,
             disk,
             no_fill,
@@ -368,8 +398,8 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             // Check locally first: bad input never reaches the daemon and creates nothing.
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             validate_checksum(checksum).map_err(|e| usage(e.to_string()))?;
-            let v = match url {
-                Some(url) => {
+            let v = match (url, from_volume) {
+                (Some(url), _) => {
                     validate_url(url).map_err(|e| usage(e.to_string()))?;
                     let body = serde_json::json!({
                         "name": name, "sourceType": "download", "sourceParameters": {"url": url},
@@ -378,7 +408,18 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
                     c.call(reqwest::Method::POST, "/v1/images", Some(body))
                         .await?
                 }
-                None => {
+                (None, Some(path)) => {
+                    let path = crate::upload_client::volume_arg(path).map_err(usage)?;
+                    let t = export_type.as_deref().unwrap_or("raw");
+                    let body = serde_json::json!({
+                        "name": name, "sourceType": "export-from-volume",
+                        "sourceParameters": {"path": path, "export-type": t},
+                        "checksum": checksum.to_ascii_lowercase(), "disk": disk, "noFill": no_fill,
+                    });
+                    c.call(reqwest::Method::POST, "/v1/images", Some(body))
+                        .await?
+                }
+                (None, None) => {
                     let path = format!("/v1/images/{name}/from-peers");
                     c.call(reqwest::Method::POST, &path, None).await?
                 }
@@ -459,6 +500,25 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
                 .await?;
             let s: Status = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
             println!("{}: fill started ({}%)", s.name, s.progress);
+        }
+        Cmd::Upload {
+            name,
+            file,
+            checksum,
+            limit_rate,
+        } => {
+            validate_name(name).map_err(|e| usage(e.to_string()))?;
+            validate_checksum(checksum).map_err(|e| usage(e.to_string()))?;
+            let up = crate::upload_client::Upload {
+                base: c.base.clone(),
+                http: c.http.clone(),
+                token: c.token.clone(),
+                name: name.clone(),
+                file: file.clone(),
+                checksum: checksum.to_ascii_lowercase(),
+                limit_rate: *limit_rate,
+            };
+            return up.run().await.map_err(|(code, msg)| Exit(code, msg));
         }
         Cmd::Apply { file } => return apply(&c, file).await,
         Cmd::Ensure { params } => {

@@ -11,7 +11,7 @@ use fuser::{MountOption, SessionACL};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-use crate::core::node::http_sources;
+use crate::core::node::sources_with;
 use crate::core::peer::Peers;
 use crate::core::source::HttpClients;
 use crate::core::{ImageConfig, Node};
@@ -27,6 +27,8 @@ pub struct MountArgs {
     pub peers: Vec<String>,
     pub peers_dns: Option<String>,
     pub lifecycle: crate::core::node::LifecycleConfig,
+    /// Where an export's `volume-name` is looked up.
+    pub volumes_dir: PathBuf,
 }
 
 /// Without a token, anyone who reaches the API controls the node: only loopback,
@@ -121,7 +123,11 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             node_id,
         )
     });
-    let sources = http_sources(HttpClients::default(), peers.clone());
+    let sources = sources_with(
+        HttpClients::default(),
+        peers.clone(),
+        args.volumes_dir.clone(),
+    );
     let node = rt.block_on(Node::start_with(
         &args.disks,
         args.cfg.clone(),

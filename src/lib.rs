@@ -6,3 +6,4 @@ pub mod fs;
 pub mod manifests;
 pub mod serve;
 pub mod server;
+pub mod upload_client;

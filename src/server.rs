@@ -89,6 +89,7 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         .route("/v1/images/{name}/fill", post(fill))
         .route("/v1/images/{name}/from-peers", post(from_peers))
         .route("/v1/images/{name}/cleanup", post(cleanup))
+        .route("/v1/images/{name}/upload", axum::routing::put(upload))
         .route("/v1/images/{name}/blocks", get(blocks))
         .route("/v1/images/{name}/data", get(data))
         .route("/v1/images/{name}/manifest", get(manifest))
@@ -301,6 +302,21 @@ async fn create(
     };
     let image = app.node.create(req.spec, opts).await?;
     Ok((StatusCode::CREATED, Json(app.node.status(&image))))
+}
+
+/// One piece of an upload (`Content-Range: bytes A-B/TOTAL`), landed as it arrives.
+async fn upload(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<impl IntoResponse> {
+    let image = app.node.get(&name)?;
+    let range = headers
+        .get(axum::http::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok());
+    let receipt = crate::core::upload::receive(&image, range, body.into_data_stream()).await?;
+    Ok(Json(receipt))
 }
 
 async fn show(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {

@@ -676,12 +676,13 @@ fn an_image_whose_source_this_build_cannot_use_serves_its_cached_blocks_after_a_
     d.bifs_ok(&["create", "other", "--url", &origin.url("o.raw")]);
     d.wait_state("other", "ready", Duration::from_secs(60));
     d.stop();
-    // A spec written by a bifs with a source type this one cannot fetch from.
+    // A spec whose source this node cannot use: an export of a volume not on this node.
     let spec_path = d.disk.join("images/kept/spec.json");
     let mut spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
-    spec["spec"]["sourceType"] = "upload".into();
-    spec["spec"]["sourceParameters"] = serde_json::json!({});
+    spec["spec"]["sourceType"] = "export-from-volume".into();
+    spec["spec"]["sourceParameters"] =
+        serde_json::json!({"path": "/nonexistent/bifs-volume", "export-type": "raw"});
     std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
     d.spawn();
     // Present blocks read right; an absent one answers EIO within seconds, not a hang.
@@ -696,7 +697,7 @@ fn an_image_whose_source_this_build_cannot_use_serves_its_cached_blocks_after_a_
     let s = d.status("kept");
     assert_eq!(s["state"], "in-progress", "{s}");
     let err = s["error"].as_str().unwrap();
-    assert!(err.contains("sourceType is upload"), "{err}");
+    assert!(err.contains("does not exist on this node"), "{err}");
     // The other image is untouched.
     assert_eq!(d.status("other")["state"], "ready");
     assert!(std::fs::read(d.path("other")).unwrap() == other);

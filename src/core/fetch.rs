@@ -772,7 +772,11 @@ impl Fetcher {
         }
         let files = self.files.clone();
         let one_writer = self.writer.lock().await;
-        page_io(len as usize, move || files.write_chunks(offset, &chunks)).await?;
+        // All-zero blocks become holes (zeros.rs), whatever source they came from.
+        page_io(len as usize, move || {
+            super::zeros::write_sparse(&files, offset, &chunks, bs)
+        })
+        .await?;
         drop(one_writer);
         let blocks = self.geo.blocks_of(bytes);
         self.map.set_range(blocks);

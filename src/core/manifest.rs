@@ -276,8 +276,8 @@ fn check_source(
         msg,
     };
     let known: &[&str] = match source_type {
-        SourceType::Download => &["url"],
-        SourceType::Upload => &[],
+        SourceType::Download => &["url", "compression", "size"],
+        SourceType::Upload => &["size"],
         SourceType::ExportFromVolume => &["volume-name", "path", "export-type"],
     };
     for (k, (_, at)) in &params {

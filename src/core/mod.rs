@@ -11,6 +11,7 @@
 //! `image` moves an image's state.
 
 pub mod bitmap;
+pub mod compressed;
 pub mod decompress;
 pub mod error;
 pub mod fetch;
@@ -28,14 +29,19 @@ pub mod qcow2_export;
 pub mod range;
 pub mod readahead;
 pub mod source;
+pub mod sources;
 pub mod spec;
+pub mod spec_sources;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod upload;
 pub mod verify;
 pub mod view;
 pub mod volume;
+pub mod volume_source;
 pub(crate) mod yaml;
+pub mod zeros;
 
 pub use error::{Error, FailureKind, Result, SourceError};
 pub use image::{Image, ImageConfig, ImageEvent};

@@ -34,6 +34,18 @@ pub type SourceFactory = Arc<dyn Fn(&ImageSpec, &Identity) -> Sources + Send + S
 /// peers), then the URL of a download. Images without a URL come from peers only; with
 /// no peer either, they have no source and say why, and still serve what they have.
 pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFactory {
+    let volumes = PathBuf::from(super::spec_sources::DEFAULT_VOLUMES_DIR);
+    sources_with(clients, peers, volumes)
+}
+
+/// As `http_sources`, with the directory a spec's `volume-name` is looked up in.
+/// Uploads, volume exports and compressed downloads: see `source_for` (sources.rs).
+pub fn sources_with(
+    clients: HttpClients,
+    peers: Option<Arc<Peers>>,
+    volumes_dir: PathBuf,
+) -> SourceFactory {
+    let more = Arc::new(super::sources::MoreSources::new(volumes_dir));
     Arc::new(move |spec: &ImageSpec, id: &Identity| {
         let mut list: Vec<Arc<dyn Source>> = Vec::new();
         let mut fill_policy: Option<Arc<dyn FillPolicy>> = None;
@@ -45,9 +57,18 @@ pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFa
             list.push(peer);
         }
         match (spec.source_type, spec.url()) {
+            (SourceType::Download, Some(url)) if more.is_compressed(spec) => {
+                list.push(more.compressed(spec, url, id.size));
+            }
             (SourceType::Download, Some(url)) => {
                 list.push(Arc::new(HttpSource::new(url, clients.clone(), id.ranges)));
             }
+            (SourceType::Upload | SourceType::ExportFromVolume, _) => match more.source_for(spec) {
+                Ok(s) => list.push(s),
+                Err(why) if list.is_empty() => return Sources::none(why),
+                // Another node's volume or upload: peers only.
+                Err(why) => when_absent = Some(why),
+            },
             _ if !list.is_empty() => {
                 when_absent = Some(
                     "no reachable node holds them and the image has no URL: it cannot be \
@@ -57,14 +78,6 @@ pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFa
             }
             (SourceType::Download, None) => {
                 return Sources::none("its spec names no URL to fetch the rest from")
-            }
-            (t, _) => {
-                return Sources::none(format!(
-                    "this build of bifs cannot fetch the missing blocks of an image whose \
-                     sourceType is {} (only what was cached before is served); recreate the \
-                     image or run a bifs that supports it",
-                    t.as_str()
-                ))
             }
         }
         Sources {
@@ -386,6 +399,9 @@ impl Node {
         opts: CreateOptions,
     ) -> Result<Arc<Image>> {
         spec.validate()?;
+        // An upload is its own fill: a fill would only wait for the upload's blocks.
+        let mut opts = opts;
+        opts.no_fill |= spec.source_type == SourceType::Upload;
         // The origin is asked for the version first; the image's sources are then built
         // for that version (peers serve each other one version only).
         let probing = (self.sources)(&spec, &Identity::unknown());
@@ -524,8 +540,9 @@ impl Node {
             let _ = tokio::time::timeout(Duration::from_secs(5), image.acquire_digests()).await;
         }
         image.start_background();
-        // The first block tells the format; fetch it now so status shows it at once.
-        if image.blocks() > 0 {
+        // The first block tells the format; fetch it now so status shows it at once
+        // (not for an upload: its first block comes when the client sends it).
+        if image.blocks() > 0 && image.stored().spec.source_type != SourceType::Upload {
             if let Err(e) = image.fetcher().ensure(BlockRange::new(0, 1)).await {
                 warn!(image = %image.name, error = %e, "first block not fetched");
             }

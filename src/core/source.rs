@@ -134,6 +134,11 @@ pub trait Source: Send + Sync {
     async fn piece_digests(&self, _pin: &Identity) -> Option<Bytes> {
         None
     }
+    /// The source as `Any`, for a shell that must reach a source's own state (an
+    /// upload's receiving end); None for most sources.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// Asks the source for its current size and identity.
     async fn probe(&self) -> Result<Identity, SourceError>;
     /// Streams `range` of the version pinned by `pin`. Fails with `Changed` when the

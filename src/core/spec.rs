@@ -120,11 +120,15 @@ impl ImageSpec {
                 })?;
                 validate_url(url)
             }
-            SourceType::Upload | SourceType::ExportFromVolume => Err(Error::Unsupported(format!(
-                "sourceType {} is not supported by this version of bifs yet; use download",
-                self.source_type.as_str()
-            ))),
+            SourceType::Upload => super::spec_sources::validate_upload(&self.source_parameters),
+            SourceType::ExportFromVolume => {
+                super::spec_sources::validate_export(&self.source_parameters)
+            }
+        }?;
+        if self.source_type == SourceType::Download {
+            super::spec_sources::validate_download_extras(&self.source_parameters)?;
         }
+        Ok(())
     }
 
     /// Every field where `self` (existing) and `other` (asked) differ, with both values,
@@ -187,6 +191,30 @@ impl ImageSpec {
             name: self.name.clone(),
             diffs,
         })
+    }
+}
+
+impl ImageSpec {
+    /// An image exported from the volume at `path`, as `export` (raw or qcow2).
+    pub fn export_from_path(name: &str, path: &str, export: &str, checksum: &str) -> Self {
+        let mut s = ImageSpec::download(name, "", checksum);
+        s.source_type = SourceType::ExportFromVolume;
+        s.source_parameters.clear();
+        s.source_parameters
+            .insert(super::spec_sources::PATH.into(), path.into());
+        s.source_parameters
+            .insert(super::spec_sources::EXPORT_TYPE.into(), export.into());
+        s
+    }
+
+    /// An image filled by `bifs upload`, of `size` bytes.
+    pub fn upload(name: &str, size: u64, checksum: &str) -> Self {
+        let mut s = ImageSpec::download(name, "", checksum);
+        s.source_type = SourceType::Upload;
+        s.source_parameters.clear();
+        s.source_parameters
+            .insert(super::spec_sources::SIZE.into(), size.to_string());
+        s
     }
 }
 
