@@ -257,3 +257,35 @@ fn an_image_named_only_is_created_as_a_peer_holds_it() {
     ));
     assert!(out.contains("no peer holds a copy"), "{out}");
 }
+
+#[test]
+fn an_uploaded_image_reaches_other_nodes_from_peers_and_says_when_it_cannot_be_recovered() {
+    let data = random_bytes(6 * MIB + 333, 78);
+    let sum = sha512_hex(&data);
+    let mut a = Daemon::start();
+    let file = a.dir.path().join("up.img");
+    std::fs::write(&file, &data).unwrap();
+    a.bifs_ok(&["upload", "upimg", file.to_str().unwrap(), "--checksum", &sum]);
+    a.wait_state("upimg", "ready", Duration::from_secs(60));
+    // B gets it from A: no URL exists, the spec and every byte come from the peer.
+    let b = Daemon::start_with(&["--peer", &a.server]);
+    b.bifs_ok(&["create", "upimg"]);
+    let s = b.wait_state("upimg", "ready", Duration::from_secs(60));
+    assert_eq!(s["source"]["type"], "upload");
+    assert!(std::fs::read(b.path("upimg")).unwrap() == data);
+    // C, with A gone and no other copy, says the image cannot be recovered.
+    let c = Daemon::start_with(&["--peer", &a.server, "--read-timeout", "3s"]);
+    c.bifs_ok(&["create", "upimg"]);
+    // A goes before C's fill starts (it waits 1.5 s for its peers): C holds one block.
+    a.kill9();
+    let e = std::fs::read(c.path("upimg")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    common::wait_for("C to say why", Duration::from_secs(30), || {
+        let s = c.status("upimg");
+        s["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be recovered")
+            .then_some(())
+    });
+}

@@ -64,7 +64,17 @@ pub fn sources_with(
                 list.push(Arc::new(HttpSource::new(url, clients.clone(), id.ranges)));
             }
             (SourceType::Upload | SourceType::ExportFromVolume, _) => match more.source_for(spec) {
-                Ok(s) => list.push(s),
+                Ok(s) => {
+                    if spec.source_type == SourceType::Upload && !list.is_empty() {
+                        when_absent = Some(
+                            "no reachable node holds them and no upload to this node is in \
+                             progress: the image cannot be recovered until a node with a copy \
+                             is back or the file is uploaded again"
+                                .to_string(),
+                        );
+                    }
+                    list.push(s)
+                }
                 Err(why) if list.is_empty() => return Sources::none(why),
                 // Another node's volume or upload: peers only.
                 Err(why) => when_absent = Some(why),
