@@ -139,7 +139,8 @@ fn ext4_in_a_compressed_qcow2_is_readable_by_qemu_cmp_and_a_loop_mount() {
     let info = sh_ok(&format!("qemu-img info {}", d.path("ext4").display()));
     assert!(info.contains("file format: qcow2"), "{info}");
     assert!(info.contains("virtual size: 64 MiB"), "{info}");
-    assert_eq!(d.status("ext4")["state"], "in-progress");
+    // (Whether qemu-img's reads and their readahead already fetched all of this small
+    // image is a race: the state is not asserted here.)
 
     let cmp = sh_ok(&format!(
         "qemu-img compare {} {}",
