@@ -141,6 +141,7 @@ http {
         listen 127.0.0.1:$NGINX_PORT;
         root $1;
         autoindex on;
+        limit_rate ${NGINX_LIMIT_RATE:-0};
     }
 }
 EOF
