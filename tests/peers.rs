@@ -265,7 +265,13 @@ fn an_uploaded_image_reaches_other_nodes_from_peers_and_says_when_it_cannot_be_r
     let mut a = Daemon::start();
     let file = a.dir.path().join("up.img");
     std::fs::write(&file, &data).unwrap();
-    a.bifs_ok(&["upload", "upimg", file.to_str().unwrap(), "--checksum", &sum]);
+    a.bifs_ok(&[
+        "upload",
+        "upimg",
+        file.to_str().unwrap(),
+        "--checksum",
+        &sum,
+    ]);
     a.wait_state("upimg", "ready", Duration::from_secs(60));
     // B gets it from A: no URL exists, the spec and every byte come from the peer.
     let b = Daemon::start_with(&["--peer", &a.server]);

@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod node;
 pub mod peer;
+pub mod peer_source;
 pub mod pieces;
 pub mod qcow2;
 pub mod qcow2_export;

@@ -10,20 +10,15 @@
 //! failed them is avoided for a while.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use super::error::SourceError;
 use super::range::ByteRange;
-use super::source::{ByteStream, FillPolicy, Identity, Priority, Source};
+use super::source::Identity;
 use super::spec::ImageSpec;
 use super::store::State;
 
@@ -32,7 +27,7 @@ const POLL_EVERY: Duration = Duration::from_secs(1);
 /// How often `--peers-dns` is resolved again.
 const RESOLVE_EVERY: Duration = Duration::from_secs(10);
 /// How long a peer that sent a corrupt piece is avoided.
-const AVOID_BAD_PEER: Duration = Duration::from_secs(60);
+pub(super) const AVOID_BAD_PEER: Duration = Duration::from_secs(60);
 /// The header that names the image version a request is about.
 pub const VERSION_HEADER: &str = "x-bifs-version";
 /// The header a daemon names itself with (so a node skips itself in DNS answers).
@@ -51,16 +46,16 @@ pub struct PeerImage {
 
 /// A peer's block bitmap of an image this node fills (polled while it matters).
 #[derive(Debug, Clone)]
-struct PeerBlocks {
+pub(super) struct PeerBlocks {
     block_size: u64,
     bits: Vec<u8>,
     present: u64,
     /// When `present` last grew (or the peer became ready): is it making progress?
-    changed_at: Instant,
+    pub(super) changed_at: Instant,
 }
 
 impl PeerBlocks {
-    fn has(&self, bytes: ByteRange) -> bool {
+    pub(super) fn has(&self, bytes: ByteRange) -> bool {
         if bytes.is_empty() {
             return true;
         }
@@ -75,9 +70,9 @@ impl PeerBlocks {
 }
 
 /// How long an owner may go without landing a block before its share is taken over.
-const OWNER_STALL: Duration = Duration::from_secs(10);
+pub(super) const OWNER_STALL: Duration = Duration::from_secs(10);
 /// The unit fills are shared in (the piece digests' size).
-const SHARE_UNIT: u64 = super::pieces::PIECE_SIZE;
+pub(super) const SHARE_UNIT: u64 = super::pieces::PIECE_SIZE;
 
 /// One copy of an image on another node, as `bifs status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -89,21 +84,21 @@ pub struct CopyDoc {
 }
 
 #[derive(Default)]
-struct PeerInner {
+pub(super) struct PeerInner {
     /// None: never answered yet; Some(false): not answering now.
-    reachable: Option<bool>,
-    images: HashMap<String, PeerImage>,
-    failures: u32,
-    next_poll: Option<Instant>,
-    avoid_until: Option<Instant>,
-    is_self: bool,
-    node_id: Option<String>,
-    blocks: HashMap<String, PeerBlocks>,
+    pub(super) reachable: Option<bool>,
+    pub(super) images: HashMap<String, PeerImage>,
+    pub(super) failures: u32,
+    pub(super) next_poll: Option<Instant>,
+    pub(super) avoid_until: Option<Instant>,
+    pub(super) is_self: bool,
+    pub(super) node_id: Option<String>,
+    pub(super) blocks: HashMap<String, PeerBlocks>,
 }
 
 pub struct Peer {
     pub url: String,
-    inner: Mutex<PeerInner>,
+    pub(super) inner: Mutex<PeerInner>,
 }
 
 impl Peer {
@@ -114,16 +109,16 @@ impl Peer {
         }
     }
 
-    fn usable(&self, now: Instant) -> bool {
+    pub(super) fn usable(&self, now: Instant) -> bool {
         let i = self.inner.lock().unwrap();
         !i.is_self && i.reachable != Some(false) && i.avoid_until.is_none_or(|t| t <= now)
     }
 
-    fn image(&self, name: &str) -> Option<PeerImage> {
+    pub(super) fn image(&self, name: &str) -> Option<PeerImage> {
         self.inner.lock().unwrap().images.get(name).cloned()
     }
 
-    fn mark_down(&self, why: &str) {
+    pub(super) fn mark_down(&self, why: &str) {
         let mut i = self.inner.lock().unwrap();
         if i.reachable != Some(false) {
             warn!(peer = %self.url, reason = why, "peer not answering; its copies are unknown until it does");
@@ -137,9 +132,9 @@ impl Peer {
 
 /// What `GET /v1/images/{name}/blocks` says (the fields a peer needs).
 #[derive(Deserialize)]
-struct BlocksDoc {
-    spec: ImageSpec,
-    identity: Identity,
+pub(super) struct BlocksDoc {
+    pub(super) spec: ImageSpec,
+    pub(super) identity: Identity,
 }
 
 #[derive(Deserialize)]
@@ -158,11 +153,11 @@ struct ListedImage {
 
 pub struct Peers {
     /// Images this node fills: their peers' bitmaps are polled too.
-    interest: Mutex<std::collections::HashSet<String>>,
+    pub(super) interest: Mutex<std::collections::HashSet<String>>,
     static_urls: Vec<String>,
     dns: Option<String>,
-    node_id: String,
-    list: RwLock<Vec<Arc<Peer>>>,
+    pub(super) node_id: String,
+    pub(super) list: RwLock<Vec<Arc<Peer>>>,
     client: reqwest::Client,
     token: Option<String>,
 }
@@ -194,7 +189,7 @@ impl Peers {
         &self.node_id
     }
 
-    fn request(&self, url: String) -> reqwest::RequestBuilder {
+    pub(super) fn request(&self, url: String) -> reqwest::RequestBuilder {
         let req = self.client.get(url);
         match &self.token {
             Some(t) => req.bearer_auth(t),
@@ -232,7 +227,7 @@ impl Peers {
 
     /// Peers holding `version` of `name`: ready copies first, then unfinished ones,
     /// each group rotated by `turn` so load spreads over the peers.
-    fn candidates(&self, name: &str, version: &str, turn: usize) -> Vec<Arc<Peer>> {
+    pub(super) fn candidates(&self, name: &str, version: &str, turn: usize) -> Vec<Arc<Peer>> {
         let now = Instant::now();
         let mut ready = Vec::new();
         let mut partial = Vec::new();
@@ -520,7 +515,7 @@ impl Peers {
     }
 
     /// The nodes holding `version` of `name`, this one included (None), by node id.
-    fn holders(&self, name: &str, version: &str) -> Vec<(String, Option<Arc<Peer>>)> {
+    pub(super) fn holders(&self, name: &str, version: &str) -> Vec<(String, Option<Arc<Peer>>)> {
         let now = Instant::now();
         let mut out = vec![(self.node_id.clone(), None)];
         for p in self.list.read().unwrap().iter() {
@@ -538,217 +533,5 @@ impl Peers {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
-    }
-}
-
-/// One image's peers as a source.
-pub struct PeerSource {
-    name: String,
-    spec: ImageSpec,
-    version: String,
-    peers: Arc<Peers>,
-    turn: AtomicUsize,
-    /// Which peer served the request that started at a byte offset (for `report_corrupt`).
-    served_by: Mutex<HashMap<u64, Arc<Peer>>>,
-}
-
-impl PeerSource {
-    pub fn new(spec: &ImageSpec, version: String, peers: Arc<Peers>) -> Self {
-        peers.interest.lock().unwrap().insert(spec.name.clone());
-        Self {
-            name: spec.name.clone(),
-            spec: spec.clone(),
-            version,
-            peers,
-            turn: AtomicUsize::new(0),
-            served_by: Mutex::default(),
-        }
-    }
-
-    fn absent(&self, range: ByteRange) -> SourceError {
-        SourceError::Absent {
-            url: self.describe(),
-            start: range.start,
-            end: range.end,
-        }
-    }
-}
-
-#[async_trait]
-impl Source for PeerSource {
-    fn describe(&self) -> String {
-        "peers".into()
-    }
-
-    fn ranges(&self) -> bool {
-        true
-    }
-
-    /// Peer bytes land unchecked only when the spec names a checksum: the whole-image
-    /// check then still decides. Without one, only against piece digests of a verified copy.
-    fn needs_digests(&self) -> bool {
-        self.spec.checksum.is_empty()
-    }
-
-    fn offers_digests(&self) -> bool {
-        true
-    }
-
-    fn kind(&self) -> &'static str {
-        "peer"
-    }
-
-    fn report_corrupt(&self, range: ByteRange) {
-        if let Some(p) = self.served_by.lock().unwrap().remove(&range.start) {
-            warn!(peer = %p.url, image = %self.name, "peer sent a corrupt piece; avoiding it for a while");
-            p.inner.lock().unwrap().avoid_until = Some(Instant::now() + AVOID_BAD_PEER);
-        }
-    }
-
-    async fn piece_digests(&self, _pin: &Identity) -> Option<Bytes> {
-        for peer in self.peers.candidates(&self.name, &self.version, 0) {
-            if peer
-                .image(&self.name)
-                .is_none_or(|i| i.state != State::Ready)
-            {
-                continue;
-            }
-            let url = format!("{}/v1/images/{}/manifest", peer.url, self.name);
-            let resp = self
-                .peers
-                .request(url)
-                .header(VERSION_HEADER, &self.version)
-                .send()
-                .await;
-            match resp {
-                Ok(r) if r.status().is_success() => {
-                    if let Ok(b) = r.bytes().await {
-                        return Some(b);
-                    }
-                }
-                Ok(r) => debug!(peer = %peer.url, status = %r.status(), "no piece digests"),
-                Err(e) => peer.mark_down(&e.to_string()),
-            }
-        }
-        None
-    }
-
-    /// The version a ready peer holds of an image with this spec (when the origin cannot
-    /// be asked, or there is none).
-    async fn probe(&self) -> Result<Identity, SourceError> {
-        self.peers.poll_unknown().await;
-        let peers: Vec<Arc<Peer>> = self.peers.list.read().unwrap().clone();
-        let now = Instant::now();
-        for peer in peers {
-            let ready = peer
-                .image(&self.name)
-                .is_some_and(|i| i.state == State::Ready);
-            if !ready || !peer.usable(now) {
-                continue;
-            }
-            let url = format!("{}/v1/images/{}/blocks", peer.url, self.name);
-            let Ok(resp) = self.peers.request(url).send().await else {
-                continue;
-            };
-            let Ok(doc) = resp.json::<BlocksDoc>().await else {
-                continue;
-            };
-            if doc.spec.conflict_with(&self.spec).is_none() {
-                return Ok(doc.identity);
-            }
-        }
-        Err(SourceError::Absent {
-            url: self.describe(),
-            start: 0,
-            end: 0,
-        })
-    }
-
-    async fn read(
-        &self,
-        range: ByteRange,
-        _pin: &Identity,
-        _prio: Priority,
-    ) -> Result<ByteStream, SourceError> {
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        for peer in self.peers.candidates(&self.name, &self.version, turn) {
-            let url = format!("{}/v1/images/{}/data", peer.url, self.name);
-            let resp = self
-                .peers
-                .request(url)
-                .header(VERSION_HEADER, &self.version)
-                .header(
-                    reqwest::header::RANGE,
-                    format!("bytes={}-{}", range.start, range.end - 1),
-                )
-                .send()
-                .await;
-            let resp = match resp {
-                Ok(r) => r,
-                Err(e) => {
-                    peer.mark_down(&e.to_string());
-                    continue;
-                }
-            };
-            if resp.status().as_u16() != 206 {
-                debug!(peer = %peer.url, status = %resp.status(), ?range, "peer cannot serve");
-                continue;
-            }
-            let mut served = self.served_by.lock().unwrap();
-            if served.len() > 4096 {
-                served.clear();
-            }
-            served.insert(range.start, peer.clone());
-            drop(served);
-            let url = peer.url.clone();
-            return Ok(resp
-                .bytes_stream()
-                .map(move |r| {
-                    r.map_err(|e| SourceError::Interrupted {
-                        url: url.clone(),
-                        reason: e.to_string(),
-                    })
-                })
-                .boxed());
-        }
-        Err(self.absent(range))
-    }
-}
-
-impl FillPolicy for PeerSource {
-    fn first_unit(&self, units: u64) -> u64 {
-        use sha2::Digest;
-        let h = sha2::Sha256::digest(format!("{}/{}", self.peers.node_id, self.name));
-        u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % units.max(1)
-    }
-
-    fn unit_bytes(&self) -> Option<u64> {
-        (self.peers.holders(&self.name, &self.version).len() > 1).then_some(SHARE_UNIT)
-    }
-
-    /// Unit `u` is owned by holder `u mod n` (holders sorted by node id, this node among
-    /// them). Another owner's unit is left to it while it lacks the unit and is making
-    /// progress; once it has the unit, or stalls, this node fetches it (peers first).
-    fn defer(&self, bytes: ByteRange) -> bool {
-        let holders = self.peers.holders(&self.name, &self.version);
-        if holders.len() <= 1 {
-            return false;
-        }
-        let unit = bytes.start / SHARE_UNIT;
-        let (_, owner) = &holders[(unit % holders.len() as u64) as usize];
-        let Some(owner) = owner else {
-            return false; // this node's own share
-        };
-        let i = owner.inner.lock().unwrap();
-        let ready = i
-            .images
-            .get(&self.name)
-            .is_some_and(|img| img.state == State::Ready);
-        match i.blocks.get(&self.name) {
-            _ if ready => false,
-            Some(b) => !b.has(bytes) && b.changed_at.elapsed() < OWNER_STALL,
-            // Not polled yet: give the owner a moment.
-            None => true,
-        }
     }
 }
