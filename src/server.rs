@@ -519,7 +519,9 @@ fn node_metrics(node: &Node, out: &mut String) {
         "each cache disk: capacity, free, and used by image data",
     );
     for disk in &node.disks {
-        let (total, free) = disk.space();
+        let (total, free) = disk
+            .space()
+            .map_or((0, 0), |s| (s.total_bytes, s.avail_bytes));
         let used: u64 = node
             .list()
             .iter()

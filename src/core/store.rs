@@ -30,6 +30,11 @@ use super::spec::ImageSpec;
 pub struct Disk {
     pub path: PathBuf,
     pub uuid: String,
+    /// The directory cannot be written (a read-only mount): its images are listed and
+    /// served as they are; nothing on it is created, changed or cleaned up.
+    pub read_only: bool,
+    /// The disk's exclusive lock (`flock`), held while any copy of this `Disk` lives.
+    _lock: Arc<File>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -37,11 +42,43 @@ struct DiskFile {
     uuid: String,
 }
 
+/// The lock file of a disk; it holds the pid of the daemon that has the disk.
+const LOCK_FILE: &str = "bifs-disk.lock";
+
 impl Disk {
-    /// Opens a disk directory, creating it and its uuid on first use.
+    /// Opens a disk directory and takes its exclusive lock. The directory must exist: an
+    /// existing directory without `bifs-disk.json` (an empty one, say) becomes a new disk,
+    /// but a path that does not exist is refused, so that a typo in `--disk` never starts
+    /// a new, empty cache beside the real one.
     pub fn open(path: &Path) -> Result<Disk> {
-        fs::create_dir_all(path.join("images")).map_err(|e| Error::io(path, e))?;
-        let path = path.canonicalize().map_err(|e| Error::io(path, e))?;
+        match fs::metadata(path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::BadInput(format!(
+                    "disk {} is not a directory; give a directory for the cache",
+                    path.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::BadInput(format!(
+                    "disk directory {} does not exist; check the path for a typo, or create it \
+                     (`mkdir -p {}`) to start a new, empty disk",
+                    path.display(),
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(Error::io_doing(path, "cannot open disk directory", e)),
+        }
+        let path = path
+            .canonicalize()
+            .map_err(|e| Error::io_doing(path, "cannot open disk directory", e))?;
+        let read_only = !is_writable(&path);
+        let lock = lock_disk(&path, read_only)?;
+        if !read_only {
+            let images = path.join("images");
+            fs::create_dir_all(&images)
+                .map_err(|e| Error::io_doing(&images, "cannot create the images folder", e))?;
+        }
         let meta = path.join("bifs-disk.json");
         let uuid = match fs::read(&meta) {
             Ok(bytes) => {
@@ -52,14 +89,28 @@ impl Disk {
                 })?;
                 f.uuid
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && read_only => {
+                return Err(Error::Io {
+                    path: path.clone(),
+                    msg: "the disk is read-only and has no bifs-disk.json, so it is no bifs disk \
+                          yet; make it writable once to initialise it"
+                        .into(),
+                    errno: libc::EROFS,
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let uuid = new_uuid();
                 write_json_atomic(&meta, &DiskFile { uuid: uuid.clone() })?;
                 uuid
             }
-            Err(e) => return Err(Error::io(&meta, e)),
+            Err(e) => return Err(Error::io_doing(&meta, "cannot read the disk's identity", e)),
         };
-        Ok(Disk { path, uuid })
+        Ok(Disk {
+            path,
+            uuid,
+            read_only,
+            _lock: Arc::new(lock),
+        })
     }
 
     pub fn uuid8(&self) -> &str {
@@ -74,12 +125,23 @@ impl Disk {
     pub fn image_names(&self) -> Result<Vec<String>> {
         let dir = self.path.join("images");
         let mut names = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // A read-only disk initialised but never given an image.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.read_only => {
+                return Ok(names)
+            }
+            Err(e) => return Err(Error::io_doing(&dir, "cannot list the images", e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io_doing(&dir, "cannot list the images", e))?;
             let name = entry.file_name().to_string_lossy().to_string();
             if name.starts_with('.') {
-                // A create that died before its rename: nothing in it was ever served.
-                let _ = fs::remove_dir_all(entry.path());
+                // A create that died before its rename (`.creating-*`, or `.<name>.creating`
+                // from older versions): nothing in it was ever served.
+                if !self.read_only {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
                 continue;
             }
             names.push(name);
@@ -88,37 +150,103 @@ impl Disk {
         Ok(names)
     }
 
-    /// Capacity and free bytes of the filesystem holding the disk.
-    pub fn space(&self) -> (u64, u64) {
-        let c =
-            std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
-        unsafe {
-            let mut s: libc::statvfs = std::mem::zeroed();
-            if libc::statvfs(c.as_ptr(), &mut s) == 0 {
-                (
-                    s.f_blocks as u64 * s.f_frsize as u64,
-                    s.f_bavail as u64 * s.f_frsize as u64,
-                )
-            } else {
-                (0, 0)
-            }
-        }
+    pub fn free_bytes(&self) -> u64 {
+        self.space().map_or(0, |s| s.avail_bytes)
     }
 
-    pub fn free_bytes(&self) -> u64 {
-        let c =
-            std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    /// The size and free space of the filesystem the disk lives on.
+    pub fn space(&self) -> Option<Space> {
+        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).ok()?;
         // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
-        unsafe {
+        let s = unsafe {
             let mut s: libc::statvfs = std::mem::zeroed();
-            if libc::statvfs(c.as_ptr(), &mut s) == 0 {
-                s.f_bavail as u64 * s.f_frsize as u64
-            } else {
-                0
+            if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+                return None;
             }
-        }
+            s
+        };
+        let frsize = s.f_frsize as u64;
+        Some(Space {
+            dev: std::os::unix::fs::MetadataExt::dev(&fs::metadata(&self.path).ok()?),
+            total_bytes: s.f_blocks as u64 * frsize,
+            free_bytes: s.f_bfree as u64 * frsize,
+            avail_bytes: s.f_bavail as u64 * frsize,
+            files: s.f_files as u64,
+            files_free: s.f_ffree as u64,
+        })
     }
+}
+
+/// What `statvfs` says of a disk's filesystem; `dev` tells disks on one filesystem apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub dev: u64,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub avail_bytes: u64,
+    pub files: u64,
+    pub files_free: u64,
+}
+
+/// Whether this process may create files in `dir` (false on a read-only mount).
+fn is_writable(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) reads the valid C string `c`.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Takes the disk's exclusive lock, so that two daemons never fill, flush or delete in
+/// one disk directory. The lock is `flock` on `bifs-disk.lock` (on the directory itself
+/// when the disk is read-only and has no lock file), released by the kernel when the
+/// process dies, so a kill -9 leaves nothing to clean up. The holder writes its pid into
+/// the file for the message a refused daemon prints.
+fn lock_disk(dir: &Path, read_only: bool) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let lock_path = dir.join(LOCK_FILE);
+    let file = if read_only {
+        File::open(&lock_path).or_else(|_| File::open(dir))
+    } else {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+    }
+    .map_err(|e| Error::io_doing(&lock_path, "cannot open the disk's lock file", e))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::io_doing(&lock_path, "cannot lock the disk", e));
+        }
+        let holder = fs::read_to_string(&lock_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        return Err(Error::BadInput(match holder {
+            Some(pid) if pid == std::process::id() => format!(
+                "disk {} is given twice (as two --disk paths to one directory); give each disk once",
+                dir.display()
+            ),
+            Some(pid) => format!(
+                "disk {} is in use by another bifs (pid {pid}); stop it first, or give this daemon another --disk",
+                dir.display()
+            ),
+            None => format!(
+                "disk {} is in use by another bifs (pid unknown); stop it first, or give this daemon another --disk",
+                dir.display()
+            ),
+        }));
+    }
+    if !read_only {
+        let pid = format!("{}\n", std::process::id());
+        file.set_len(0)
+            .and_then(|_| file.write_all_at(pid.as_bytes(), 0))
+            .map_err(|e| Error::io_doing(&lock_path, "cannot write the disk's lock file", e))?;
+    }
+    Ok(file)
 }
 
 fn new_uuid() -> String {
@@ -233,6 +361,8 @@ pub struct ImageFiles {
     pub dir: PathBuf,
     pub data: File,
     bitmap: File,
+    /// Opened for reading only: the image lives on a read-only disk.
+    pub read_only: bool,
     /// Set when bits were added since the last flush.
     dirty: AtomicBool,
     /// Lowest bitmap word touched since the last flush (usize::MAX: none).
@@ -243,11 +373,22 @@ impl ImageFiles {
     /// Creates the image's directory atomically: built under a dot-name, then renamed.
     pub fn create(disk: &Disk, stored: &StoredSpec) -> Result<Arc<ImageFiles>> {
         let dir = disk.image_dir(&stored.spec.name);
-        let tmp = disk
-            .path
-            .join("images")
-            .join(format!(".{}.creating", stored.spec.name));
-        let _ = fs::remove_dir_all(&tmp);
+        if disk.read_only {
+            return Err(Error::Io {
+                path: disk.path.clone(),
+                msg: "the disk is read-only: its images are served, but no new image can be \
+                      stored on it; pick another disk"
+                    .into(),
+                errno: libc::EROFS,
+            });
+        }
+        // A short name of its own: a name may have 253 characters, and `.<name>.creating`
+        // would pass the 255-byte limit of a file name. Leftovers of a crash start with a
+        // dot and are removed at the next start (`image_names`).
+        let tmp = disk.path.join("images").join(format!(
+            ".creating-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
         fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let build = || -> Result<()> {
             let data = tmp.join("data");
@@ -267,21 +408,23 @@ impl ImageFiles {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        Ok(Arc::new(Self::open_files(dir)?))
+        Ok(Arc::new(Self::open_files(dir, false)?))
     }
 
-    fn open_files(dir: PathBuf) -> Result<ImageFiles> {
+    /// Opens the data and bitmap files, for reading only if `read_only`.
+    fn open_files(dir: PathBuf, read_only: bool) -> Result<ImageFiles> {
         let open = |name: &str| {
             let p = dir.join(name);
             OpenOptions::new()
                 .read(true)
-                .write(true)
+                .write(!read_only)
                 .open(&p)
                 .map_err(|e| Error::io(&p, e))
         };
         Ok(ImageFiles {
             data: open("data")?,
             bitmap: open("bitmap")?,
+            read_only,
             dir,
             dirty: AtomicBool::new(false),
             dirty_from: AtomicUsize::new(usize::MAX),
@@ -292,7 +435,14 @@ impl ImageFiles {
     pub fn open(dir: PathBuf) -> Result<(Arc<ImageFiles>, StoredSpec, StoredState, BlockMap)> {
         let stored: StoredSpec = read_json(&dir.join("spec.json"))?;
         let state: StoredState = read_json(&dir.join("state.json"))?;
-        let files = Self::open_files(dir)?;
+        // An image on a read-only disk (a read-only mount) opens for reading: a ready
+        // one serves as it is; any write to it fails with EROFS.
+        let files = match Self::open_files(dir.clone(), false) {
+            Err(Error::Io { errno, .. }) if errno == libc::EROFS || errno == libc::EACCES => {
+                Self::open_files(dir, true)?
+            }
+            r => r?,
+        };
         let blocks = stored.identity.size.div_ceil(stored.block_size);
         let mut bits = Vec::new();
         let len = files.bitmap.metadata().map(|m| m.len()).unwrap_or(0) as usize;
@@ -428,9 +578,54 @@ mod tests {
     fn disk_keeps_its_uuid() {
         let t = tempfile::tempdir().unwrap();
         let a = Disk::open(t.path()).unwrap();
-        let b = Disk::open(t.path()).unwrap();
-        assert_eq!(a.uuid, b.uuid);
+        let uuid = a.uuid.clone();
         assert_eq!(a.uuid8().len(), 8);
+        drop(a); // releases the lock
+        let b = Disk::open(t.path()).unwrap();
+        assert_eq!(uuid, b.uuid);
+    }
+
+    #[test]
+    fn a_disk_is_locked_while_open_and_a_missing_one_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let a = Disk::open(t.path()).unwrap();
+        let e = Disk::open(t.path()).unwrap_err().to_string();
+        assert!(e.contains("given twice"), "{e}");
+        drop(a);
+        Disk::open(t.path()).unwrap();
+        let e = Disk::open(&t.path().join("typo")).unwrap_err().to_string();
+        assert!(
+            e.contains("does not exist") && e.contains("mkdir -p"),
+            "{e}"
+        );
+        assert!(!t.path().join("typo").exists());
+    }
+
+    #[test]
+    fn an_image_with_the_longest_name_is_created_and_a_read_only_disk_refuses_new_ones() {
+        let t = tempfile::tempdir().unwrap();
+        let disk = Disk::open(t.path()).unwrap();
+        let name = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "b".repeat(61));
+        let stored = StoredSpec {
+            spec: ImageSpec::download(&name, "http://h/x", ""),
+            identity: Identity {
+                size: 4096,
+                etag: None,
+                last_modified: None,
+                ranges: true,
+            },
+            block_size: 4096,
+            fill: true,
+            created_unix: 0,
+        };
+        ImageFiles::create(&disk, &stored).unwrap();
+        assert_eq!(disk.image_names().unwrap(), vec![name.clone()]);
+        let ro = Disk {
+            read_only: true,
+            ..disk.clone()
+        };
+        let e = ImageFiles::create(&ro, &stored).err().unwrap().to_string();
+        assert!(e.contains("read-only"), "{e}");
     }
 
     #[test]
