@@ -66,9 +66,10 @@ pub fn status(e: &Error) -> StatusCode {
         Error::Source(SourceError::Changed { .. }) | Error::VolumeChanged { .. } => {
             StatusCode::CONFLICT
         }
-        // The URL names nothing the origin will give (404, 410, 403...): the request's fault.
+        // The URL names nothing the origin will give (404, 410, 403...): the request's
+        // fault, but well-formed input, so not a 400 (the CLI exits 1, not 2).
         Error::Source(SourceError::Status { status, .. }) if (400..500).contains(status) => {
-            StatusCode::BAD_REQUEST
+            StatusCode::UNPROCESSABLE_ENTITY
         }
         Error::Source(_) => StatusCode::BAD_GATEWAY,
         Error::Io { errno, .. } if *errno == libc::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,

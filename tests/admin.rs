@@ -285,9 +285,9 @@ fn bad_requests_get_4xx_json_errors_never_5xx() {
             .unwrap_or_else(|e| panic!("not JSON ({e}) for {args}: {body:?}"));
         assert!(v["error"].is_string(), "{args}: {body}");
     }
-    // An origin's 404 is a bad URL: exit 2 from the CLI, with the origin's answer.
+    // An origin's 404 (a 422 above): the create failed, exit 1, with the origin's answer.
     let out = d.bifs(&["create", "ok", "--url", &missing]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("404"), "{}", stderr(&out));
 }
 
