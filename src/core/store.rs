@@ -265,16 +265,16 @@ fn new_uuid() -> String {
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(value).expect("our types serialize");
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut f = File::create(&tmp).map_err(|e| Error::io_doing(&tmp, "cannot create", e))?;
     f.write_all(&body)
         .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        .map_err(|e| Error::io_doing(&tmp, "cannot write", e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io_doing(path, "cannot replace", e))?;
     Ok(())
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = fs::read(path).map_err(|e| Error::io_doing(path, "cannot read", e))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Io {
         path: path.into(),
         msg: format!("unreadable: {e}"),
@@ -419,7 +419,7 @@ impl ImageFiles {
                 .read(true)
                 .write(!read_only)
                 .open(&p)
-                .map_err(|e| Error::io(&p, e))
+                .map_err(|e| Error::io_doing(&p, "cannot open", e))
         };
         Ok(ImageFiles {
             data: open("data")?,
@@ -463,6 +463,7 @@ impl ImageFiles {
 
     /// Writes `chunks` back to back from `offset` with as few syscalls as it takes.
     pub fn write_chunks(&self, mut offset: u64, chunks: &[bytes::Bytes]) -> Result<()> {
+        self.check_writable()?;
         use std::os::fd::AsRawFd;
         let mut idx = 0;
         let mut skip = 0; // bytes of chunks[idx] already written
@@ -524,11 +525,27 @@ impl ImageFiles {
             .map_err(|e| Error::io(self.dir.join("data"), e))
     }
 
+    /// EROFS with a message, rather than EBADF from a descriptor opened for reading.
+    fn check_writable(&self) -> Result<()> {
+        if !self.read_only {
+            return Ok(());
+        }
+        Err(Error::Io {
+            path: self.dir.clone(),
+            msg: "the image's disk is read-only: what it holds is served, nothing can be added; \
+                  make the disk writable and restart bifs"
+                .into(),
+            errno: libc::EROFS,
+        })
+    }
+
     pub fn save_state(&self, state: &StoredState) -> Result<()> {
+        self.check_writable()?;
         write_json_atomic(&self.dir.join("state.json"), state)
     }
 
     pub fn save_spec(&self, stored: &StoredSpec) -> Result<()> {
+        self.check_writable()?;
         write_json_atomic(&self.dir.join("spec.json"), stored)
     }
 
@@ -566,6 +583,7 @@ impl ImageFiles {
     }
 
     pub fn remove(&self) -> Result<()> {
+        self.check_writable()?;
         fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))
     }
 }
