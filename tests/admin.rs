@@ -131,6 +131,23 @@ fn a_dns_label_over_63_characters_says_so() {
     assert!(err.contains("64 characters") && err.contains("63"), "{err}");
 }
 
+#[test]
+fn a_server_address_that_is_no_http_url_is_bad_usage() {
+    for server in ["", "127.0.0.1:8090"] {
+        let out = Command::new(BIN)
+            .args(["list"])
+            .env("BIFS_SERVER", server)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{server:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("http://HOST:PORT"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
 /// A small image whose checksum cannot match, waited until it failed.
 fn failed_image(d: &Daemon, origin: &Origin) -> (Vec<String>, String) {
     origin.put("bad.raw", random_bytes(256 << 10, 302));
