@@ -1,7 +1,8 @@
 //! Durability: a disk directory holding images, and per image the files DESIGN.md lists.
 //!
 //! ```text
-//! <disk>/bifs-disk.json            {uuid}
+//! <disk>/bifs-disk.json            {uuid}                    (disk.rs)
+//! <disk>/bifs-disk.lock            flock; the holder's pid   (disk.rs)
 //! <disk>/images/<name>/spec.json   spec, source identity, block size
 //! <disk>/images/<name>/data        sparse; image bytes at their own offsets
 //! <disk>/images/<name>/bitmap      one bit per block, little-endian 64-bit words
@@ -26,241 +27,7 @@ use super::range::BlockRange;
 use super::source::Identity;
 use super::spec::ImageSpec;
 
-#[derive(Debug, Clone)]
-pub struct Disk {
-    pub path: PathBuf,
-    pub uuid: String,
-    /// The directory cannot be written (a read-only mount): its images are listed and
-    /// served as they are; nothing on it is created, changed or cleaned up.
-    pub read_only: bool,
-    /// The disk's exclusive lock (`flock`), held while any copy of this `Disk` lives.
-    _lock: Arc<File>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct DiskFile {
-    uuid: String,
-}
-
-/// The lock file of a disk; it holds the pid of the daemon that has the disk.
-const LOCK_FILE: &str = "bifs-disk.lock";
-
-impl Disk {
-    /// Opens a disk directory and takes its exclusive lock. The directory must exist: an
-    /// existing directory without `bifs-disk.json` (an empty one, say) becomes a new disk,
-    /// but a path that does not exist is refused, so that a typo in `--disk` never starts
-    /// a new, empty cache beside the real one.
-    pub fn open(path: &Path) -> Result<Disk> {
-        match fs::metadata(path) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(Error::BadInput(format!(
-                    "disk {} is not a directory; give a directory for the cache",
-                    path.display()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::BadInput(format!(
-                    "disk directory {} does not exist; check the path for a typo, or create it \
-                     (`mkdir -p {}`) to start a new, empty disk",
-                    path.display(),
-                    path.display()
-                )))
-            }
-            Err(e) => return Err(Error::io_doing(path, "cannot open disk directory", e)),
-        }
-        let path = path
-            .canonicalize()
-            .map_err(|e| Error::io_doing(path, "cannot open disk directory", e))?;
-        let read_only = !is_writable(&path);
-        let lock = lock_disk(&path, read_only)?;
-        if !read_only {
-            let images = path.join("images");
-            fs::create_dir_all(&images)
-                .map_err(|e| Error::io_doing(&images, "cannot create the images folder", e))?;
-        }
-        let meta = path.join("bifs-disk.json");
-        let uuid = match fs::read(&meta) {
-            Ok(bytes) => {
-                let f: DiskFile = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
-                    path: meta.clone(),
-                    msg: format!("unreadable disk file: {e}; restore it or remove it to give the disk a new identity"),
-                    errno: libc::EIO,
-                })?;
-                f.uuid
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && read_only => {
-                return Err(Error::Io {
-                    path: path.clone(),
-                    msg: "the disk is read-only and has no bifs-disk.json, so it is no bifs disk \
-                          yet; make it writable once to initialise it"
-                        .into(),
-                    errno: libc::EROFS,
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let uuid = new_uuid();
-                write_json_atomic(&meta, &DiskFile { uuid: uuid.clone() })?;
-                uuid
-            }
-            Err(e) => return Err(Error::io_doing(&meta, "cannot read the disk's identity", e)),
-        };
-        Ok(Disk {
-            path,
-            uuid,
-            read_only,
-            _lock: Arc::new(lock),
-        })
-    }
-
-    pub fn uuid8(&self) -> &str {
-        &self.uuid[..8.min(self.uuid.len())]
-    }
-
-    pub fn image_dir(&self, name: &str) -> PathBuf {
-        self.path.join("images").join(name)
-    }
-
-    /// Names of the images stored on this disk (complete directories only).
-    pub fn image_names(&self) -> Result<Vec<String>> {
-        let dir = self.path.join("images");
-        let mut names = Vec::new();
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            // A read-only disk initialised but never given an image.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.read_only => {
-                return Ok(names)
-            }
-            Err(e) => return Err(Error::io_doing(&dir, "cannot list the images", e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io_doing(&dir, "cannot list the images", e))?;
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') {
-                // A create that died before its rename (`.creating-*`, or `.<name>.creating`
-                // from older versions): nothing in it was ever served.
-                if !self.read_only {
-                    let _ = fs::remove_dir_all(entry.path());
-                }
-                continue;
-            }
-            names.push(name);
-        }
-        names.sort();
-        Ok(names)
-    }
-
-    pub fn free_bytes(&self) -> u64 {
-        self.space().map_or(0, |s| s.avail_bytes)
-    }
-
-    /// The size and free space of the filesystem the disk lives on.
-    pub fn space(&self) -> Option<Space> {
-        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
-        let s = unsafe {
-            let mut s: libc::statvfs = std::mem::zeroed();
-            if libc::statvfs(c.as_ptr(), &mut s) != 0 {
-                return None;
-            }
-            s
-        };
-        let frsize = s.f_frsize as u64;
-        Some(Space {
-            dev: std::os::unix::fs::MetadataExt::dev(&fs::metadata(&self.path).ok()?),
-            total_bytes: s.f_blocks as u64 * frsize,
-            free_bytes: s.f_bfree as u64 * frsize,
-            avail_bytes: s.f_bavail as u64 * frsize,
-            files: s.f_files as u64,
-            files_free: s.f_ffree as u64,
-        })
-    }
-}
-
-/// What `statvfs` says of a disk's filesystem; `dev` tells disks on one filesystem apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Space {
-    pub dev: u64,
-    pub total_bytes: u64,
-    pub free_bytes: u64,
-    pub avail_bytes: u64,
-    pub files: u64,
-    pub files_free: u64,
-}
-
-/// Whether this process may create files in `dir` (false on a read-only mount).
-fn is_writable(dir: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: access(2) reads the valid C string `c`.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
-}
-
-/// Takes the disk's exclusive lock, so that two daemons never fill, flush or delete in
-/// one disk directory. The lock is `flock` on `bifs-disk.lock` (on the directory itself
-/// when the disk is read-only and has no lock file), released by the kernel when the
-/// process dies, so a kill -9 leaves nothing to clean up. The holder writes its pid into
-/// the file for the message a refused daemon prints.
-fn lock_disk(dir: &Path, read_only: bool) -> Result<File> {
-    use std::os::fd::AsRawFd;
-    let lock_path = dir.join(LOCK_FILE);
-    let file = if read_only {
-        File::open(&lock_path).or_else(|_| File::open(dir))
-    } else {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-    }
-    .map_err(|e| Error::io_doing(&lock_path, "cannot open the disk's lock file", e))?;
-    // SAFETY: flock(2) on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(Error::io_doing(&lock_path, "cannot lock the disk", e));
-        }
-        let holder = fs::read_to_string(&lock_path)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
-        return Err(Error::BadInput(match holder {
-            Some(pid) if pid == std::process::id() => format!(
-                "disk {} is given twice (as two --disk paths to one directory); give each disk once",
-                dir.display()
-            ),
-            Some(pid) => format!(
-                "disk {} is in use by another bifs (pid {pid}); stop it first, or give this daemon another --disk",
-                dir.display()
-            ),
-            None => format!(
-                "disk {} is in use by another bifs (pid unknown); stop it first, or give this daemon another --disk",
-                dir.display()
-            ),
-        }));
-    }
-    if !read_only {
-        let pid = format!("{}\n", std::process::id());
-        file.set_len(0)
-            .and_then(|_| file.write_all_at(pid.as_bytes(), 0))
-            .map_err(|e| Error::io_doing(&lock_path, "cannot write the disk's lock file", e))?;
-    }
-    Ok(file)
-}
-
-fn new_uuid() -> String {
-    let b: [u8; 16] = rand::random();
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
+pub use super::disk::Disk;
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
@@ -593,33 +360,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn disk_keeps_its_uuid() {
-        let t = tempfile::tempdir().unwrap();
-        let a = Disk::open(t.path()).unwrap();
-        let uuid = a.uuid.clone();
-        assert_eq!(a.uuid8().len(), 8);
-        drop(a); // releases the lock
-        let b = Disk::open(t.path()).unwrap();
-        assert_eq!(uuid, b.uuid);
-    }
-
-    #[test]
-    fn a_disk_is_locked_while_open_and_a_missing_one_is_refused() {
-        let t = tempfile::tempdir().unwrap();
-        let a = Disk::open(t.path()).unwrap();
-        let e = Disk::open(t.path()).unwrap_err().to_string();
-        assert!(e.contains("given twice"), "{e}");
-        drop(a);
-        Disk::open(t.path()).unwrap();
-        let e = Disk::open(&t.path().join("typo")).unwrap_err().to_string();
-        assert!(
-            e.contains("does not exist") && e.contains("mkdir -p"),
-            "{e}"
-        );
-        assert!(!t.path().join("typo").exists());
-    }
-
-    #[test]
     fn an_image_with_the_longest_name_is_created_and_a_read_only_disk_refuses_new_ones() {
         let t = tempfile::tempdir().unwrap();
         let disk = Disk::open(t.path()).unwrap();
@@ -638,10 +378,8 @@ mod tests {
         };
         ImageFiles::create(&disk, &stored).unwrap();
         assert_eq!(disk.image_names().unwrap(), vec![name.clone()]);
-        let ro = Disk {
-            read_only: true,
-            ..disk.clone()
-        };
+        let mut ro = disk.clone();
+        ro.read_only = true;
         let e = ImageFiles::create(&ro, &stored).err().unwrap().to_string();
         assert!(e.contains("read-only"), "{e}");
     }
