@@ -311,6 +311,19 @@ pub fn sh(cmd: &str) -> (i32, String, String) {
     )
 }
 
+/// `curl` with `args`; returns (HTTP status, body).
+pub fn curl(args: &str) -> (u16, String) {
+    let (rc, out, err) = sh(&format!("curl -s -w '\\n%{{http_code}}' {args}"));
+    assert_eq!(rc, 0, "curl {args}: {err}");
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+/// A finished command's stderr as text.
+pub fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 mod reqwest {
     /// A tiny blocking GET over std: the tests need no HTTP client of their own.
     pub fn blocking_get_ok(url: &str) -> bool {
