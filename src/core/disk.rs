@@ -4,14 +4,15 @@
 //! daemon uses, the same disk given twice, a read-only disk (served as it is).
 
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
-use super::store::write_json_atomic;
 
 #[derive(Debug, Clone)]
 pub struct Disk {
@@ -96,8 +97,14 @@ impl Disk {
             path,
             uuid,
             read_only,
-            _lock: Arc::new(lock),
+            _lock: lock,
         })
+    }
+
+    /// Opens every disk of a node; a disk given twice is refused.
+    pub fn open_all(paths: &[PathBuf]) -> Result<Vec<Disk>> {
+        check_distinct(paths)?;
+        paths.iter().map(|p| Disk::open(p)).collect()
     }
 
     pub fn uuid8(&self) -> &str {
@@ -184,12 +191,36 @@ fn is_writable(dir: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
+/// The disk locks this process holds, by the disk directory's (device, inode). `flock`
+/// conflicts between two opens even within one process, so without this table a second
+/// `Node` in one process (the core's crash-and-restart tests, while the first one's last
+/// tasks wind down) would be refused its own disk. Process-wide, as the lock it mirrors.
+static HELD: Mutex<Vec<((u64, u64), Weak<File>)>> = Mutex::new(Vec::new());
+
+/// The disk's exclusive lock, shared with any `Disk` of this process that holds it already.
+fn lock_disk(dir: &Path, read_only: bool) -> Result<Arc<File>> {
+    let m = fs::metadata(dir).map_err(|e| Error::io_doing(dir, "cannot open disk directory", e))?;
+    let key = (m.dev(), m.ino());
+    let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+    held.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(f) = held
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(f);
+    }
+    let f = Arc::new(take_lock(dir, read_only)?);
+    held.push((key, Arc::downgrade(&f)));
+    Ok(f)
+}
+
 /// Takes the disk's exclusive lock, so that two daemons never fill, flush or delete in
 /// one disk directory. The lock is `flock` on `bifs-disk.lock` (on the directory itself
 /// when the disk is read-only and has no lock file), released by the kernel when the
 /// process dies, so a kill -9 leaves nothing to clean up. The holder writes its pid into
 /// the file for the message a refused daemon prints.
-fn lock_disk(dir: &Path, read_only: bool) -> Result<File> {
+fn take_lock(dir: &Path, read_only: bool) -> Result<File> {
     use std::os::fd::AsRawFd;
     let lock_path = dir.join(LOCK_FILE);
     let file = if read_only {
@@ -211,21 +242,12 @@ fn lock_disk(dir: &Path, read_only: bool) -> Result<File> {
         }
         let holder = fs::read_to_string(&lock_path)
             .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
-        return Err(Error::BadInput(match holder {
-            Some(pid) if pid == std::process::id() => format!(
-                "disk {} is given twice (as two --disk paths to one directory); give each disk once",
-                dir.display()
-            ),
-            Some(pid) => format!(
-                "disk {} is in use by another bifs (pid {pid}); stop it first, or give this daemon another --disk",
-                dir.display()
-            ),
-            None => format!(
-                "disk {} is in use by another bifs (pid unknown); stop it first, or give this daemon another --disk",
-                dir.display()
-            ),
-        }));
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .map_or("pid unknown".to_string(), |pid| format!("pid {pid}"));
+        return Err(Error::BadInput(format!(
+            "disk {} is in use by another bifs ({holder}); stop it first, or give this daemon another --disk",
+            dir.display()
+        )));
     }
     if !read_only {
         let pid = format!("{}\n", std::process::id());
@@ -234,6 +256,24 @@ fn lock_disk(dir: &Path, read_only: bool) -> Result<File> {
             .map_err(|e| Error::io_doing(&lock_path, "cannot write the disk's lock file", e))?;
     }
     Ok(file)
+}
+
+/// Refuses a disk given twice: two paths to one directory (a symlink, `..`, a bind mount).
+pub fn check_distinct(paths: &[PathBuf]) -> Result<()> {
+    let mut seen: Vec<((u64, u64), &PathBuf)> = Vec::new();
+    for p in paths {
+        let Ok(m) = fs::metadata(p) else { continue }; // Disk::open says what is wrong
+        let key = (m.dev(), m.ino());
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(Error::BadInput(format!(
+                "disk {} is given twice ({} is the same directory); give each disk once",
+                p.display(),
+                first.display()
+            )));
+        }
+        seen.push((key, p));
+    }
+    Ok(())
 }
 
 fn new_uuid() -> String {
@@ -247,6 +287,19 @@ fn new_uuid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+/// Replaces `path` with `value` as JSON, atomically (a temporary file, fsync, rename): the
+/// write every metadata file of a disk uses (identity, spec, state).
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(value).expect("our types serialize");
+    let mut f = File::create(&tmp).map_err(|e| Error::io_doing(&tmp, "cannot create", e))?;
+    f.write_all(&body)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io_doing(&tmp, "cannot write", e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io_doing(path, "cannot replace", e))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -268,7 +321,11 @@ mod tests {
     fn a_disk_is_locked_while_open_and_a_missing_one_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let a = Disk::open(t.path()).unwrap();
-        let e = Disk::open(t.path()).unwrap_err().to_string();
+        // A second open in this process shares the hold (another process is refused:
+        // tests/admin_mount.rs); two paths to one disk are refused up front.
+        assert_eq!(Disk::open(t.path()).unwrap().uuid, a.uuid);
+        let twice = [t.path().to_path_buf(), t.path().join(".")];
+        let e = Disk::open_all(&twice).unwrap_err().to_string();
         assert!(e.contains("given twice"), "{e}");
         drop(a);
         Disk::open(t.path()).unwrap();

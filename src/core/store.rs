@@ -13,7 +13,6 @@
 //! Bits only ever go from 0 to 1 in the file, so a torn bitmap write is still safe.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,18 +26,7 @@ use super::range::BlockRange;
 use super::source::Identity;
 use super::spec::ImageSpec;
 
-pub use super::disk::Disk;
-
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(value).expect("our types serialize");
-    let mut f = File::create(&tmp).map_err(|e| Error::io_doing(&tmp, "cannot create", e))?;
-    f.write_all(&body)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io_doing(&tmp, "cannot write", e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io_doing(path, "cannot replace", e))?;
-    Ok(())
-}
+pub use super::disk::{write_json_atomic, Disk};
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let bytes = fs::read(path).map_err(|e| Error::io_doing(path, "cannot read", e))?;
