@@ -199,10 +199,8 @@ fn peer_image(app: &App, name: &str, headers: &HeaderMap) -> ApiResult<Arc<crate
 }
 
 /// Creates an image as a peer holds it (spec from the peer, bytes from the peers).
-async fn from_peers(
-    State(app): State<App>,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+async fn from_peers(State(app): State<App>, name: Name) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
     let image = app
         .node
         .create_from_peers(&name, CreateOptions::default())
@@ -213,9 +211,10 @@ async fn from_peers(
 /// Which blocks this node has (for peers).
 async fn blocks(
     State(app): State<App>,
-    Path(name): Path<String>,
+    name: Name,
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
     use base64::Engine;
     let image = peer_image(&app, &name, &headers)?;
     let map = image.fetcher().map();
@@ -247,11 +246,8 @@ fn parse_range(v: &str, size: u64) -> Option<ByteRange> {
 
 /// Byte ranges over present blocks (for peers): 416 for a range touching an absent block,
 /// never zeros in its place.
-async fn data(
-    State(app): State<App>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
+async fn data(State(app): State<App>, name: Name, headers: HeaderMap) -> ApiResult<Response> {
+    let name = name_of(name)?;
     let image = peer_image(&app, &name, &headers)?;
     image.touch(); // a peer fetching from this copy keeps it in use
     let size = image.size();
@@ -312,11 +308,8 @@ async fn data(
 }
 
 /// Per-piece digests, only from a verified (ready) copy.
-async fn manifest(
-    State(app): State<App>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
+async fn manifest(State(app): State<App>, name: Name, headers: HeaderMap) -> ApiResult<Response> {
+    let name = name_of(name)?;
     let image = peer_image(&app, &name, &headers)?;
     let pieces = image.piece_digests().await?;
     Ok((
