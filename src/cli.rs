@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::core::manifest::{self, Wanted};
@@ -20,40 +20,53 @@ use crate::core::{ImageConfig, State, Status};
     about = "Backing-image filesystem: VM base images over FUSE, fetched lazily, verified"
 )]
 pub struct Cli {
-    /// The daemon's API (client commands).
-    #[arg(
-        long,
-        global = true,
-        env = "BIFS_SERVER",
-        default_value = "http://127.0.0.1:8090"
-    )]
-    pub server: String,
-    /// A file holding the API bearer token (client commands).
-    #[arg(long, global = true, env = "BIFS_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// How a client command reaches the daemon. Every client subcommand flattens it in
+/// (`#[command(flatten)] client: ClientArgs` and an arm in `Cmd::client`); `mount` and
+/// `serve` do not, so their help lists only their own flags.
+#[derive(Args, Clone, Debug)]
+pub struct ClientArgs {
+    /// The daemon's API
+    #[arg(
+        long,
+        env = "BIFS_SERVER",
+        default_value = "http://127.0.0.1:8090",
+        value_name = "URL"
+    )]
+    pub server: String,
+    /// A file holding the bearer token the daemon requires (its `mount --token-file`)
+    #[arg(long, env = "BIFS_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Run the daemon: mount the images at MNT, cache them on the disks.
     Mount {
-        #[arg(long)]
+        /// Where the images appear: an empty directory (created if missing)
+        #[arg(long, value_name = "MNT")]
         mountpoint: PathBuf,
-        #[arg(long = "disk", required = true)]
+        /// A cache directory; repeat for more disks. It must exist; an empty one becomes a new disk
+        #[arg(long = "disk", required = true, value_name = "DIR")]
         disks: Vec<PathBuf>,
-        #[arg(long, default_value = "127.0.0.1:8090")]
+        /// Address of the HTTP API (control, peers, /metrics, /healthz)
+        #[arg(long, default_value = "127.0.0.1:8090", value_name = "ADDR")]
         listen: SocketAddr,
-        /// Reads wait until the image is verified (Longhorn's semantics).
+        /// A file holding the bearer token this daemon's API requires (clients give the same file)
+        #[arg(long, env = "BIFS_TOKEN_FILE", value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Reads wait until the image is verified (Longhorn's semantics)
         #[arg(long)]
         require_verified: bool,
-        /// Presence granularity in KiB.
-        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(4..=4096))]
+        /// Presence granularity in KiB (4 to 4096)
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(4..=4096), value_name = "KIB")]
         block_kib: u64,
         /// How long a read of bytes not cached yet waits for them before it fails with EIO
         /// (0: wait for ever, as an NFS hard mount).
-        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        #[arg(long, default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
         read_timeout: Duration,
         /// Another bifs daemon's API to fetch blocks from before the origin (repeatable).
         #[arg(long = "peer", value_name = "URL")]
@@ -81,11 +94,13 @@ pub enum Cmd {
     /// Create an image from a URL, export one from a volume (--from-volume), or (with
     /// neither) create it as a peer holds it.
     Create {
+        /// The image's name (a DNS-1123 subdomain)
         name: String,
-        /// Where the image comes from; without it the spec and bytes come from a peer.
+        /// Where to fetch it from (http:// or https://, with Range support); without it
+        /// the spec and bytes come from a peer
         #[arg(long)]
         url: Option<String>,
-        /// A volume file or block device to export (on the daemon's host).
+        /// A volume file or block device to export (on the daemon's host)
         #[arg(
             long,
             value_name = "PATH",
@@ -93,60 +108,100 @@ pub enum Cmd {
             conflicts_with = "url"
         )]
         from_volume: Option<PathBuf>,
-        /// What an export produces.
-        #[arg(long, value_parser = ["raw", "qcow2"], requires = "from_volume")]
+        /// What an export produces
+        #[arg(long, value_parser = ["raw", "qcow2"], requires = "from_volume", value_name = "FORMAT")]
         export_type: Option<String>,
-        /// SHA-512 of the image, 128 hex digits.
-        #[arg(long, default_value = "")]
+        /// SHA-512 of the image, 128 hex digits (empty: record the computed one)
+        #[arg(
+            long,
+            default_value = "",
+            hide_default_value = true,
+            value_name = "HEX"
+        )]
         checksum: String,
-        /// The disk uuid (or its first characters) to put it on.
-        #[arg(long)]
+        /// The disk uuid (or its first characters) to put it on
+        #[arg(long, value_name = "UUID")]
         disk: Option<String>,
-        /// Fetch only what is read; `bifs fill NAME` starts the fill later.
+        /// Fetch only what is read; `bifs fill NAME` starts the fill later
         #[arg(long)]
         no_fill: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Upload FILE as image NAME (resumes: run it again after an interruption).
     Upload {
+        /// The image's name (a DNS-1123 subdomain)
         name: String,
+        /// The file to upload
         file: PathBuf,
-        /// SHA-512 of the file, 128 hex digits.
-        #[arg(long, default_value = "")]
+        /// SHA-512 of the file, 128 hex digits
+        #[arg(
+            long,
+            default_value = "",
+            hide_default_value = true,
+            value_name = "HEX"
+        )]
         checksum: String,
-        /// At most this many bytes per second (e.g. 50M), as curl --limit-rate.
+        /// At most this many bytes per second (e.g. 50M), as curl --limit-rate
         #[arg(long, value_name = "RATE", value_parser = crate::upload_client::parse_rate)]
         limit_rate: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// List the images.
     List {
+        /// Print the status documents as JSON
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Show an image's state; optionally wait for ready or failed.
     Status {
+        /// The image's name
         name: String,
+        /// Print the status document as JSON
         #[arg(long)]
         json: bool,
-        #[arg(long, value_parser = ["ready", "failed"])]
+        /// Wait until the image settles; exit 0 only if it reaches this state
+        #[arg(long, value_parser = ["ready", "failed"], value_name = "STATE")]
         wait: Option<String>,
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        /// How long --wait waits (30s, 10m, 2h)
+        #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
         timeout: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Delete an image and its cached blocks (refused while in use).
     Delete {
+        /// The image's name
         name: String,
-        /// Delete even while handles are open (they get EIO from then on).
+        /// Delete even while handles are open (they get EIO from then on)
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Remove this node's copy now (refused for a copy in use or one the cluster keeps).
-    Cleanup { name: String },
+    Cleanup {
+        /// The image's name
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Start the fill of an image created with --no-fill, or retry one that failed for a cause that can pass.
-    Fill { name: String },
+    Fill {
+        /// The image's name
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Serve the files of a directory over HTTP with Range support (a plain origin).
     Serve {
+        /// The directory whose files to serve (symlinks leading out of it are not followed)
         dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: SocketAddr,
     },
     /// Create or validate the images of Longhorn BackingImage manifests (several per file, `---` between).
@@ -154,12 +209,36 @@ pub enum Cmd {
         /// The YAML file; `-` reads standard input.
         #[arg(short = 'f', long = "filename", value_name = "FILE")]
         file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// StorageClass parameters (backingImage=..., backingImageDataSourceType=..., ...): create the image if missing, validate it if present.
     Ensure {
+        /// A StorageClass parameter: backingImage, backingImageDataSourceType,
+        /// backingImageDataSourceParameters (a JSON string) or backingImageChecksum
         #[arg(required = true, value_name = "KEY=VALUE")]
         params: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
+}
+
+impl Cmd {
+    /// The client flags of a client command; None for `mount` and `serve`.
+    pub fn client(&self) -> Option<&ClientArgs> {
+        match self {
+            Cmd::Create { client, .. }
+            | Cmd::List { client, .. }
+            | Cmd::Status { client, .. }
+            | Cmd::Delete { client, .. }
+            | Cmd::Cleanup { client, .. }
+            | Cmd::Fill { client, .. }
+            | Cmd::Upload { client, .. }
+            | Cmd::Apply { client, .. }
+            | Cmd::Ensure { client, .. } => Some(client),
+            Cmd::Mount { .. } | Cmd::Serve { .. } => None,
+        }
+    }
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -201,18 +280,36 @@ struct Client {
 }
 
 impl Client {
-    fn new(cli: &Cli) -> Result<Client, Exit> {
-        let token = match &cli.token_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .map_err(|e| usage(format!("cannot read token file {}: {e}", f.display())))?
+    fn new(args: &ClientArgs) -> Result<Client, Exit> {
+        let token = match &args.token_file {
+            Some(f) => {
+                let t = std::fs::read_to_string(f)
+                    .map_err(|e| {
+                        usage(format!("cannot read the --token-file {}: {e}", f.display()))
+                    })?
                     .trim()
-                    .to_string(),
-            ),
+                    .to_string();
+                if t.is_empty() {
+                    return Err(usage(format!(
+                        "the --token-file {} is empty; give the file the daemon was started with",
+                        f.display()
+                    )));
+                }
+                Some(t)
+            }
             None => None,
         };
+        match reqwest::Url::parse(&args.server) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => {
+                return Err(usage(format!(
+                "invalid --server {:?} (or BIFS_SERVER): give the daemon's API as http://HOST:PORT",
+                args.server
+            )))
+            }
+        }
         Ok(Client {
-            base: cli.server.trim_end_matches('/').to_string(),
+            base: args.server.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
             token,
         })
@@ -326,12 +423,22 @@ fn print_status(s: &Status) {
     }
 }
 
+/// Exit 2 when the daemon refused its input (a missing disk, a non-empty mountpoint, an
+/// empty token file), 1 for everything else.
+fn daemon_exit(e: anyhow::Error) -> Exit {
+    let bad_input = e
+        .chain()
+        .any(|c| matches!(c.downcast_ref(), Some(crate::core::Error::BadInput(_))));
+    Exit(if bad_input { 2 } else { 1 }, format!("{e:#}"))
+}
+
 pub fn run(cli: Cli) -> Result<(), Exit> {
     match &cli.cmd {
         Cmd::Mount {
             mountpoint,
             disks,
             listen,
+            token_file,
             require_verified,
             block_kib,
             read_timeout,
@@ -343,7 +450,7 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
             min_copies,
             volumes_dir,
         } => {
-            crate::daemon::check_listen(*listen, cli.token_file.is_some(), *insecure_listen)
+            crate::daemon::check_listen(*listen, token_file.is_some(), *insecure_listen)
                 .map_err(usage)?;
             let mut cfg = ImageConfig {
                 require_verified: *require_verified,
@@ -355,7 +462,7 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                 mountpoint: mountpoint.clone(),
                 disks: disks.clone(),
                 listen: *listen,
-                token_file: cli.token_file.clone(),
+                token_file: token_file.clone(),
                 manifests: manifests.clone(),
                 cfg,
                 peers: peers.clone(),
@@ -366,10 +473,11 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                 },
                 volumes_dir: volumes_dir.clone(),
             };
-            return crate::daemon::run(args).map_err(|e| failed(format!("{e:#}")));
+            return crate::daemon::run(args).map_err(daemon_exit);
         }
         Cmd::Serve { dir, listen } => {
-            let rt = tokio::runtime::Runtime::new().map_err(|e| failed(e.to_string()))?;
+            let rt = tokio::runtime::Runtime::new()
+                .map_err(|e| failed(format!("cannot start the async runtime: {e}")))?;
             return rt
                 .block_on(crate::serve::run(dir.clone(), *listen))
                 .map_err(|e| failed(format!("{e:#}")));
@@ -379,12 +487,12 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| failed(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(client(&cli))
 }
 
 async fn client(cli: &Cli) -> Result<(), Exit> {
-    let c = Client::new(cli)?;
+    let c = Client::new(cli.cmd.client().expect("client commands have client flags"))?;
     match &cli.cmd {
         Cmd::Create {
             name,
@@ -394,6 +502,7 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             checksum,
             disk,
             no_fill,
+            ..
         } => {
             // Check locally first: bad input never reaches the daemon and creates nothing.
             validate_name(name).map_err(|e| usage(e.to_string()))?;
@@ -433,21 +542,27 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
                 human(s.size),
                 s.path
             );
+            // Already failed (a checksum that cannot match, a source gone): say so now.
+            if s.state == State::Failed {
+                return Err(failed(format!("image {} failed: {}", s.name, s.error)));
+            }
         }
-        Cmd::List { json } => {
+        Cmd::List { json, .. } => {
             let v = c.call(reqwest::Method::GET, "/v1/images", None).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(());
             }
             let list: Vec<Status> = serde_json::from_value(v).map_err(|e| failed(e.to_string()))?;
+            // As wide as the longest name (up to 253 characters), so columns stay aligned.
+            let w = list.iter().map(|s| s.name.len()).max().unwrap_or(0).max(30);
             println!(
-                "{:<30} {:<12} {:>8} {:>10} {:<7} DISK",
+                "{:<w$} {:<12} {:>8} {:>10} {:<7} DISK",
                 "NAME", "STATE", "PROGRESS", "SIZE", "FORMAT"
             );
             for s in list {
                 println!(
-                    "{:<30} {:<12} {:>7}% {:>10} {:<7} {}",
+                    "{:<w$} {:<12} {:>7}% {:>10} {:<7} {}",
                     s.name,
                     s.state,
                     s.progress,
@@ -462,6 +577,7 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             json,
             wait,
             timeout,
+            ..
         } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             let mut s = c.status(name).await?;
@@ -473,23 +589,36 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             } else {
                 print_status(&s);
             }
-            if wait.as_deref() == Some("ready") && s.state == State::Failed {
-                return Err(failed(format!("image {name} failed: {}", s.error)));
+            // --wait: exit 0 only in the state asked for; the other final state is a failure.
+            match wait.as_deref() {
+                Some(want) if s.state.as_str() != want && s.state == State::Failed => {
+                    return Err(failed(format!(
+                        "image {name} failed, not {want}: {}",
+                        s.error
+                    )))
+                }
+                Some(want) if s.state.as_str() != want => {
+                    return Err(failed(format!(
+                        "image {name} is {}, not {want}",
+                        s.state.as_str()
+                    )))
+                }
+                _ => {}
             }
         }
-        Cmd::Delete { name, force } => {
+        Cmd::Delete { name, force, .. } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             let path = format!("/v1/images/{name}?force={force}");
             c.call(reqwest::Method::DELETE, &path, None).await?;
             println!("{name}: deleted");
         }
-        Cmd::Cleanup { name } => {
+        Cmd::Cleanup { name, .. } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             let path = format!("/v1/images/{name}/cleanup");
             c.call(reqwest::Method::POST, &path, None).await?;
             println!("{name}: this node's copy removed");
         }
-        Cmd::Fill { name } => {
+        Cmd::Fill { name, .. } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             let v = c
                 .call(
@@ -506,6 +635,7 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             file,
             checksum,
             limit_rate,
+            ..
         } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             validate_checksum(checksum).map_err(|e| usage(e.to_string()))?;
@@ -520,8 +650,8 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             };
             return up.run().await.map_err(|(code, msg)| Exit(code, msg));
         }
-        Cmd::Apply { file } => return apply(&c, file).await,
-        Cmd::Ensure { params } => {
+        Cmd::Apply { file, .. } => return apply(&c, file).await,
+        Cmd::Ensure { params, .. } => {
             let wanted = manifest::from_parameters(params).map_err(|e| usage(e.to_string()))?;
             println!("{}", ensure(&c, &wanted).await?);
         }
@@ -554,6 +684,7 @@ async fn wait_for(
             b.set_position(s.progress as u64);
             b.set_message(s.state.as_str());
         }
+        // Both final states end the wait; the caller tells them apart.
         if s.state.as_str() == want || s.state.is_final() {
             break;
         }

@@ -2,11 +2,10 @@
 //! cleanly on SIGTERM/SIGINT or when the mount is unmounted from outside.
 
 use std::net::SocketAddr;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use fuser::{MountOption, SessionACL};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -44,34 +43,6 @@ pub fn check_listen(listen: SocketAddr, has_token: bool, insecure: bool) -> Resu
     ))
 }
 
-/// A mount left behind by a killed daemon answers ENOTCONN; detach it so we can mount again.
-fn clear_stale_mount(mp: &Path) -> anyhow::Result<()> {
-    match std::fs::metadata(mp) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
-        Err(e)
-            if e.raw_os_error() == Some(libc::ENOTCONN)
-                || e.raw_os_error() == Some(libc::ECONNABORTED) =>
-        {
-            warn!(mountpoint = %mp.display(), "stale mount from a previous daemon; detaching it");
-            let c = std::ffi::CString::new(mp.as_os_str().as_bytes())?;
-            // SAFETY: umount2 takes a valid C path and flags; no memory is shared.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-                let e = std::io::Error::last_os_error();
-                bail!(
-                    "cannot detach the stale mount at {}: {e}; run `umount -l {}` as root",
-                    mp.display(),
-                    mp.display()
-                );
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(mp)
-            .with_context(|| format!("cannot create mountpoint {}", mp.display())),
-        Err(e) => Err(e).with_context(|| format!("mountpoint {}", mp.display())),
-    }
-}
-
 /// Asks the kernel for 1 MiB FUSE read requests instead of 128 KiB.
 fn raise_readahead(mp: &Path) {
     use std::os::unix::fs::MetadataExt;
@@ -87,6 +58,30 @@ fn raise_readahead(mp: &Path) {
     }
 }
 
+/// The API token from `--token-file`: refused when empty, as an empty token would let
+/// every request in.
+fn read_token(f: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(f)
+        .map_err(|e| {
+            crate::core::Error::BadInput(format!(
+                "cannot read the --token-file {}: {e}",
+                f.display()
+            ))
+        })?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(crate::core::Error::BadInput(format!(
+            "the --token-file {} is empty; write the API token into it (for example \
+             `head -c 32 /dev/urandom | base64 > {}`)",
+            f.display(),
+            f.display()
+        ))
+        .into());
+    }
+    Ok(token)
+}
+
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
     // Fewer malloc arenas: with one per thread, buffers freed on other threads than they
     // were allocated on left the daemon's RSS growing with the transfer rate.
@@ -98,18 +93,19 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("bifs")
-        .build()?;
+        .build()
+        .context("cannot start the async runtime (threads)")?;
     let token = match &args.token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read --token-file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
+        Some(f) => Some(read_token(f)?),
         None => None,
     };
-    clear_stale_mount(&args.mountpoint)?;
-    let mp = args.mountpoint.canonicalize()?;
+    crate::mountpoint::prepare(&args.mountpoint)?;
+    let mp = args.mountpoint.canonicalize().with_context(|| {
+        format!(
+            "cannot resolve the mountpoint {}",
+            args.mountpoint.display()
+        )
+    })?;
     let mp_str = mp.display().to_string();
     for p in &args.peers {
         crate::core::spec::validate_url(p).map_err(|e| anyhow::anyhow!("--peer: {e}"))?;
@@ -123,6 +119,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             node_id,
         )
     });
+    crate::core::disk::check_distinct(&args.disks)?;
     let sources = sources_with(
         HttpClients::default(),
         peers.clone(),
@@ -149,7 +146,9 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
                 args.listen
             )
         })?;
-    let api_addr = listener.local_addr()?;
+    let api_addr = listener
+        .local_addr()
+        .context("cannot read the API socket's address")?;
     let stop = tokio_util::sync::CancellationToken::new();
     let server = {
         let (node, stop) = (node.clone(), stop.clone());
@@ -184,12 +183,12 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     }
 
     let external_unmount = rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let mut tick = tokio::time::interval(Duration::from_millis(300));
         loop {
             tokio::select! {
-                _ = term.recv() => return Ok::<bool, std::io::Error>(false),
+                _ = term.recv() => return Ok::<bool, anyhow::Error>(false),
                 _ = int.recv() => return Ok(false),
                 _ = tick.tick() => if session.guard.is_finished() { return Ok(true) },
             }
@@ -202,9 +201,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         let _ = session.join();
     } else if let Err(e) = session.umount_and_join() {
         warn!(error = %e, "unmount failed (files still open?); detaching lazily");
-        let c = std::ffi::CString::new(mp.as_os_str().as_bytes())?;
-        // SAFETY: as in clear_stale_mount.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = crate::mountpoint::detach(&mp);
     }
     let _ = rt.block_on(server);
     rt.shutdown_timeout(Duration::from_secs(2));

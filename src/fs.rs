@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
@@ -51,6 +51,8 @@ pub struct BifsFs {
     next_fh: AtomicU64,
     /// What the kernel offered at init (the core decides the open mode from it).
     caps: KernelCaps,
+    /// When the mount started: the times of the root and `.raw`.
+    started: SystemTime,
 }
 
 pub fn ino_of(image: &Image, view: View) -> u64 {
@@ -107,6 +109,7 @@ impl BifsFs {
             opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             caps: KernelCaps::default(),
+            started: SystemTime::now(),
         }
     }
 
@@ -136,10 +139,10 @@ impl BifsFs {
             ino: INodeNo(ino),
             size: 0,
             blocks: 0,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
             kind: FileType::Directory,
             perm: 0o555,
             nlink: 2,
@@ -156,8 +159,13 @@ impl BifsFs {
         FileAttr {
             ino: INodeNo(ino_of(image, view)),
             size: image.view_size(view),
-            // `du` shows what is cached on this node.
-            blocks: image.bytes_cached().div_ceil(512),
+            // `du` of an image shows what is cached on this node. The raw view shows 0:
+            // its bytes are the stored file's (RAW) or decoded from them (QCOW2), so
+            // `du -s` of the mount counts the cache once.
+            blocks: match view {
+                View::Stored => image.bytes_cached().div_ceil(512),
+                View::Raw => 0,
+            },
             atime: t,
             mtime: t,
             ctime: t,
@@ -429,10 +437,33 @@ impl fuser::Filesystem for BifsFs {
         reply.ok();
     }
 
+    /// `df` shows the cache disks: their size and free space (each filesystem once), so a
+    /// mount of read-only images never looks full to disk alerts. Inodes likewise.
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let images = self.node.list();
-        let total: u64 = images.iter().map(|i| i.size()).sum::<u64>().div_ceil(4096);
-        reply.statfs(total, 0, 0, images.len() as u64, 0, 4096, 255, 4096);
+        const BSIZE: u64 = 4096;
+        let mut seen = Vec::new();
+        let (mut total, mut free, mut avail, mut files, mut ffree) = (0, 0, 0, 0, 0);
+        for space in self.node.disks.iter().filter_map(|d| d.space()) {
+            if seen.contains(&space.dev) {
+                continue;
+            }
+            seen.push(space.dev);
+            total += space.total_bytes / BSIZE;
+            free += space.free_bytes / BSIZE;
+            avail += space.avail_bytes / BSIZE;
+            files += space.files;
+            ffree += space.files_free;
+        }
+        reply.statfs(
+            total,
+            free,
+            avail,
+            files,
+            ffree,
+            BSIZE as u32,
+            255,
+            BSIZE as u32,
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

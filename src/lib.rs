@@ -4,6 +4,7 @@ pub mod core;
 pub mod daemon;
 pub mod fs;
 pub mod manifests;
+pub mod mountpoint;
 pub mod serve;
 pub mod server;
 pub mod upload_client;

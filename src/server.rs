@@ -34,11 +34,28 @@ pub struct CreateRequest {
     pub disk: Option<String>,
     #[serde(default)]
     pub no_fill: bool,
+    /// Whatever no field above took. `deny_unknown_fields` does not work with `flatten`;
+    /// serde hands a flattened struct the keys it knows and this map the rest, so a
+    /// typo lands here and `check_unknown` refuses it, whatever fields the spec grows.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+/// A 400 naming the first unknown field of a request body, so that a typo never
+/// silently does something else.
+fn check_unknown(unknown: &BTreeMap<String, serde::de::IgnoredAny>) -> Result<(), Error> {
+    match unknown.keys().next() {
+        Some(field) => Err(Error::BadInput(format!(
+            "unknown field {field:?} in the request; check its spelling (fields are camelCase)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 pub struct ApiError(Error);
 
-/// One table from core errors to HTTP status codes.
+/// One table from core errors to HTTP status codes. A fault of the request is a 4xx;
+/// 5xx is left for what the server or the origin cannot do.
 pub fn status(e: &Error) -> StatusCode {
     match e {
         Error::NotFound(_) => StatusCode::NOT_FOUND,
@@ -49,8 +66,18 @@ pub fn status(e: &Error) -> StatusCode {
         Error::Source(SourceError::Changed { .. }) | Error::VolumeChanged { .. } => {
             StatusCode::CONFLICT
         }
+        // The URL names nothing the origin will give (404, 410, 403...): the request's
+        // fault, but well-formed input, so not a 400 (the CLI exits 1, not 2).
+        Error::Source(SourceError::Status { status, .. }) if (400..500).contains(status) => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         Error::Source(_) => StatusCode::BAD_GATEWAY,
         Error::Io { errno, .. } if *errno == libc::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
+        // A disk the request named that cannot take the image: the request can pick another.
+        Error::Io { errno, .. } if *errno == libc::EROFS => StatusCode::CONFLICT,
+        Error::Io { errno, .. } if *errno == libc::ENAMETOOLONG || *errno == libc::EINVAL => {
+            StatusCode::BAD_REQUEST
+        }
         Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         Error::NoSource { .. } | Error::ReadTimeout { .. } => StatusCode::BAD_GATEWAY,
@@ -62,12 +89,13 @@ pub fn status(e: &Error) -> StatusCode {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            status(&self.0),
-            Json(serde_json::json!({ "error": self.0.to_string() })),
-        )
-            .into_response()
+        json_error(status(&self.0), &self.0.to_string())
     }
+}
+
+/// An error answer: `{"error": msg}` with `code`.
+fn json_error(code: StatusCode, msg: &str) -> Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
 }
 
 impl From<Error> for ApiError {
@@ -94,6 +122,13 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         .route("/v1/images/{name}/data", get(data))
         .route("/v1/images/{name}/manifest", get(manifest))
         .route("/metrics", get(metrics))
+        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such API path") })
+        .method_not_allowed_fallback(|| async {
+            json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this path",
+            )
+        })
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app)
@@ -164,10 +199,8 @@ fn peer_image(app: &App, name: &str, headers: &HeaderMap) -> ApiResult<Arc<crate
 }
 
 /// Creates an image as a peer holds it (spec from the peer, bytes from the peers).
-async fn from_peers(
-    State(app): State<App>,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+async fn from_peers(State(app): State<App>, name: Name) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
     let image = app
         .node
         .create_from_peers(&name, CreateOptions::default())
@@ -178,9 +211,10 @@ async fn from_peers(
 /// Which blocks this node has (for peers).
 async fn blocks(
     State(app): State<App>,
-    Path(name): Path<String>,
+    name: Name,
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
     use base64::Engine;
     let image = peer_image(&app, &name, &headers)?;
     let map = image.fetcher().map();
@@ -212,11 +246,8 @@ fn parse_range(v: &str, size: u64) -> Option<ByteRange> {
 
 /// Byte ranges over present blocks (for peers): 416 for a range touching an absent block,
 /// never zeros in its place.
-async fn data(
-    State(app): State<App>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
+async fn data(State(app): State<App>, name: Name, headers: HeaderMap) -> ApiResult<Response> {
+    let name = name_of(name)?;
     let image = peer_image(&app, &name, &headers)?;
     image.touch(); // a peer fetching from this copy keeps it in use
     let size = image.size();
@@ -277,11 +308,8 @@ async fn data(
 }
 
 /// Per-piece digests, only from a verified (ready) copy.
-async fn manifest(
-    State(app): State<App>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
+async fn manifest(State(app): State<App>, name: Name, headers: HeaderMap) -> ApiResult<Response> {
+    let name = name_of(name)?;
     let image = peer_image(&app, &name, &headers)?;
     let pieces = image.piece_digests().await?;
     Ok((
@@ -295,7 +323,9 @@ async fn create(
     State(app): State<App>,
     body: Result<Json<CreateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(req) = body.map_err(|e| Error::BadInput(format!("bad request body: {e}")))?;
+    let Json(req) =
+        body.map_err(|e| Error::BadInput(format!("bad request body: {}", e.body_text())))?;
+    check_unknown(&req.unknown)?;
     let opts = CreateOptions {
         disk: req.disk,
         no_fill: req.no_fill,
@@ -307,10 +337,11 @@ async fn create(
 /// One piece of an upload (`Content-Range: bytes A-B/TOTAL`), landed as it arrives.
 async fn upload(
     State(app): State<App>,
-    Path(name): Path<String>,
+    name: Name,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
     let image = app.node.get(&name)?;
     let range = headers
         .get(axum::http::header::CONTENT_RANGE)
@@ -319,7 +350,20 @@ async fn upload(
     Ok(Json(receipt))
 }
 
-async fn show(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+/// The `{name}` of a path; a bad one (invalid UTF-8) is a JSON 400 like any bad input.
+type Name = Result<Path<String>, axum::extract::rejection::PathRejection>;
+
+fn name_of(name: Name) -> Result<String, ApiError> {
+    name.map(|Path(n)| n).map_err(|e| {
+        ApiError(Error::BadInput(format!(
+            "bad image name in the path: {}",
+            e.body_text()
+        )))
+    })
+}
+
+async fn show(State(app): State<App>, name: Name) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
     let image = app.node.get(&name)?;
     Ok(Json(app.node.status(&image)))
 }
@@ -332,20 +376,25 @@ struct DeleteQuery {
 
 async fn delete(
     State(app): State<App>,
-    Path(name): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<DeleteQuery>,
+    name: Name,
+    q: Result<axum::extract::Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
+    let axum::extract::Query(q) =
+        q.map_err(|e| Error::BadInput(format!("bad query: {}; use ?force=true", e.body_text())))?;
     app.node.delete(&name, q.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Removes this node's copy now; refused for a copy in use or one the cluster needs.
-async fn cleanup(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn cleanup(State(app): State<App>, name: Name) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
     app.node.cleanup(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn fill(State(app): State<App>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn fill(State(app): State<App>, name: Name) -> ApiResult<impl IntoResponse> {
+    let name = name_of(name)?;
     let image = app.node.fill(&name)?;
     Ok(Json(app.node.status(&image)))
 }
@@ -519,7 +568,9 @@ fn node_metrics(node: &Node, out: &mut String) {
         "each cache disk: capacity, free, and used by image data",
     );
     for disk in &node.disks {
-        let (total, free) = disk.space();
+        let (total, free) = disk
+            .space()
+            .map_or((0, 0), |s| (s.total_bytes, s.avail_bytes));
         let used: u64 = node
             .list()
             .iter()

@@ -194,6 +194,18 @@ impl Error {
         }
     }
 
+    /// As `io`, saying what bifs was doing: "cannot open disk directory".
+    pub fn io_doing(path: impl Into<PathBuf>, doing: &str, e: io::Error) -> Self {
+        match Self::io(path, e) {
+            Self::Io { path, msg, errno } => Self::Io {
+                path,
+                msg: format!("{doing}: {msg}"),
+                errno,
+            },
+            other => other,
+        }
+    }
+
     /// The errno a FUSE reader sees. One table, no catch-all arm.
     pub fn errno(&self) -> i32 {
         match self {

@@ -13,6 +13,7 @@
 pub mod bitmap;
 pub mod compressed;
 pub mod decompress;
+pub mod disk;
 pub mod error;
 pub mod fetch;
 pub mod fill;

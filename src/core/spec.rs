@@ -243,7 +243,14 @@ pub fn validate_name(name: &str) -> Result<()> {
         return bad("it must start and end with a letter or digit");
     }
     for label in name.split('.') {
-        if label.is_empty() || label.starts_with('-') || label.ends_with('-') || label.len() > 63 {
+        if label.len() > 63 {
+            return bad(&format!(
+                "its part {}... between dots has {} characters, more than the 63 a DNS label may have",
+                &label[..20],
+                label.len()
+            ));
+        }
+        if label.is_empty() || label.starts_with('-') || label.ends_with('-') {
             return bad(&format!(
                 "its part {label:?} between dots is not a valid label"
             ));
@@ -372,6 +379,15 @@ mod tests {
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_long_label_says_so_and_253_characters_pass() {
+        let e = validate_name(&"a".repeat(64)).unwrap_err().to_string();
+        assert!(e.contains("64 characters") && e.contains("63"), "{e}");
+        let longest = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "b".repeat(61));
+        assert_eq!(longest.len(), 253);
+        validate_name(&longest).unwrap();
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Durability: a disk directory holding images, and per image the files DESIGN.md lists.
 //!
 //! ```text
-//! <disk>/bifs-disk.json            {uuid}
+//! <disk>/bifs-disk.json            {uuid}                    (disk.rs)
+//! <disk>/bifs-disk.lock            flock; the holder's pid   (disk.rs)
 //! <disk>/images/<name>/spec.json   spec, source identity, block size
 //! <disk>/images/<name>/data        sparse; image bytes at their own offsets
 //! <disk>/images/<name>/bitmap      one bit per block, little-endian 64-bit words
@@ -12,7 +13,6 @@
 //! Bits only ever go from 0 to 1 in the file, so a torn bitmap write is still safe.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,127 +26,10 @@ use super::range::BlockRange;
 use super::source::Identity;
 use super::spec::ImageSpec;
 
-#[derive(Debug, Clone)]
-pub struct Disk {
-    pub path: PathBuf,
-    pub uuid: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct DiskFile {
-    uuid: String,
-}
-
-impl Disk {
-    /// Opens a disk directory, creating it and its uuid on first use.
-    pub fn open(path: &Path) -> Result<Disk> {
-        fs::create_dir_all(path.join("images")).map_err(|e| Error::io(path, e))?;
-        let path = path.canonicalize().map_err(|e| Error::io(path, e))?;
-        let meta = path.join("bifs-disk.json");
-        let uuid = match fs::read(&meta) {
-            Ok(bytes) => {
-                let f: DiskFile = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
-                    path: meta.clone(),
-                    msg: format!("unreadable disk file: {e}; restore it or remove it to give the disk a new identity"),
-                    errno: libc::EIO,
-                })?;
-                f.uuid
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let uuid = new_uuid();
-                write_json_atomic(&meta, &DiskFile { uuid: uuid.clone() })?;
-                uuid
-            }
-            Err(e) => return Err(Error::io(&meta, e)),
-        };
-        Ok(Disk { path, uuid })
-    }
-
-    pub fn uuid8(&self) -> &str {
-        &self.uuid[..8.min(self.uuid.len())]
-    }
-
-    pub fn image_dir(&self, name: &str) -> PathBuf {
-        self.path.join("images").join(name)
-    }
-
-    /// Names of the images stored on this disk (complete directories only).
-    pub fn image_names(&self) -> Result<Vec<String>> {
-        let dir = self.path.join("images");
-        let mut names = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-            let entry = entry.map_err(|e| Error::io(&dir, e))?;
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') {
-                // A create that died before its rename: nothing in it was ever served.
-                let _ = fs::remove_dir_all(entry.path());
-                continue;
-            }
-            names.push(name);
-        }
-        names.sort();
-        Ok(names)
-    }
-
-    /// Capacity and free bytes of the filesystem holding the disk.
-    pub fn space(&self) -> (u64, u64) {
-        let c =
-            std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
-        unsafe {
-            let mut s: libc::statvfs = std::mem::zeroed();
-            if libc::statvfs(c.as_ptr(), &mut s) == 0 {
-                (
-                    s.f_blocks as u64 * s.f_frsize as u64,
-                    s.f_bavail as u64 * s.f_frsize as u64,
-                )
-            } else {
-                (0, 0)
-            }
-        }
-    }
-
-    pub fn free_bytes(&self) -> u64 {
-        let c =
-            std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
-        unsafe {
-            let mut s: libc::statvfs = std::mem::zeroed();
-            if libc::statvfs(c.as_ptr(), &mut s) == 0 {
-                s.f_bavail as u64 * s.f_frsize as u64
-            } else {
-                0
-            }
-        }
-    }
-}
-
-fn new_uuid() -> String {
-    let b: [u8; 16] = rand::random();
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(value).expect("our types serialize");
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(&body)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    Ok(())
-}
+pub use super::disk::{write_json_atomic, Disk};
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = fs::read(path).map_err(|e| Error::io_doing(path, "cannot read", e))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Io {
         path: path.into(),
         msg: format!("unreadable: {e}"),
@@ -233,6 +116,8 @@ pub struct ImageFiles {
     pub dir: PathBuf,
     pub data: File,
     bitmap: File,
+    /// Opened for reading only: the image lives on a read-only disk.
+    pub read_only: bool,
     /// Set when bits were added since the last flush.
     dirty: AtomicBool,
     /// Lowest bitmap word touched since the last flush (usize::MAX: none).
@@ -243,11 +128,22 @@ impl ImageFiles {
     /// Creates the image's directory atomically: built under a dot-name, then renamed.
     pub fn create(disk: &Disk, stored: &StoredSpec) -> Result<Arc<ImageFiles>> {
         let dir = disk.image_dir(&stored.spec.name);
-        let tmp = disk
-            .path
-            .join("images")
-            .join(format!(".{}.creating", stored.spec.name));
-        let _ = fs::remove_dir_all(&tmp);
+        if disk.read_only {
+            return Err(Error::Io {
+                path: disk.path.clone(),
+                msg: "the disk is read-only: its images are served, but no new image can be \
+                      stored on it; pick another disk"
+                    .into(),
+                errno: libc::EROFS,
+            });
+        }
+        // A short name of its own: a name may have 253 characters, and `.<name>.creating`
+        // would pass the 255-byte limit of a file name. Leftovers of a crash start with a
+        // dot and are removed at the next start (`image_names`).
+        let tmp = disk.path.join("images").join(format!(
+            ".creating-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
         fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let build = || -> Result<()> {
             let data = tmp.join("data");
@@ -267,21 +163,23 @@ impl ImageFiles {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        Ok(Arc::new(Self::open_files(dir)?))
+        Ok(Arc::new(Self::open_files(dir, false)?))
     }
 
-    fn open_files(dir: PathBuf) -> Result<ImageFiles> {
+    /// Opens the data and bitmap files, for reading only if `read_only`.
+    fn open_files(dir: PathBuf, read_only: bool) -> Result<ImageFiles> {
         let open = |name: &str| {
             let p = dir.join(name);
             OpenOptions::new()
                 .read(true)
-                .write(true)
+                .write(!read_only)
                 .open(&p)
-                .map_err(|e| Error::io(&p, e))
+                .map_err(|e| Error::io_doing(&p, "cannot open", e))
         };
         Ok(ImageFiles {
             data: open("data")?,
             bitmap: open("bitmap")?,
+            read_only,
             dir,
             dirty: AtomicBool::new(false),
             dirty_from: AtomicUsize::new(usize::MAX),
@@ -292,7 +190,14 @@ impl ImageFiles {
     pub fn open(dir: PathBuf) -> Result<(Arc<ImageFiles>, StoredSpec, StoredState, BlockMap)> {
         let stored: StoredSpec = read_json(&dir.join("spec.json"))?;
         let state: StoredState = read_json(&dir.join("state.json"))?;
-        let files = Self::open_files(dir)?;
+        // An image on a read-only disk (a read-only mount) opens for reading: a ready
+        // one serves as it is; any write to it fails with EROFS.
+        let files = match Self::open_files(dir.clone(), false) {
+            Err(Error::Io { errno, .. }) if errno == libc::EROFS || errno == libc::EACCES => {
+                Self::open_files(dir, true)?
+            }
+            r => r?,
+        };
         let blocks = stored.identity.size.div_ceil(stored.block_size);
         let mut bits = Vec::new();
         let len = files.bitmap.metadata().map(|m| m.len()).unwrap_or(0) as usize;
@@ -313,6 +218,7 @@ impl ImageFiles {
 
     /// Writes `chunks` back to back from `offset` with as few syscalls as it takes.
     pub fn write_chunks(&self, mut offset: u64, chunks: &[bytes::Bytes]) -> Result<()> {
+        self.check_writable()?;
         use std::os::fd::AsRawFd;
         let mut idx = 0;
         let mut skip = 0; // bytes of chunks[idx] already written
@@ -374,11 +280,27 @@ impl ImageFiles {
             .map_err(|e| Error::io(self.dir.join("data"), e))
     }
 
+    /// EROFS with a message, rather than EBADF from a descriptor opened for reading.
+    fn check_writable(&self) -> Result<()> {
+        if !self.read_only {
+            return Ok(());
+        }
+        Err(Error::Io {
+            path: self.dir.clone(),
+            msg: "the image's disk is read-only: what it holds is served, nothing can be added; \
+                  make the disk writable and restart bifs"
+                .into(),
+            errno: libc::EROFS,
+        })
+    }
+
     pub fn save_state(&self, state: &StoredState) -> Result<()> {
+        self.check_writable()?;
         write_json_atomic(&self.dir.join("state.json"), state)
     }
 
     pub fn save_spec(&self, stored: &StoredSpec) -> Result<()> {
+        self.check_writable()?;
         write_json_atomic(&self.dir.join("spec.json"), stored)
     }
 
@@ -416,6 +338,7 @@ impl ImageFiles {
     }
 
     pub fn remove(&self) -> Result<()> {
+        self.check_writable()?;
         fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))
     }
 }
@@ -425,12 +348,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn disk_keeps_its_uuid() {
+    fn an_image_with_the_longest_name_is_created_and_a_read_only_disk_refuses_new_ones() {
         let t = tempfile::tempdir().unwrap();
-        let a = Disk::open(t.path()).unwrap();
-        let b = Disk::open(t.path()).unwrap();
-        assert_eq!(a.uuid, b.uuid);
-        assert_eq!(a.uuid8().len(), 8);
+        let disk = Disk::open(t.path()).unwrap();
+        let name = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "b".repeat(61));
+        let stored = StoredSpec {
+            spec: ImageSpec::download(&name, "http://h/x", ""),
+            identity: Identity {
+                size: 4096,
+                etag: None,
+                last_modified: None,
+                ranges: true,
+            },
+            block_size: 4096,
+            fill: true,
+            created_unix: 0,
+        };
+        ImageFiles::create(&disk, &stored).unwrap();
+        assert_eq!(disk.image_names().unwrap(), vec![name.clone()]);
+        let mut ro = disk.clone();
+        ro.read_only = true;
+        let e = ImageFiles::create(&ro, &stored).err().unwrap().to_string();
+        assert!(e.contains("read-only"), "{e}");
     }
 
     #[test]

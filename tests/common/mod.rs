@@ -123,6 +123,8 @@ impl Daemon {
         let mnt = dir.path().join("mnt");
         let disk = dir.path().join("disk");
         std::fs::create_dir_all(&mnt).unwrap();
+        // A disk must exist: an empty directory becomes a new disk.
+        std::fs::create_dir_all(&disk).unwrap();
         let port = port.unwrap_or_else(|| if netns.is_some() { 8090 } else { free_port() });
         let mut d = Daemon {
             mnt,
@@ -164,22 +166,27 @@ impl Daemon {
         self.child = Some(child);
         let server = self.server.clone();
         let mnt = self.mnt.clone();
-        wait_for(
-            "the daemon to serve its API and mount",
-            Duration::from_secs(20),
-            || {
-                let health = format!("{server}/healthz");
-                let up = match &self.netns {
-                    None => reqwest::blocking_get_ok(&health),
-                    Some(_) => self
-                        .command("curl")
-                        .args(["-sf", "-m", "2", "-o", "/dev/null", &health])
-                        .status()
-                        .is_ok_and(|s| s.success()),
-                };
-                (up && is_mounted(&mnt)).then_some(())
-            },
-        );
+        let start = Instant::now();
+        loop {
+            let health = format!("{server}/healthz");
+            let up = match &self.netns {
+                None => reqwest::blocking_get_ok(&health),
+                Some(_) => self
+                    .command("curl")
+                    .args(["-sf", "-m", "2", "-o", "/dev/null", &health])
+                    .status()
+                    .is_ok_and(|s| s.success()),
+            };
+            if up && is_mounted(&mnt) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "timed out after 20s waiting for the daemon to serve its API and mount\n--- daemon log ---\n{}",
+                tail(&self.log(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `program`, run in the daemon's network namespace if it has one.
@@ -302,6 +309,19 @@ pub fn sh(cmd: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// `curl` with `args`; returns (HTTP status, body).
+pub fn curl(args: &str) -> (u16, String) {
+    let (rc, out, err) = sh(&format!("curl -s -w '\\n%{{http_code}}' {args}"));
+    assert_eq!(rc, 0, "curl {args}: {err}");
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+/// A finished command's stderr as text.
+pub fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 mod reqwest {
