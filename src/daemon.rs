@@ -119,7 +119,6 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             node_id,
         )
     });
-    crate::core::disk::check_distinct(&args.disks)?;
     let sources = sources_with(
         HttpClients::default(),
         peers.clone(),

@@ -128,6 +128,8 @@ pub struct Image {
     /// blocks, the fill stopped): shown as its error line.
     condition: Mutex<Option<String>>,
     fill_running: AtomicBool,
+    /// Wakes a fill pausing after a failure (`bifs fill` asks for a retry now).
+    retry_fill: tokio::sync::Notify,
     verify_running: AtomicBool,
     cfg: ImageConfig,
     shared: Shared,
@@ -201,6 +203,7 @@ impl Image {
             deleted: AtomicBool::new(false),
             condition: Mutex::new(condition),
             fill_running: AtomicBool::new(false),
+            retry_fill: tokio::sync::Notify::new(),
             verify_running: AtomicBool::new(false),
             cfg,
             shared,
@@ -484,6 +487,15 @@ impl Image {
         if matches!(self.state(), State::Ready | State::Failed) {
             return;
         }
+        if self.disk.read_only {
+            // Nothing can land on a read-only disk: serve what is there and say why.
+            self.set_condition(format!(
+                "its disk {} is read-only: the blocks it holds are served, nothing more is \
+                 fetched; remount the disk read-write and restart bifs to complete it",
+                self.disk.path.display()
+            ));
+            return;
+        }
         self.start_digest_watch();
         self.start_verify();
         self.start_fill();
@@ -554,6 +566,8 @@ impl Image {
             return; // nothing to fill from; the condition says why
         }
         if self.fill_running.swap(true, Ordering::AcqRel) {
+            // A fill pausing after a source failed tries again now (`bifs fill`).
+            self.retry_fill.notify_one();
             return;
         }
         // A fill that stopped on an error is being retried: its condition is stale.
@@ -607,6 +621,7 @@ impl Image {
             ));
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
+                _ = self.retry_fill.notified() => pause = FILL_RETRY_MIN,
                 _ = self.cancel.cancelled() => return,
             }
             pause = (pause * 2).min(FILL_RETRY_MAX);
@@ -618,6 +633,9 @@ impl Image {
     /// origin replaced while the daemon was down is reported at once, not when the first
     /// absent block is read. A source that cannot be asked is left to the fetches.
     pub async fn recheck_source(self: Arc<Self>) {
+        if self.disk.read_only {
+            return; // a failure could not be recorded there; its reads say what they can
+        }
         let Some(origin) = self.fetcher.sources().list.last().cloned() else {
             return;
         };
@@ -888,6 +906,7 @@ impl Image {
             disk: DiskDoc {
                 uuid: self.disk.uuid.clone(),
                 path: self.disk.path.display().to_string(),
+                read_only: self.disk.read_only,
             },
             path: format!("{mountpoint}/{}", self.name),
             raw_path: format!("{mountpoint}/.raw/{}", self.name),

@@ -226,10 +226,7 @@ impl Node {
                 "give at least one --disk DIR for the cache".into(),
             ));
         }
-        let disks = disks
-            .iter()
-            .map(|d| Disk::open(d))
-            .collect::<Result<Vec<_>>>()?;
+        let disks = Disk::open_all(disks)?;
         let node = Arc::new(Node {
             disks,
             cfg,
@@ -390,12 +387,20 @@ impl Node {
                         known.join(", ")
                     ))
                 })?,
+            // A read-only disk still serves what it holds, but takes no new image.
             None => self
                 .disks
                 .iter()
+                .filter(|d| !d.read_only)
                 .max_by_key(|d| d.free_bytes())
                 .cloned()
-                .expect("at least one disk"),
+                .ok_or_else(|| Error::Io {
+                    path: self.disks[0].path.clone(),
+                    msg: "every --disk of this node is read-only: no new image can be stored; \
+                          remount a disk read-write or add a writable --disk"
+                        .into(),
+                    errno: libc::EROFS,
+                })?,
         };
         if let Some(need) = size {
             check_space(&disk, need)?;
@@ -703,6 +708,18 @@ impl Node {
 
     /// Removes an image from this node: readers get "deleted", its files go away.
     async fn remove_copy(&self, name: &str) -> Result<()> {
+        // Checked first: on a read-only disk the files cannot go, so the image stays listed.
+        let disk = self.get(name)?.disk.clone();
+        if disk.read_only {
+            return Err(Error::Io {
+                path: disk.path.clone(),
+                msg: format!(
+                    "the disk holding image {name:?} is read-only: its files cannot be removed; \
+                     remount it read-write first"
+                ),
+                errno: libc::EROFS,
+            });
+        }
         let image = self
             .images
             .write()

@@ -64,9 +64,13 @@ pub struct SourceDoc {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DiskDoc {
     pub uuid: String,
     pub path: String,
+    /// Images on a read-only disk are served, never completed or removed.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -282,7 +282,7 @@ fn run_model(size: usize, seed: u64, ops: Vec<Op>) -> Result<(), TestCaseError> 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: std::env::var("BIFS_MODEL_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(24), .. ProptestConfig::default() })]
 
     /// Random and sequential reads, fills, source faults (errors, short bodies, panics)
     /// and crash-reopen cycles against the model: every byte returned is the source's,
