@@ -29,7 +29,8 @@ use super::spec::redact_url;
 use super::state::StateCell;
 use super::status::{DiskDoc, SourceDoc, Status};
 use super::store::{page_io, BufPool, Disk, ImageFiles, State, StoredSpec, StoredState};
-use super::verify::{self, Algo, HashWorker, VerifyInput};
+use super::spec::ChecksumAlgorithm;
+use super::verify::{self, HashWorker, VerifyInput};
 use super::view::{self, KernelCaps, OpenMode, View};
 
 /// How long a fill that may share its work with peers waits for their polls at start.
@@ -505,7 +506,7 @@ impl Image {
         if self.verify_running.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (algo, _) = Algo::of_checksum(&self.stored.lock().unwrap().spec.checksum);
+        let (algo, _) = ChecksumAlgorithm::split(&self.stored.lock().unwrap().spec.checksum);
         let input = VerifyInput {
             files: self.fetcher.files().clone(),
             map: self.fetcher.map().clone(),
@@ -529,7 +530,7 @@ impl Image {
 
     async fn finish_verify(&self, got: String) {
         let spec_sum = self.stored.lock().unwrap().spec.checksum.clone();
-        let (_, want) = Algo::of_checksum(&spec_sum);
+        let (_, want) = ChecksumAlgorithm::split(&spec_sum);
         if !want.is_empty() && !want.eq_ignore_ascii_case(&got) {
             self.fail(&Error::Checksum {
                 want: spec_sum,
@@ -872,7 +873,7 @@ impl Image {
         let stored = self.stored();
         let st = self.state.snapshot();
         let fmt = self.format();
-        let (algo, _) = Algo::of_checksum(&stored.spec.checksum);
+        let (algo, _) = ChecksumAlgorithm::split(&stored.spec.checksum);
         let mut parameters = stored.spec.source_parameters.clone();
         if let Some(url) = parameters.get_mut("url") {
             *url = redact_url(url);
@@ -898,7 +899,7 @@ impl Image {
                 stored.spec.checksum.clone()
             },
             computed_checksum: st.checksum,
-            checksum_algorithm: algo.name().into(),
+            checksum_algorithm: algo.as_str().into(),
             source: SourceDoc {
                 kind: stored.spec.source_type.as_str().into(),
                 parameters,
