@@ -195,7 +195,9 @@ fn is_writable(dir: &Path) -> bool {
 /// conflicts between two opens even within one process, so without this table a second
 /// `Node` in one process (the core's crash-and-restart tests, while the first one's last
 /// tasks wind down) would be refused its own disk. Process-wide, as the lock it mirrors.
-static HELD: Mutex<Vec<((u64, u64), Weak<File>)>> = Mutex::new(Vec::new());
+/// A held lock: the directory's (device, inode) and the lock file while any `Disk` has it.
+type HeldLock = ((u64, u64), Weak<File>);
+static HELD: Mutex<Vec<HeldLock>> = Mutex::new(Vec::new());
 
 /// The disk's exclusive lock, shared with any `Disk` of this process that holds it already.
 fn lock_disk(dir: &Path, read_only: bool) -> Result<Arc<File>> {
