@@ -90,6 +90,12 @@ pub enum Cmd {
         /// Where an export's `volume-name` is looked up (a Longhorn host's volumes).
         #[arg(long, value_name = "DIR", default_value = crate::core::spec_sources::DEFAULT_VOLUMES_DIR)]
         volumes_dir: PathBuf,
+        /// Where a spec's `secretRef` is looked up (credentials of private origins).
+        #[arg(long, value_name = "DIR", default_value = crate::core::credentials::DEFAULT_SECRETS_DIR)]
+        secrets_dir: PathBuf,
+        /// A PEM bundle of CA certificates to trust besides the system's (origins behind a private CA).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// Create an image from a URL, export one from a volume (--from-volume), or (with
     /// neither) create it as a peer holds it.
@@ -449,6 +455,8 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
             cleanup_wait,
             min_copies,
             volumes_dir,
+            secrets_dir,
+            ca_file,
         } => {
             crate::daemon::check_listen(*listen, token_file.is_some(), *insecure_listen)
                 .map_err(usage)?;
@@ -472,6 +480,8 @@ pub fn run(cli: Cli) -> Result<(), Exit> {
                     min_copies: *min_copies,
                 },
                 volumes_dir: volumes_dir.clone(),
+                secrets_dir: secrets_dir.clone(),
+                ca_file: ca_file.clone(),
             };
             return crate::daemon::run(args).map_err(daemon_exit);
         }

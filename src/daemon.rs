@@ -28,6 +28,8 @@ pub struct MountArgs {
     pub lifecycle: crate::core::node::LifecycleConfig,
     /// Where an export's `volume-name` is looked up.
     pub volumes_dir: PathBuf,
+    pub secrets_dir: PathBuf,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Without a token, anyone who reaches the API controls the node: only loopback,
@@ -119,10 +121,15 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             node_id,
         )
     });
+    let clients = match &args.ca_file {
+        Some(f) => HttpClients::with_ca(f).map_err(|e| anyhow::anyhow!(e))?,
+        None => HttpClients::default(),
+    };
     let sources = sources_with(
-        HttpClients::default(),
+        clients,
         peers.clone(),
         args.volumes_dir.clone(),
+        args.secrets_dir.clone(),
     );
     let node = rt.block_on(Node::start_with(
         &args.disks,

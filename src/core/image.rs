@@ -26,10 +26,10 @@ use super::readahead::ReadState;
 use super::source::Priority;
 use super::source::Sources;
 use super::spec::redact_url;
+use super::spec::ChecksumAlgorithm;
 use super::state::StateCell;
 use super::status::{DiskDoc, SourceDoc, Status};
 use super::store::{page_io, BufPool, Disk, ImageFiles, State, StoredSpec, StoredState};
-use super::spec::ChecksumAlgorithm;
 use super::verify::{self, HashWorker, VerifyInput};
 use super::view::{self, KernelCaps, OpenMode, View};
 

@@ -276,7 +276,7 @@ fn check_source(
         msg,
     };
     let known: &[&str] = match source_type {
-        SourceType::Download => &["url", "compression", "size"],
+        SourceType::Download => &["url", "compression", "size", "secretRef"],
         SourceType::Upload => &["size"],
         SourceType::ExportFromVolume => &["volume-name", "path", "export-type"],
     };

@@ -12,6 +12,7 @@
 
 pub mod bitmap;
 pub mod compressed;
+pub mod credentials;
 pub mod decompress;
 pub mod disk;
 pub mod error;

@@ -36,7 +36,8 @@ pub type SourceFactory = Arc<dyn Fn(&ImageSpec, &Identity) -> Sources + Send + S
 /// no peer either, they have no source and say why, and still serve what they have.
 pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFactory {
     let volumes = PathBuf::from(super::spec_sources::DEFAULT_VOLUMES_DIR);
-    sources_with(clients, peers, volumes)
+    let secrets = PathBuf::from(super::credentials::DEFAULT_SECRETS_DIR);
+    sources_with(clients, peers, volumes, secrets)
 }
 
 /// As `http_sources`, with the directory a spec's `volume-name` is looked up in.
@@ -45,6 +46,7 @@ pub fn sources_with(
     clients: HttpClients,
     peers: Option<Arc<Peers>>,
     volumes_dir: PathBuf,
+    secrets_dir: PathBuf,
 ) -> SourceFactory {
     let more = Arc::new(super::sources::MoreSources::new(volumes_dir));
     Arc::new(move |spec: &ImageSpec, id: &Identity| {
@@ -62,7 +64,15 @@ pub fn sources_with(
                 list.push(more.compressed(spec, url, id.size));
             }
             (SourceType::Download, Some(url)) => {
-                list.push(Arc::new(HttpSource::new(url, clients.clone(), id.ranges)));
+                // Credentials: the URL's user:pass@ and the spec's secretRef, if any.
+                let creds =
+                    match super::credentials::for_spec(&spec.source_parameters, &secrets_dir) {
+                        Ok((c, _)) => c,
+                        Err(why) => return Sources::none(why),
+                    };
+                let origin =
+                    HttpSource::new(url, clients.clone(), id.ranges).with_credentials(creds);
+                list.push(Arc::new(origin));
             }
             (SourceType::Upload | SourceType::ExportFromVolume, _) => match more.source_for(spec) {
                 Ok(s) => {

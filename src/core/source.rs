@@ -24,6 +24,7 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+use super::credentials::Credentials;
 use super::error::SourceError;
 use super::range::ByteRange;
 use super::spec::redact_url;
@@ -218,15 +219,52 @@ impl Default for HttpClients {
     }
 }
 
+impl HttpClients {
+    /// Clients that also trust the CA certificates of the PEM bundle `ca_file`
+    /// (`--ca-file`: origins with certificates of a private CA).
+    pub fn with_ca(ca_file: &std::path::Path) -> Result<Self, String> {
+        let pem = std::fs::read(ca_file)
+            .map_err(|e| format!("--ca-file {}: cannot read it: {e}", ca_file.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            format!(
+                "--ca-file {}: not a PEM bundle of certificates: {e}",
+                ca_file.display()
+            )
+        })?;
+        if certs.is_empty() {
+            return Err(format!(
+                "--ca-file {}: holds no certificate",
+                ca_file.display()
+            ));
+        }
+        let build = || {
+            let mut b = http_client_builder();
+            for c in &certs {
+                b = b.add_root_certificate(c.clone());
+            }
+            b.build()
+                .map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))
+        };
+        Ok(Self {
+            reader: build()?,
+            fill: build()?,
+        })
+    }
+}
+
 pub fn http_client() -> reqwest::Client {
+    http_client_builder()
+        .build()
+        .expect("the HTTP client has a valid static configuration")
+}
+
+fn http_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(64)
         .tcp_nodelay(true)
         .user_agent(concat!("bifs/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .expect("the HTTP client has a valid static configuration")
 }
 
 /// The origin: an http(s) URL read with range requests.
@@ -234,6 +272,8 @@ pub struct HttpSource {
     url: String,
     shown: String,
     clients: HttpClients,
+    /// Basic auth, a bearer token or headers (a URL's `user:pass@`, a `secretRef`).
+    creds: Credentials,
     /// Learnt by `probe` (and kept in the image's spec.json across restarts).
     ranges: AtomicBool,
 }
@@ -241,20 +281,29 @@ pub struct HttpSource {
 impl HttpSource {
     /// `ranges`: what an earlier probe found (true until a probe says otherwise).
     pub fn new(url: &str, clients: HttpClients, ranges: bool) -> Self {
+        let (creds, clean) = Credentials::from_url(url);
         Self {
-            url: url.to_string(),
+            url: clean,
             shown: redact_url(url),
             clients,
+            creds,
             ranges: AtomicBool::new(ranges),
         }
+    }
+
+    /// Adds credentials (a `secretRef`'s) to those of the URL.
+    pub fn with_credentials(mut self, creds: Credentials) -> Self {
+        self.creds = std::mem::take(&mut self.creds).or(creds);
+        self
     }
 
     fn status_error(&self, status: reqwest::StatusCode) -> SourceError {
         let hint = match status.as_u16() {
             404 | 410 => "; the file is not there: check the URL",
-            401 | 403 => {
-                "; access denied: the URL must be readable without credentials or carry them"
+            401 | 403 if self.creds.is_empty() => {
+                "; access denied: give credentials (sourceParameters.secretRef, or user:pass@ in the URL)"
             }
+            401 | 403 => "; access denied: the credentials were refused; check the secret",
             s if s >= 500 => "; the server failed, retrying later may help",
             _ => "",
         };
@@ -329,9 +378,8 @@ impl HttpSource {
         // One ranged GET answers everything: a 206 with Content-Range proves range support
         // (nginx sends no Accept-Ranges on a 206), a 200 means a server without ranges.
         let resp = self
-            .clients
-            .reader
-            .get(&self.url)
+            .creds
+            .apply(self.clients.reader.get(&self.url))
             .header(reqwest::header::RANGE, "bytes=0-0")
             .send()
             .await
@@ -388,7 +436,7 @@ impl HttpSource {
             Priority::Reader => &self.clients.reader,
             Priority::Fill => &self.clients.fill,
         };
-        let mut req = client.get(&self.url);
+        let mut req = self.creds.apply(client.get(&self.url));
         let ranged = self.ranges();
         if ranged {
             req = req.header(

@@ -31,6 +31,8 @@ struct Inner {
     requests: AtomicU64,
     no_ranges: AtomicBool,
     version: AtomicU64,
+    /// The `Authorization` header every request must carry (None: no check).
+    auth: Mutex<Option<String>>,
     /// Microseconds to wait before each 64 KiB piece of a body (a slow link).
     chunk_delay_us: AtomicU64,
 }
@@ -115,6 +117,11 @@ impl Origin {
     }
 
     /// Body bytes sent so far.
+    /// Every request must carry `Authorization: <value>` from now on (401 without, 403 wrong).
+    pub fn require_auth(&self, value: &str) {
+        *self.inner.auth.lock().unwrap() = Some(value.to_string());
+    }
+
     pub fn served(&self) -> u64 {
         self.inner.served.load(Ordering::SeqCst)
     }
@@ -162,6 +169,16 @@ async fn serve(
     headers: HeaderMap,
 ) -> Response {
     s.requests.fetch_add(1, Ordering::SeqCst);
+    let want = s.auth.lock().unwrap().clone();
+    if let Some(want) = want {
+        let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if given != Some(want.as_str()) {
+            return Response::builder()
+                .status(if given.is_some() { 403 } else { 401 })
+                .body(Body::from("no"))
+                .unwrap();
+        }
+    }
     let fault = s.faults.lock().unwrap().pop_front();
     let mut truncate = None;
     match fault {
