@@ -557,6 +557,11 @@ fn node_metrics(node: &Node, out: &mut String) {
             "unused copies removed by the cleanup",
             &m.copies_removed,
         ),
+        (
+            "bifs_evictions_total",
+            "copies evicted to make room for a new image",
+            &m.evictions,
+        ),
     ] {
         family(out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", v.load(Relaxed));

@@ -448,3 +448,58 @@ fn metrics_parse_as_prometheus_text_and_move_as_reads_happen() {
         "the second read was a hit"
     );
 }
+
+#[test]
+fn a_full_disk_evicts_the_least_recently_used_copy_held_elsewhere_never_one_in_use() {
+    let origin = Origin::start();
+    for (i, n) in ["e1", "e2", "e3"].iter().enumerate() {
+        origin.put(&format!("{n}.raw"), random_bytes(9 * MIB, 60 + i as u64));
+    }
+    let base = tempfile::tempdir().unwrap();
+    let small = base.path().join("small");
+    let _tmpfs = SmallDisk::new(&small, 24);
+    let ports: Vec<u16> = (0..2).map(|_| common::free_port()).collect();
+    let (pa, pb) = (
+        format!("http://127.0.0.1:{}", ports[1]),
+        format!("http://127.0.0.1:{}", ports[0]),
+    );
+    let a = Daemon::start_on_port(
+        ports[0],
+        &["--peer", &pa, "--disk", small.to_str().unwrap()],
+    );
+    let b = Daemon::start_on_port(ports[1], &["--peer", &pb]);
+    let uuid: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(small.join("bifs-disk.json")).unwrap()).unwrap();
+    let uuid = uuid["uuid"].as_str().unwrap()[..8].to_string();
+    for n in ["e1", "e2"] {
+        let url = origin.url(&format!("{n}.raw"));
+        b.bifs_ok(&["create", n, "--url", &url]);
+        b.wait_state(n, "ready", Duration::from_secs(60));
+        a.bifs_ok(&["create", n, "--url", &url, "--disk", &uuid]);
+        a.wait_state(n, "ready", Duration::from_secs(60));
+    }
+    // e2 is in use on A; e1 is the least recently used copy, and B holds it too.
+    let held = File::open(a.path("e2")).unwrap();
+    wait_for("A to see B's ready copies", Duration::from_secs(30), || {
+        let s = a.status("e1");
+        (s["copies"][0]["state"] == "ready").then_some(())
+    });
+    a.bifs_ok(&[
+        "create",
+        "e3",
+        "--url",
+        &origin.url("e3.raw"),
+        "--disk",
+        &uuid,
+    ]);
+    a.wait_state("e3", "ready", Duration::from_secs(60));
+    assert!(
+        !a.path("e1").exists(),
+        "the least recently used copy held elsewhere was evicted"
+    );
+    assert!(a.path("e2").exists(), "a copy in use is never evicted");
+    assert!(b.path("e1").exists(), "the cluster still holds e1");
+    let (_, metrics, _) = sh(&format!("curl -s {}/metrics", a.server));
+    assert!(metrics.contains("bifs_evictions_total 1"), "{metrics}");
+    drop(held);
+}

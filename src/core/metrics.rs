@@ -1,6 +1,6 @@
 //! Node-wide counters the shells export (`GET /metrics`): bytes and requests by source
 //! kind, time to first byte of source requests, cache hits and misses of reads, verify
-//! failures and copies removed. Plain atomics: counting costs a few nanoseconds on paths
+//! failures, copies removed and evicted. Plain atomics: counting costs a few nanoseconds on paths
 //! that move megabytes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +34,8 @@ pub struct Metrics {
     pub corrupt_pieces: AtomicU64,
     /// Copies removed by the cleanup (unused for the wait interval).
     pub copies_removed: AtomicU64,
+    /// Copies evicted to make room for a new image (held elsewhere, unused).
+    pub evictions: AtomicU64,
 }
 
 fn index(kind: &str) -> usize {

@@ -525,10 +525,16 @@ impl Node {
             Some(f) => f(&spec, &identity),
             None => sources,
         };
-        let disk = self.pick_disk(
-            opts.disk.as_deref(),
-            (!opts.no_fill).then_some(identity.size),
-        )?;
+        let need = (!opts.no_fill).then_some(identity.size);
+        let disk = match self.pick_disk(opts.disk.as_deref(), need) {
+            Err(Error::Io { errno, .. }) if errno == libc::ENOSPC => {
+                // Under pressure: make room from copies the cluster holds elsewhere.
+                let disk = self.pick_disk(opts.disk.as_deref(), None)?;
+                self.evict_for(&disk, need.unwrap_or(0)).await;
+                self.pick_disk(Some(&disk.uuid), need)?
+            }
+            r => r?,
+        };
         let stored = StoredSpec {
             spec,
             identity,
@@ -712,6 +718,36 @@ impl Node {
                     }
                     Err(e) => warn!(image = %image.name, error = %e, "cannot remove unused copy"),
                 }
+            }
+        }
+    }
+
+    /// Evicts copies from `disk` until `need` bytes are free: only ready copies nothing
+    /// holds open whose removal leaves the cluster its minimum (as `bifs cleanup` would
+    /// allow), least recently used first. Never a copy in use, never the last copies.
+    async fn evict_for(&self, disk: &Disk, need: u64) {
+        let min = self.lifecycle().min_copies;
+        let mut candidates: Vec<(std::time::Duration, Arc<Image>)> = self
+            .list()
+            .into_iter()
+            .filter(|i| i.disk.uuid == disk.uuid && i.state() == State::Ready)
+            .filter(|i| {
+                lifecycle::manual_cleanup(&self.copy_facts(i), min, false) == Verdict::Remove
+            })
+            .map(|i| (i.idle(), i))
+            .collect();
+        // Least recently used first: the longest idle.
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        for (idle, image) in candidates {
+            if disk.free_bytes() >= need {
+                break;
+            }
+            match self.remove_copy(&image.name).await {
+                Ok(()) => {
+                    crate::core::metrics::Metrics::add(&self.shared.metrics.evictions);
+                    info!(image = %image.name, idle_secs = idle.as_secs(), need, "copy evicted to make room (other nodes hold it)");
+                }
+                Err(e) => warn!(image = %image.name, error = %e, "cannot evict copy"),
             }
         }
     }
