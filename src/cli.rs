@@ -190,8 +190,19 @@ pub enum Cmd {
     },
     /// Remove this node's copy now (refused for a copy in use or one the cluster keeps).
     Cleanup {
-        /// The image's name
-        name: String,
+        /// The image's name (or --orphans)
+        #[arg(required_unless_present = "orphans")]
+        name: Option<String>,
+        /// Remove the image folders no image claims (`bifs disks` lists them).
+        #[arg(long, conflicts_with = "name")]
+        orphans: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show each disk: capacity, free, bytes used by images, orphan folders.
+    Disks {
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -238,6 +249,7 @@ impl Cmd {
             | Cmd::Status { client, .. }
             | Cmd::Delete { client, .. }
             | Cmd::Cleanup { client, .. }
+            | Cmd::Disks { client, .. }
             | Cmd::Fill { client, .. }
             | Cmd::Upload { client, .. }
             | Cmd::Apply { client, .. }
@@ -622,11 +634,64 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             c.call(reqwest::Method::DELETE, &path, None).await?;
             println!("{name}: deleted");
         }
-        Cmd::Cleanup { name, .. } => {
+        Cmd::Cleanup {
+            name: Some(name), ..
+        } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             let path = format!("/v1/images/{name}/cleanup");
             c.call(reqwest::Method::POST, &path, None).await?;
             println!("{name}: this node's copy removed");
+        }
+        Cmd::Cleanup { name: None, .. } => {
+            let v = c
+                .call(reqwest::Method::POST, "/v1/orphans/cleanup", None)
+                .await?;
+            let removed = v.as_array().map_or(0, Vec::len);
+            for o in v.as_array().into_iter().flatten() {
+                println!(
+                    "removed {} ({})",
+                    o["path"].as_str().unwrap_or("?"),
+                    o["reason"].as_str().unwrap_or("")
+                );
+            }
+            println!("{removed} orphan folder(s) removed");
+        }
+        Cmd::Disks { json, .. } => {
+            let v = c.call(reqwest::Method::GET, "/v1/disks", None).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(());
+            }
+            println!(
+                "{:<8} {:>10} {:>10} {:>10} {:>6} {:>7}  PATH",
+                "DISK", "CAPACITY", "FREE", "IMAGES", "COUNT", "ORPHANS"
+            );
+            for d in v.as_array().into_iter().flatten() {
+                let n = |k: &str| d[k].as_u64().unwrap_or(0);
+                println!(
+                    "{:<8} {:>10} {:>10} {:>10} {:>6} {:>7}  {}{}",
+                    &d["uuid"].as_str().unwrap_or("")
+                        [..8.min(d["uuid"].as_str().unwrap_or("").len())],
+                    human(n("capacityBytes")),
+                    human(n("freeBytes")),
+                    human(n("usedByImagesBytes")),
+                    n("images"),
+                    d["orphans"].as_array().map_or(0, Vec::len),
+                    d["path"].as_str().unwrap_or(""),
+                    if d["readOnly"].as_bool() == Some(true) {
+                        " (read-only)"
+                    } else {
+                        ""
+                    }
+                );
+                for o in d["orphans"].as_array().into_iter().flatten() {
+                    println!(
+                        "  orphan: {} ({})",
+                        o["path"].as_str().unwrap_or("?"),
+                        o["reason"].as_str().unwrap_or("")
+                    );
+                }
+            }
         }
         Cmd::Fill { name, .. } => {
             validate_name(name).map_err(|e| usage(e.to_string()))?;

@@ -117,6 +117,8 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         .route("/v1/images/{name}/fill", post(fill))
         .route("/v1/images/{name}/from-peers", post(from_peers))
         .route("/v1/images/{name}/cleanup", post(cleanup))
+        .route("/v1/disks", get(disks))
+        .route("/v1/orphans/cleanup", post(cleanup_orphans))
         .route("/v1/images/{name}/upload", axum::routing::put(upload))
         .route("/v1/images/{name}/blocks", get(blocks))
         .route("/v1/images/{name}/data", get(data))
@@ -384,6 +386,16 @@ async fn delete(
         q.map_err(|e| Error::BadInput(format!("bad query: {}; use ?force=true", e.body_text())))?;
     app.node.delete(&name, q.force).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Each disk: capacity, free, used by images, orphan folders.
+async fn disks(State(app): State<App>) -> impl IntoResponse {
+    Json(app.node.disks_report())
+}
+
+/// Removes the image folders no image claims.
+async fn cleanup_orphans(State(app): State<App>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(app.node.remove_orphans().await?))
 }
 
 /// Removes this node's copy now; refused for a copy in use or one the cluster needs.

@@ -503,3 +503,41 @@ fn a_full_disk_evicts_the_least_recently_used_copy_held_elsewhere_never_one_in_u
     assert!(metrics.contains("bifs_evictions_total 1"), "{metrics}");
     drop(held);
 }
+
+#[test]
+fn disks_show_space_and_orphans_and_cleanup_orphans_removes_them() {
+    let origin = Origin::start();
+    origin.put("s.raw", random_bytes(2 * MIB, 70));
+    let mut d = Daemon::start();
+    d.bifs_ok(&["create", "spaced", "--url", &origin.url("s.raw")]);
+    d.wait_state("spaced", "ready", Duration::from_secs(60));
+    d.stop();
+    // A folder nothing claims: a half-written leftover.
+    let orphan = d.disk.join("images/leftover");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("data"), b"junk").unwrap();
+    d.spawn();
+    let v: serde_json::Value = serde_json::from_str(&d.bifs_ok(&["disks", "--json"])).unwrap();
+    let disk = &v[0];
+    assert!(disk["capacityBytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        disk["usedByImagesBytes"].as_u64().unwrap() >= 2 * MIB as u64,
+        "{v}"
+    );
+    assert_eq!(disk["images"], 1);
+    assert_eq!(
+        disk["orphans"][0]["path"],
+        orphan.display().to_string(),
+        "{v}"
+    );
+    let table = d.bifs_ok(&["disks"]);
+    assert!(
+        table.contains("orphan:") && table.contains("leftover"),
+        "{table}"
+    );
+    assert!(d.status("spaced")["bytesAllocated"].as_u64().unwrap() >= 2 * MIB as u64);
+    let out = d.bifs_ok(&["cleanup", "--orphans"]);
+    assert!(out.contains("1 orphan folder(s) removed"), "{out}");
+    assert!(!orphan.exists());
+    assert!(d.path("spaced").exists(), "images are untouched");
+}

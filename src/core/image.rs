@@ -893,6 +893,7 @@ impl Image {
             state: st.state,
             progress: self.progress(),
             bytes_cached: self.bytes_cached(),
+            bytes_allocated: self.allocated_bytes(),
             checksum: if stored.spec.checksum.is_empty() && st.state == State::Ready {
                 st.checksum.clone()
             } else {

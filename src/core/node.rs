@@ -139,6 +139,29 @@ const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Sources asked at once at start-up whether unfinished images' versions still exist.
 const STARTUP_PROBES: usize = 8;
 
+/// An image folder no image of this node claims.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Orphan {
+    pub disk: String,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// One disk as `bifs disks` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskReport {
+    pub uuid: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    /// Bytes the data files of this node's images take on the disk.
+    pub used_by_images_bytes: u64,
+    pub images: usize,
+    pub orphans: Vec<Orphan>,
+}
+
 /// When unused copies leave this node's disks.
 #[derive(Debug, Clone)]
 pub struct LifecycleConfig {
@@ -208,6 +231,8 @@ pub struct Node {
     sources: SourceFactory,
     peers: std::sync::OnceLock<Arc<Peers>>,
     lifecycle: std::sync::OnceLock<LifecycleConfig>,
+    /// Image folders no image of this node claims (found at start-up).
+    orphans: std::sync::Mutex<Vec<Orphan>>,
     shared: Shared,
     pub cancel: CancellationToken,
     events: tokio::sync::broadcast::Sender<ImageEvent>,
@@ -247,6 +272,7 @@ impl Node {
             sources,
             peers: std::sync::OnceLock::new(),
             lifecycle: std::sync::OnceLock::new(),
+            orphans: std::sync::Mutex::new(Vec::new()),
             shared: Shared::start(),
             cancel: CancellationToken::new(),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -255,6 +281,7 @@ impl Node {
             for name in disk.image_names()? {
                 if node.images.read().unwrap().by_name.contains_key(&name) {
                     warn!(image = %name, disk = %disk.uuid8(), "image also on another disk; using the first copy");
+                    node.orphan(disk, &name, "a second copy of an image another disk holds");
                     continue;
                 }
                 match ImageFiles::open(disk.image_dir(&name)) {
@@ -266,6 +293,7 @@ impl Node {
                         image.start_background();
                     }
                     Err(e) => {
+                        node.orphan(disk, &name, &format!("cannot be opened: {e}"));
                         error!(image = %name, disk = %disk.uuid8(), error = %e, "cannot open image; leaving it on disk untouched")
                     }
                 }
@@ -370,6 +398,73 @@ impl Node {
         if self.peers.set(peers.clone()).is_ok() {
             tokio::spawn(peers.run(self.cancel.child_token()));
         }
+    }
+
+    fn orphan(&self, disk: &Disk, name: &str, reason: &str) {
+        self.orphans.lock().unwrap().push(Orphan {
+            disk: disk.uuid8().to_string(),
+            path: disk.image_dir(name),
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Each disk: capacity, free space, bytes the images use, and orphan folders.
+    pub fn disks_report(&self) -> Vec<DiskReport> {
+        let images = self.list();
+        let orphans = self.orphans.lock().unwrap().clone();
+        self.disks
+            .iter()
+            .map(|d| {
+                let mine: Vec<&Arc<Image>> =
+                    images.iter().filter(|i| i.disk.uuid == d.uuid).collect();
+                let space = d.space();
+                DiskReport {
+                    uuid: d.uuid.clone(),
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    capacity_bytes: space.map_or(0, |s| s.total_bytes),
+                    free_bytes: space.map_or(0, |s| s.avail_bytes),
+                    used_by_images_bytes: mine.iter().map(|i| i.allocated_bytes()).sum(),
+                    images: mine.len(),
+                    orphans: orphans
+                        .iter()
+                        .filter(|o| o.disk == d.uuid8())
+                        .cloned()
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Removes the orphan folders (not on read-only disks); returns those removed.
+    pub async fn remove_orphans(&self) -> Result<Vec<Orphan>> {
+        let all = std::mem::take(&mut *self.orphans.lock().unwrap());
+        let mut removed = Vec::new();
+        let mut kept = Vec::new();
+        for o in all {
+            let ro = self
+                .disks
+                .iter()
+                .any(|d| d.uuid8() == o.disk && d.read_only);
+            if ro {
+                kept.push(o);
+                continue;
+            }
+            let path = o.path.clone();
+            match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path)).await {
+                Ok(Ok(())) => {
+                    info!(path = %o.path.display(), reason = %o.reason, "orphan folder removed");
+                    removed.push(o);
+                }
+                Ok(Err(e)) => {
+                    warn!(path = %o.path.display(), error = %e, "cannot remove orphan folder");
+                    kept.push(o);
+                }
+                Err(_) => kept.push(o),
+            }
+        }
+        self.orphans.lock().unwrap().extend(kept);
+        Ok(removed)
     }
 
     /// The node-wide counters (`/metrics`).

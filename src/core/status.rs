@@ -20,6 +20,9 @@ pub struct Status {
     pub state: State,
     pub progress: u32,
     pub bytes_cached: u64,
+    /// What the image's data file takes on disk (holes take nothing).
+    #[serde(default)]
+    pub bytes_allocated: u64,
     /// The checksum the spec asked for; when it asked none, the one computed once ready.
     pub checksum: String,
     /// What the hashing of this node's copy produced (empty until every byte is hashed).
