@@ -832,7 +832,7 @@ impl Node {
             .map(|i| (i.idle(), i))
             .collect();
         // Least recently used first: the longest idle.
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         for (idle, image) in candidates {
             if disk.free_bytes() >= need {
                 break;
