@@ -1,14 +1,18 @@
 //! The pure core: no fuser, axum or clap in here. Shells call `Node` and `Image`.
 //!
-//! Imports go one way (checked by `core_imports_form_no_cycle` below):
+//! Imports go one way (checked by `core_imports_form_no_cycle` in `tests.rs`); by layer:
 //! ```text
-//! error, range -> spec -> source -> bitmap -> store -> state
-//!   -> { fetch -> readahead, verify, qcow2, format, view, status } -> fill -> image -> node
-//!   -> shells (fs, server, cli)
+//!  0 error range format metrics view
+//!  1 bitmap disk volume decompress yaml
+//!  2 spec_sources qcow2_export          3 spec          4 credentials manifest
+//!  5 source                             6 store compressed volume_source
+//!  7 state verify pieces lifecycle zeros
+//!  8 fetch peer                         9 fill readahead peer_source status
+//! 10 qcow2  11 image  12 upload  13 sources  14 node  -> shells (fs, server, cli)
 //! ```
 //! `fetch` owns blocks, files, sources and in-flight jobs and reports events; `verify`
 //! hashes a prefix; `fill` drives a fetcher; `qcow2` decodes any `StoredBytes`; only
-//! `image` moves an image's state.
+//! `image` (through `state`) moves an image's state; `node` holds the images of all disks.
 
 pub mod bitmap;
 pub mod compressed;
