@@ -2,7 +2,7 @@
 # Installs what bifs's scripts and tests need on a Debian machine, skipping what is there.
 # Usage: scripts/deps.sh [extra Debian packages...]
 set -euo pipefail
-want=(attr curl e2fsprogs qemu-utils util-linux python3 python3-venv libssl-dev pkg-config "$@")
+want=(attr curl e2fsprogs qemu-utils util-linux iproute2 gzip xz-utils zstd python3 python3-venv libssl-dev pkg-config "$@")
 need=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
