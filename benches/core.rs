@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bifs::core::bitmap::BlockMap;
+use bifs::core::mem_source::MemSource;
 use bifs::core::range::BlockRange;
 use bifs::core::readahead::ReadState;
-use bifs::core::source::{Identity, MemSource};
+use bifs::core::source::Identity;
 use bifs::core::store::{Disk, ImageFiles, StoredSpec};
 use bifs::core::{CreateOptions, ImageConfig, ImageSpec, Node};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};

@@ -727,7 +727,7 @@ impl Fetcher {
                 pending_len -= whole;
                 self.metrics.bytes(source.kind(), whole as u64);
                 if let Some(p) = &pieces {
-                    if let Some(bad) = check_pieces(p, *next * bs, &batch) {
+                    if let Some(bad) = p.check_chunks(*next * bs, &batch) {
                         Metrics::add(&self.metrics.corrupt_pieces);
                         return Err(SourceError::Corrupt {
                             url: source.describe(),
@@ -787,33 +787,4 @@ impl Fetcher {
         self.landed.notify_waiters();
         Ok(blocks)
     }
-}
-
-/// Checks the pieces `chunks` (back to back from `offset`, a piece boundary) hold against
-/// their digests; the first piece that fails, if any.
-fn check_pieces(pieces: &PieceDigests, offset: u64, chunks: &[Bytes]) -> Option<u64> {
-    let mut piece = offset / pieces.piece_size;
-    let mut parts: Vec<&[u8]> = Vec::new();
-    let mut have = 0u64;
-    let mut want = pieces.piece_bytes(piece).len();
-    for chunk in chunks {
-        let mut c = &chunk[..];
-        while !c.is_empty() {
-            let n = ((want - have) as usize).min(c.len());
-            parts.push(&c[..n]);
-            have += n as u64;
-            c = &c[n..];
-            if have == want {
-                if !pieces.check(piece, &parts) {
-                    return Some(piece);
-                }
-                parts.clear();
-                have = 0;
-                piece += 1;
-                want = pieces.piece_bytes(piece).len();
-            }
-        }
-    }
-    // A trailing partial piece cannot be checked: never land it as checked.
-    (!parts.is_empty()).then_some(piece)
 }

@@ -18,6 +18,7 @@ use super::error::{Error, FailureKind, Result, SourceError};
 use super::fetch::{FetchConfig, FetchObserver, Fetcher};
 use super::fill::{self, FillEnd};
 use super::format::Format;
+use super::lifecycle::Usage;
 use super::metrics::Metrics;
 use super::pieces::PieceDigests;
 use super::qcow2::{RawViewSlot, StoredBytes};
@@ -38,30 +39,6 @@ const FILL_SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
 /// The fill's first pause after a source could not serve, and its longest.
 const FILL_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 const FILL_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// `t` as `YYYY-MM-DD HH:MM:SS UTC`, for error lines a person reads.
-fn humantime_utc(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
 
 /// Tunables shared by every image of a node.
 #[derive(Debug, Clone)]
@@ -140,10 +117,8 @@ pub struct Image {
     raw_view: RawViewSlot,
     /// Names this version of this image to peers (`Identity::version_tag`).
     version: String,
-    /// Handles open through the mount (file handle -> the pid that opened it).
-    open_handles: Mutex<std::collections::BTreeMap<u64, u32>>,
-    /// When the image was last opened, closed or served to a peer.
-    last_used: Mutex<std::time::Instant>,
+    /// Open handles and the last use (delete, cleanup and eviction decide on them).
+    usage: Usage,
     /// Piece digests of this node's verified copy, computed on first request.
     served_pieces: tokio::sync::OnceCell<Arc<PieceDigests>>,
     me: Weak<Image>,
@@ -213,8 +188,7 @@ impl Image {
             events,
             raw_view: RawViewSlot::default(),
             version,
-            open_handles: Mutex::default(),
-            last_used: Mutex::new(std::time::Instant::now()),
+            usage: Usage::default(),
             served_pieces: tokio::sync::OnceCell::new(),
             me: me.clone(),
         });
@@ -238,34 +212,27 @@ impl Image {
 
     /// A handle `fh` was opened through the mount by `pid`.
     pub fn opened(&self, fh: u64, pid: u32) {
-        self.open_handles.lock().unwrap().insert(fh, pid);
-        self.touch();
+        self.usage.opened(fh, pid);
     }
 
     /// Handle `fh` was released.
     pub fn closed(&self, fh: u64) {
-        self.open_handles.lock().unwrap().remove(&fh);
-        self.touch();
+        self.usage.closed(fh);
     }
 
     /// The pids holding handles open now.
     pub fn open_pids(&self) -> Vec<u32> {
-        self.open_handles
-            .lock()
-            .unwrap()
-            .values()
-            .copied()
-            .collect()
+        self.usage.open_pids()
     }
 
     /// Records a use (an open, a close, a peer's fetch).
     pub fn touch(&self) {
-        *self.last_used.lock().unwrap() = std::time::Instant::now();
+        self.usage.touch();
     }
 
     /// How long since the last use.
     pub fn idle(&self) -> std::time::Duration {
-        self.last_used.lock().unwrap().elapsed()
+        self.usage.idle()
     }
 
     /// The tag naming this version of this image (peers compare it).
@@ -617,7 +584,7 @@ impl Image {
                 .map_or(0, |d| d.as_secs());
             self.set_condition(format!(
                 "source unavailable since {} (unix time {secs}), retrying every {} s at most: {e}",
-                humantime_utc(t),
+                super::status::humantime_utc(t),
                 FILL_RETRY_MAX.as_secs()
             ));
             tokio::select! {
@@ -917,7 +884,7 @@ impl Image {
             block_size: self.block_size(),
             bytes_fetched: self.fetcher.fetched_bytes(),
             version: self.version.clone(),
-            open_handles: self.open_handles.lock().unwrap().len() as u32,
+            open_handles: self.usage.open_pids().len() as u32,
             min_number_of_copies: stored.spec.min_number_of_copies,
             node_selector: stored.spec.node_selector.clone(),
             disk_selector: stored.spec.disk_selector.clone(),

@@ -17,6 +17,47 @@ use sha2::{Digest, Sha256};
 
 use super::store::State;
 
+/// How a copy is used: handles open through the mount (file handle -> the pid that
+/// opened it) and when it was last opened, closed or served to a peer.
+#[derive(Debug)]
+pub struct Usage {
+    handles: std::sync::Mutex<std::collections::BTreeMap<u64, u32>>,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Self {
+            handles: Default::default(),
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Usage {
+    pub fn opened(&self, fh: u64, pid: u32) {
+        self.handles.lock().unwrap().insert(fh, pid);
+        self.touch();
+    }
+
+    pub fn closed(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+        self.touch();
+    }
+
+    pub fn open_pids(&self) -> Vec<u32> {
+        self.handles.lock().unwrap().values().copied().collect()
+    }
+
+    pub fn touch(&self) {
+        *self.last.lock().unwrap() = std::time::Instant::now();
+    }
+
+    pub fn idle(&self) -> Duration {
+        self.last.lock().unwrap().elapsed()
+    }
+}
+
 /// What the node knows about one copy on this node.
 #[derive(Debug, Clone)]
 pub struct CopyFacts {

@@ -26,6 +26,7 @@ pub mod format;
 pub mod image;
 pub mod lifecycle;
 pub mod manifest;
+pub mod mem_source;
 pub mod metrics;
 pub mod node;
 pub mod peer;

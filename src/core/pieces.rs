@@ -81,6 +81,36 @@ impl PieceDigests {
         self.digests.get(i as usize) == Some(&got)
     }
 
+    /// Checks the pieces `chunks` (back to back from `offset`, a piece boundary) hold against
+    /// their digests; the first piece that fails, if any.
+    pub fn check_chunks(&self, offset: u64, chunks: &[bytes::Bytes]) -> Option<u64> {
+        let pieces = self;
+        let mut piece = offset / pieces.piece_size;
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut have = 0u64;
+        let mut want = pieces.piece_bytes(piece).len();
+        for chunk in chunks {
+            let mut c = &chunk[..];
+            while !c.is_empty() {
+                let n = ((want - have) as usize).min(c.len());
+                parts.push(&c[..n]);
+                have += n as u64;
+                c = &c[n..];
+                if have == want {
+                    if !pieces.check(piece, &parts) {
+                        return Some(piece);
+                    }
+                    parts.clear();
+                    have = 0;
+                    piece += 1;
+                    want = pieces.piece_bytes(piece).len();
+                }
+            }
+        }
+        // A trailing partial piece cannot be checked: never land it as checked.
+        (!parts.is_empty()).then_some(piece)
+    }
+
     /// The wire and disk form: `piece_size` and `size` as little-endian u64, then the digests.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.digests.len() * DIGEST_LEN);

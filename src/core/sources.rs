@@ -1,10 +1,16 @@
-//! The sources beyond a plain download that `node::sources_with` builds from a spec:
+//! Which sources an image gets (`SourceFactory`, `sources_with`): peers first when there
+//! are any, then the origin of its spec; and the sources beyond a plain download:
 //! an upload (`UploadSource`), an export from a volume (`VolumeSource`, shared per
 //! volume so its qcow2 layout is built once) and a compressed download
 //! (`CompressedSource`). Kept here so the factory's match stays a few lines per type.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use super::error::{Error, Result, SourceError};
+use super::peer::Peers;
+use super::peer_source::PeerSource;
+use super::source::{FillPolicy, HttpClients, HttpSource, Identity, Sources};
 
 use super::compressed::CompressedSource;
 use super::decompress::Detected;
@@ -13,6 +19,109 @@ use super::spec::{ImageSpec, SourceType};
 use super::spec_sources::{self, export_type, upload_size, volume_path};
 use super::upload::UploadSource;
 use super::volume_source::VolumeSources;
+
+/// Builds the sources of an image from its stored spec (the identity tells whether the
+/// origin served ranges when it was probed).
+pub type SourceFactory = Arc<dyn Fn(&ImageSpec, &Identity) -> Sources + Send + Sync>;
+
+/// The sources this build can fetch from for `spec`: other nodes first (when there are
+/// peers), then the URL of a download. Images without a URL come from peers only; with
+/// no peer either, they have no source and say why, and still serve what they have.
+pub fn http_sources(clients: HttpClients, peers: Option<Arc<Peers>>) -> SourceFactory {
+    let volumes = PathBuf::from(super::spec_sources::DEFAULT_VOLUMES_DIR);
+    let secrets = PathBuf::from(super::credentials::DEFAULT_SECRETS_DIR);
+    sources_with(clients, peers, volumes, secrets)
+}
+
+/// As `http_sources`, with the directory a spec's `volume-name` is looked up in.
+/// Uploads, volume exports and compressed downloads: see `source_for` (sources.rs).
+pub fn sources_with(
+    clients: HttpClients,
+    peers: Option<Arc<Peers>>,
+    volumes_dir: PathBuf,
+    secrets_dir: PathBuf,
+) -> SourceFactory {
+    let more = Arc::new(super::sources::MoreSources::new(volumes_dir));
+    Arc::new(move |spec: &ImageSpec, id: &Identity| {
+        let mut list: Vec<Arc<dyn Source>> = Vec::new();
+        let mut fill_policy: Option<Arc<dyn FillPolicy>> = None;
+        let mut when_absent = None;
+        if let Some(p) = &peers {
+            let version = id.version_tag(spec);
+            let peer = Arc::new(PeerSource::new(spec, version, p.clone()));
+            fill_policy = Some(peer.clone());
+            list.push(peer);
+        }
+        match (spec.source_type, spec.url()) {
+            (SourceType::Download, Some(url)) if more.is_compressed(spec) => {
+                list.push(more.compressed(spec, url, id.size));
+            }
+            (SourceType::Download, Some(url)) => {
+                // Credentials: the URL's user:pass@ and the spec's secretRef, if any.
+                let creds =
+                    match super::credentials::for_spec(&spec.source_parameters, &secrets_dir) {
+                        Ok((c, _)) => c,
+                        Err(why) => return Sources::none(why),
+                    };
+                let origin =
+                    HttpSource::new(url, clients.clone(), id.ranges).with_credentials(creds);
+                list.push(Arc::new(origin));
+            }
+            (SourceType::Upload | SourceType::ExportFromVolume, _) => match more.source_for(spec) {
+                Ok(s) => {
+                    if spec.source_type == SourceType::Upload && !list.is_empty() {
+                        when_absent = Some(
+                            "no reachable node holds them and no upload to this node is in \
+                             progress: the image cannot be recovered until a node with a copy \
+                             is back or the file is uploaded again"
+                                .to_string(),
+                        );
+                    }
+                    list.push(s)
+                }
+                Err(why) if list.is_empty() => return Sources::none(why),
+                // Another node's volume or upload: peers only.
+                Err(why) => when_absent = Some(why),
+            },
+            _ if !list.is_empty() => {
+                when_absent = Some(
+                    "no reachable node holds them and the image has no URL: it cannot be \
+                     recovered until a node with a copy is back"
+                        .to_string(),
+                );
+            }
+            (SourceType::Download, None) => {
+                return Sources::none("its spec names no URL to fetch the rest from")
+            }
+        }
+        Sources {
+            list,
+            unavailable: None,
+            fill_policy,
+            when_absent,
+        }
+    })
+}
+
+/// Asks the origin (the last source) for the image's size and version; when it cannot
+/// be reached (or there is none), a ready copy on another node answers instead.
+pub async fn probe(sources: &Sources) -> Result<Identity> {
+    let mut first_err = None;
+    for s in sources.list.iter().rev() {
+        match s.probe().await {
+            Ok(id) => return Ok(id),
+            Err(e) if first_err.is_none() => first_err = Some(e),
+            Err(_) => {}
+        }
+        if !first_err.as_ref().is_some_and(SourceError::is_retryable) {
+            break;
+        }
+    }
+    Err(first_err.map_or_else(
+        || Error::Unsupported("the image has no source to create it from".into()),
+        Error::Source,
+    ))
+}
 
 pub struct MoreSources {
     volumes: VolumeSources,

@@ -15,11 +15,12 @@ use proptest::prelude::*;
 use super::error::{Error, SourceError};
 use super::fetch::FetchConfig;
 use super::image::{Image, ImageConfig};
+use super::mem_source::{MemFault, MemSource};
 use super::node::{CreateOptions, Node, SourceFactory};
 use super::range::ByteRange;
 use super::readahead::ReadState;
+use super::source::Source;
 use super::source::Sources;
-use super::source::{MemFault, MemSource, Source};
 use super::spec::ImageSpec;
 use super::store::{ImageFiles, State};
 
