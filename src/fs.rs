@@ -294,13 +294,15 @@ impl fuser::Filesystem for BifsFs {
             }
             if let Some(id) = &o.backing {
                 o.passthrough += 1;
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
                 let h = Handle {
                     ra: Default::default(),
                     ino: ino.0,
                     passthrough: true,
                 };
+                // Recorded before the kernel can release it. Lock order: `opens`, then
+                // `handles`; release never holds `handles` while it takes `opens`.
                 self.handles.lock().unwrap().insert(fh, h);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
                 return;
             }
         }
@@ -379,7 +381,11 @@ impl fuser::Filesystem for BifsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(h) = self.handles.lock().unwrap().remove(&fh.0) {
+        // Its own statement: the `handles` guard must be gone before `opens` is locked
+        // (open takes `opens` first; holding both the other way round deadlocked the
+        // FUSE threads when a file was closed while another was being opened).
+        let handle = self.handles.lock().unwrap().remove(&fh.0);
+        if let Some(h) = handle {
             if let Some((image, _)) = self.image_of(h.ino) {
                 image.closed(fh.0);
             }
