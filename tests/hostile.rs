@@ -596,3 +596,44 @@ fn apply_refuses_yaml_bombs_and_bad_shapes_quickly() {
     assert_eq!(tree(d.dir.path()), before, "nothing was created");
     println!("{} hostile YAML files", cases.len());
 }
+
+#[test]
+fn url_credentials_are_never_shown() {
+    let s = setup();
+    let d = &s.d;
+    let url = s
+        ._origin
+        .url("good.raw")
+        .replace("http://", "http://someone:s3cretpw@");
+    d.bifs_ok(&[
+        "create",
+        "cred",
+        "--url",
+        &url,
+        "--checksum",
+        &sha512_hex(&s.ready),
+    ]);
+    d.wait_state("cred", "ready", Duration::from_secs(60));
+    let mut shown = vec![
+        ("status", d.bifs_ok(&["status", "cred", "--json"])),
+        ("status text", d.bifs_ok(&["status", "cred"])),
+        ("list", d.bifs_ok(&["list", "--json"])),
+        (
+            "metrics",
+            String::from_utf8_lossy(&http(&d.server, "GET", "/metrics", &[], b"").2).to_string(),
+        ),
+        ("log", d.log()),
+    ];
+    let (_, xattrs, _) = common::sh(&format!("getfattr -d -m - {}", d.path("cred").display()));
+    shown.push(("xattrs", xattrs));
+    for (what, text) in &shown {
+        assert!(
+            !text.contains("s3cretpw"),
+            "{what} shows the URL's password:\n{text}"
+        );
+    }
+    assert!(
+        shown[0].1.contains("127.0.0.1"),
+        "the URL is shown, without credentials"
+    );
+}
