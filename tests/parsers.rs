@@ -21,7 +21,12 @@ use common::{random_bytes, sha512_hex, Daemon};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
+/// `n` cases, or `PARSER_CASES` (scripts/soak.sh runs many more).
 fn cases(n: u32) -> Config {
+    let n = std::env::var("PARSER_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(n);
     Config {
         cases: n,
         failure_persistence: None,
