@@ -114,6 +114,7 @@ fn thirty_kill_9s_at_random_moments_lose_nothing_and_every_image_verifies() {
         for (name, i) in &live {
             let src = &imgs.files[*i].1;
             if let Some(c) = check_on_disk(&d.disk, name, src) {
+                assert!(!c.failed, "{name} failed\n{}", tail(&d.log(), 30));
                 verified += c.bytes_verified;
                 present_seen += c.present;
             }
@@ -195,6 +196,7 @@ fn a_crash_between_the_data_sync_and_the_bitmap_write_serves_no_unwritten_block(
         );
         crashes += 1;
         let after = check_on_disk(&d.disk, &name, &src).unwrap();
+        assert!(!after.failed);
         // The window was really hit: blocks whose data is written but whose bit is not.
         if after.unclaimed_written > 0 {
             window_seen += 1;
