@@ -282,7 +282,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     // Bounded so that `now + duration` cannot overflow anywhere (tests/hostile.rs found
     // `18446744073709551615h` panicking here).
-    if !secs.is_some_and(|secs| secs <= MAX_DURATION_SECS) {
+    if secs.is_none_or(|secs| secs > MAX_DURATION_SECS) {
         return Err(format!("duration {s:?} is too long: at most 100 years"));
     }
     Ok(match unit {

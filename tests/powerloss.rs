@@ -4,6 +4,8 @@
 //! bit survived in the bitmap must hold the source's bytes (the data is `fdatasync`ed
 //! before its bits are written), and the image must resume and verify.
 //!
+//! Longer runs: `POWER_CUTS=50` (scripts/soak.sh).
+//!
 //! (Device-mapper, the other way to cut a disk off, is not in this machine's kernel.)
 
 mod common;
@@ -98,7 +100,11 @@ fn power_cuts_during_fills_lose_only_blocks_not_yet_claimed() {
     sh("sync");
     let (mut cuts, mut recreated, mut present_after) = (0, 0, Vec::new());
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for _ in 0..5 {
+    let cuts_wanted: usize = std::env::var("POWER_CUTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    for _ in 0..cuts_wanted {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
