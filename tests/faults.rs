@@ -218,6 +218,7 @@ fn a_source_refusing_connections_for_a_while_is_ridden_out_and_the_fill_resumes(
         },
     );
     assert_eq!(s["state"], "in-progress", "{s}");
+    println!("while refused: {}", s["error"]);
     // The first block (fetched by the create) still serves; an absent one gives up after
     // --read-timeout with EIO, it does not hang.
     let head = read_at_bounded(&c.d.path("img"), 0, 4096).expect("a present block serves");

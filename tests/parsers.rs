@@ -90,6 +90,18 @@ proptest! {
     }
 
     #[test]
+    fn durations_of_any_text_are_bounded_or_refused(
+        text in prop_oneof![
+            "[0-9]{0,25}(s|m|h|ms|d|)",
+            "[ -~]{0,12}",
+        ]
+    ) {
+        if let Ok(d) = bifs::cli::parse_duration(&text) {
+            prop_assert!(d.as_secs() <= 100 * 365 * 24 * 3600, "{text:?}: {d:?}");
+        }
+    }
+
+    #[test]
     fn manifests_of_any_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = bifs::core::manifest::parse(&String::from_utf8_lossy(&b));
     }
