@@ -164,7 +164,7 @@ fn thirty_kill_9s_at_random_moments_lose_nothing_and_every_image_verifies() {
 fn a_crash_between_the_data_sync_and_the_bitmap_write_serves_no_unwritten_block() {
     let mut rng = Rng::from_clock();
     let imgs = Images::new(1, 24 * MIB);
-    imgs.origin.set_chunk_delay(Duration::from_millis(20));
+    imgs.origin.set_chunk_delay(Duration::from_millis(40));
     let (name, src) = imgs.files[0].clone();
     let mut d = Daemon::start();
     imgs.create(&d, &name, &src);
@@ -183,11 +183,24 @@ fn a_crash_between_the_data_sync_and_the_bitmap_write_serves_no_unwritten_block(
             format!("flush-before-bitmap:{nth}"),
         )];
         d.spawn_process();
+        // The failpoint kills the daemon, unless the image finished before its Nth flush.
         let exit = wait_for(
-            "the failpoint to kill the daemon",
+            "the failpoint to kill the daemon (or the image to be ready)",
             Duration::from_secs(60),
-            || d.try_exit(),
+            || {
+                if let Some(status) = d.try_exit() {
+                    return Some(Some(status));
+                }
+                let out = d.bifs(&["status", &name, "--json"]);
+                let ready = out.status.success()
+                    && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                        .is_ok_and(|s| s["state"] == "ready");
+                ready.then_some(None)
+            },
         );
+        let Some(exit) = exit else {
+            break;
+        };
         assert!(!exit.success(), "killed by the failpoint: {exit:?}");
         assert!(
             d.log().contains("failpoint reached"),
