@@ -133,48 +133,7 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         })
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .route("/healthz", get(|| async { "ok\n" }))
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                "no such endpoint; the API is under /v1/images",
-            )
-        })
-        .layer(middleware::map_response(json_errors))
         .with_state(app)
-}
-
-/// Errors axum answers by itself come as plain text or an empty body: an unknown path, a
-/// wrong method, a path segment that is not UTF-8 (tests/hostile.rs). Every error of
-/// this API is JSON `{error}`, so those are rewritten here, keeping status and headers.
-async fn json_errors(resp: Response) -> Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-        .unwrap_or_default();
-    let error = if text.is_empty() {
-        status
-            .canonical_reason()
-            .unwrap_or("error")
-            .to_ascii_lowercase()
-    } else {
-        text
-    };
-    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
-    parts.headers.remove(axum::http::header::CONTENT_TYPE);
-    let json = Json(serde_json::json!({ "error": error })).into_response();
-    let (json_parts, json_body) = json.into_parts();
-    parts.headers.extend(json_parts.headers);
-    Response::from_parts(parts, json_body)
 }
 
 async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
