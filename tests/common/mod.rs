@@ -2,6 +2,7 @@
 //! mountpoint (`Daemon`), helpers to make images and run ordinary tools.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod ondisk;
 pub mod origin;
 pub mod proxy;
