@@ -24,5 +24,6 @@ for i in $(seq 1 "$SOAK_ROUNDS"); do
     echo "== fault and hostile-input round $i of $SOAK_ROUNDS"
     run faults
     run hostile
+    run hostile_cli
 done
 echo "soak passed in $(( $(date +%s) - start )) s"
