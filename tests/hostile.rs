@@ -22,6 +22,9 @@ fn every_endpoint_answers_bad_names_with_a_4xx_in_json_and_touches_no_path() {
             ("GET", "/blocks"),
             ("GET", "/data"),
             ("GET", "/manifest"),
+            ("PUT", "/upload"),
+            ("POST", "/cleanup"),
+            ("POST", "/from-peers"),
         ] {
             let path = format!("/v1/images/{name}{suffix}");
             let r = http(&s.d.server, method, &path, &[], b"");
