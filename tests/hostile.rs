@@ -7,6 +7,8 @@
 mod common;
 
 use common::hostile::{assert_4xx_json, bad_path_names, http, setup, tree, KIB};
+
+const MIB: usize = 1 << 20;
 use common::tail;
 
 #[test]
@@ -221,4 +223,102 @@ fn data_answers_bad_ranges_with_416_and_never_serves_an_absent_block_as_zeros() 
     assert_4xx_json("manifest of an unready image", &r);
     assert!(!s.d.log().contains("panicked"), "{}", tail(&s.d.log(), 20));
     println!("{tried} Range headers tried");
+}
+
+#[test]
+fn upload_pieces_with_hostile_content_ranges_are_refused_and_land_no_wrong_byte() {
+    let s = setup();
+    let server = &s.d.server;
+    let data = common::random_bytes(MIB, 81);
+    let spec = serde_json::json!({
+        "name": "up", "sourceType": "upload",
+        "sourceParameters": {"size": data.len().to_string()},
+        "checksum": common::sha512_hex(&data),
+    });
+    let json = [("Content-Type", "application/json")];
+    let r = http(
+        server,
+        "POST",
+        "/v1/images",
+        &json,
+        spec.to_string().as_bytes(),
+    );
+    assert!(
+        (200..300).contains(&r.0),
+        "create the upload image: {}",
+        r.0
+    );
+    let size = data.len();
+    let garbage = vec![0xeeu8; 40_000];
+    let mut long = data[..16384].to_vec();
+    long.extend_from_slice(&garbage);
+    let cases: Vec<(String, Vec<u8>)> = vec![
+        ("".into(), data[..16384].to_vec()),
+        ("garbage".into(), data[..16384].to_vec()),
+        ("bytes 0-0/1".into(), data[..1].to_vec()),
+        (format!("bytes 5-1/{size}"), data[..16384].to_vec()),
+        (
+            format!("bytes 0-18446744073709551615/{size}"),
+            data[..16384].to_vec(),
+        ),
+        (
+            "bytes 18446744073709551615-18446744073709551615/18446744073709551615".into(),
+            vec![1],
+        ),
+        (format!("bytes 1-16384/{size}"), data[1..16385].to_vec()),
+        (
+            format!("bytes 0-16383/{}", size + 1),
+            data[..16384].to_vec(),
+        ),
+        (
+            format!("bytes {size}-{}/{size}", size + 16383),
+            garbage[..16384].to_vec(),
+        ),
+        (format!("bytes -16384/{size}"), data[..16384].to_vec()),
+        // The body is longer than its range: what lies past the range must not land.
+        (format!("bytes 0-16383/{size}"), long),
+        // A body shorter than its range: no partial block lands.
+        (
+            format!("bytes 16384-32767/{size}"),
+            data[16384..16484].to_vec(),
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (cr, body) in &cases {
+        let mut headers = vec![];
+        if !cr.is_empty() {
+            headers.push(("Content-Range", cr.as_str()));
+        }
+        let r = http(server, "PUT", "/v1/images/up/upload", &headers, body);
+        assert!(
+            r.0 < 500,
+            "Content-Range {cr:?}: {} {}",
+            r.0,
+            String::from_utf8_lossy(&r.2)
+        );
+        if r.0 >= 400 {
+            assert_4xx_json(&format!("upload Content-Range {cr:?}"), &r);
+        }
+        answers.push(format!("{cr:?} -> {}", r.0));
+    }
+    // A download image takes no upload.
+    let r = http(
+        server,
+        "PUT",
+        "/v1/images/good/upload",
+        &[("Content-Range", "bytes 0-16383/2097152")],
+        &data[..16384],
+    );
+    assert_4xx_json("upload to a download image", &r);
+    // Nothing wrong landed: every present block holds the file's bytes.
+    let on_disk = common::ondisk::check_on_disk(&s.d.disk, "up", &data).unwrap();
+    assert!(!on_disk.failed);
+    // The real upload completes it, and the checksum holds.
+    let file = s.d.dir.path().join("up.bin");
+    std::fs::write(&file, &data).unwrap();
+    s.d.bifs_ok(&["upload", "up", file.to_str().unwrap()]);
+    s.d.wait_state("up", "ready", std::time::Duration::from_secs(60));
+    assert!(std::fs::read(s.d.path("up")).unwrap() == data);
+    assert!(!s.d.log().contains("panicked"), "{}", tail(&s.d.log(), 20));
+    println!("hostile upload pieces: {}", answers.join(", "));
 }
