@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests mount FUSE and loop filesystems" >&2; exit 1; }
-# Build once; every test binary shares target/.
-cargo build --tests --bins --quiet
+# Build once; every test binary shares target/. The `failpoints` feature (test-only
+# crash points, src/core/failpoint.rs) is on in this one build and in the run below,
+# so the binary is not built twice.
+cargo build --tests --bins --quiet --features failpoints
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --lib --tests --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
+cargo test --features failpoints --lib --tests --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')

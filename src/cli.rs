@@ -259,6 +259,9 @@ impl Cmd {
     }
 }
 
+/// The longest duration an argument may give: 100 years.
+const MAX_DURATION_SECS: u64 = 100 * 365 * 24 * 3600;
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -267,17 +270,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 10m, 2h"))?;
     let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "ms" => Some(n / 1000),
         _ => {
             return Err(format!(
                 "invalid duration unit {unit:?} in {s:?}: use s, m or h"
             ))
         }
     };
-    Ok(Duration::from_secs(secs))
+    // Bounded so that `now + duration` cannot overflow anywhere (tests/hostile.rs found
+    // `18446744073709551615h` panicking here).
+    if secs.is_none_or(|secs| secs > MAX_DURATION_SECS) {
+        return Err(format!("duration {s:?} is too long: at most 100 years"));
+    }
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        _ => Duration::from_secs(secs.unwrap_or_default()),
+    })
 }
 
 /// A failure with its exit code.

@@ -20,6 +20,8 @@ pub mod credentials;
 pub mod decompress;
 pub mod disk;
 pub mod error;
+#[cfg(feature = "failpoints")]
+pub mod failpoint;
 pub mod fetch;
 pub mod fill;
 pub mod format;

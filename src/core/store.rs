@@ -330,6 +330,9 @@ impl ImageFiles {
         self.data
             .sync_data()
             .map_err(|e| restore(Error::io(self.dir.join("data"), e)))?;
+        // Tests crash here (tests/crash.rs): the data is durable, its bits are not.
+        #[cfg(feature = "failpoints")]
+        super::failpoint::hit("flush-before-bitmap");
         self.bitmap
             .write_all_at(&snapshot, from as u64 * 8)
             .and_then(|_| self.bitmap.sync_data())

@@ -2,6 +2,8 @@
 //! mountpoint (`Daemon`), helpers to make images and run ordinary tools.
 #![allow(dead_code)]
 
+pub mod hostile;
+pub mod ondisk;
 pub mod origin;
 pub mod proxy;
 
@@ -89,6 +91,8 @@ pub struct Daemon {
     pub extra: Vec<String>,
     /// A network namespace (`scripts/netns-cluster.sh`) the daemon and its clients run in.
     pub netns: Option<String>,
+    /// Environment for the next `spawn` (e.g. `BIFS_FAILPOINT`).
+    pub env: Vec<(String, String)>,
     host: String,
     child: Option<Child>,
     port: u16,
@@ -132,6 +136,7 @@ impl Daemon {
             server: format!("http://{host}:{port}"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: netns.map(str::to_string),
+            env: Vec::new(),
             host: host.to_string(),
             child: None,
             port,
@@ -143,6 +148,12 @@ impl Daemon {
 
     /// Starts the daemon process (again) on the same disk and mountpoint.
     pub fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_up();
+    }
+
+    /// Starts the daemon process without waiting for it to serve.
+    pub fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -159,32 +170,51 @@ impl Daemon {
             .arg(format!("{}:{}", self.host, self.port))
             .args(&self.extra)
             .env("RUST_LOG", "bifs=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let server = self.server.clone();
-        let mnt = self.mnt.clone();
+    }
+
+    /// Whether the daemon serves its API and its mount.
+    pub fn is_up(&self) -> bool {
+        let health = format!("{}/healthz", self.server);
+        let up = match &self.netns {
+            None => reqwest::blocking_get_ok(&health),
+            Some(_) => self
+                .command("curl")
+                .args(["-sf", "-m", "2", "-o", "/dev/null", &health])
+                .status()
+                .is_ok_and(|s| s.success()),
+        };
+        up && is_mounted(&self.mnt)
+    }
+
+    /// The daemon's exit status if it has exited (it is then forgotten).
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    /// Waits until the daemon serves its API and its mount.
+    pub fn wait_up(&mut self) {
         let start = Instant::now();
-        loop {
-            let health = format!("{server}/healthz");
-            let up = match &self.netns {
-                None => reqwest::blocking_get_ok(&health),
-                Some(_) => self
-                    .command("curl")
-                    .args(["-sf", "-m", "2", "-o", "/dev/null", &health])
-                    .status()
-                    .is_ok_and(|s| s.success()),
-            };
-            if up && is_mounted(&mnt) {
-                break;
+        while !self.is_up() {
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "the daemon exited ({status}) before serving\n--- daemon log ---\n{}",
+                    tail(&self.log(), 30)
+                );
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "timed out after 20s waiting for the daemon to serve its API and mount\n--- daemon log ---\n{}",
-                tail(&self.log(), 40)
-            );
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!(
+                    "timed out after 20 s waiting for the daemon to serve its API and mount\n--- daemon log ---\n{}",
+                    tail(&self.log(), 30)
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
