@@ -224,7 +224,8 @@ async fn blocks(
     let stored = image.stored();
     Ok(Json(serde_json::json!({
         "name": image.name,
-        "spec": stored.spec,
+        // Credentials in a URL stay on this node.
+        "spec": stored.spec.redacted(),
         "identity": stored.identity,
         "version": image.version(),
         "state": image.state(),

@@ -271,9 +271,6 @@ fn url_credentials_are_never_shown() {
 }
 
 #[test]
-#[ignore = "core bug: Disk::open and write_json_atomic (src/core/store.rs) create the disk's \
-            directories and spec.json with the process umask (0755/0644): any local user reads \
-            the URL credentials stored in <disk>/images/<name>/spec.json; the disk should be 0700"]
 fn stored_url_credentials_are_readable_by_root_only() {
     use std::os::unix::fs::PermissionsExt;
     let s = setup();

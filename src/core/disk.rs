@@ -66,6 +66,9 @@ impl Disk {
             let images = path.join("images");
             fs::create_dir_all(&images)
                 .map_err(|e| Error::io_doing(&images, "cannot create the images folder", e))?;
+            // Owner-only, also on disks made before this rule (specs may hold credentials).
+            use std::os::unix::fs::PermissionsExt;
+            let _ = fs::set_permissions(&images, fs::Permissions::from_mode(0o700));
         }
         let meta = path.join("bifs-disk.json");
         let uuid = match fs::read(&meta) {
@@ -87,6 +90,10 @@ impl Disk {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A new disk is root's alone: specs may hold URLs with credentials.
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
+                    .map_err(|e| Error::io_doing(&path, "cannot make the disk private", e))?;
                 let uuid = new_uuid();
                 write_json_atomic(&meta, &DiskFile { uuid: uuid.clone() })?;
                 uuid
@@ -296,7 +303,17 @@ fn new_uuid() -> String {
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(value).expect("our types serialize");
-    let mut f = File::create(&tmp).map_err(|e| Error::io_doing(&tmp, "cannot create", e))?;
+    // Owner-only: a spec may hold a URL with credentials.
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+    }
+    .map_err(|e| Error::io_doing(&tmp, "cannot create", e))?;
     f.write_all(&body)
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io_doing(&tmp, "cannot write", e))?;

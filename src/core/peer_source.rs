@@ -137,7 +137,7 @@ impl Source for PeerSource {
             let Ok(doc) = resp.json::<BlocksDoc>().await else {
                 continue;
             };
-            if doc.spec.conflict_with(&self.spec).is_none() {
+            if doc.spec.conflict_with(&self.spec.redacted()).is_none() {
                 return Ok(doc.identity);
             }
         }

@@ -58,6 +58,8 @@ impl Identity {
     pub fn version_tag(&self, spec: &super::spec::ImageSpec) -> String {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
+        // Credentials in a URL are not part of the version (peers see redacted specs).
+        let spec = spec.redacted();
         h.update(spec.source_type.as_str());
         for (k, v) in &spec.source_parameters {
             h.update(format!("\0{k}={v}"));
@@ -459,7 +461,9 @@ impl HttpSource {
             (206, true) => {
                 let cr = header(&resp, reqwest::header::CONTENT_RANGE).unwrap_or_default();
                 match content_range(&cr) {
-                    Some((a, b, total)) if a == range.start && b + 1 == range.end => {
+                    Some((a, b, total))
+                        if a == range.start && b.checked_add(1) == Some(range.end) =>
+                    {
                         if let Some(t) = total.filter(|t| *t != id.size) {
                             return Err(SourceError::Changed {
                                 what: "size",
@@ -488,6 +492,15 @@ impl HttpSource {
                         now: len.to_string(),
                     });
                 }
+            }
+            (200, true)
+                if header(&resp, reqwest::header::ETAG).is_some_and(|e| {
+                    id.etag.as_deref() == Some(e.as_str()) && !e.starts_with("W/")
+                }) =>
+            {
+                // The same version, but the Range was ignored (a proxy, a busy server): the
+                // whole body comes; keep the bytes asked for and drop the rest.
+                return Ok(skip_to(resp, range, self.shown.clone()));
             }
             (200, true) => {
                 // If-Range failed (the validator changed) or the server stopped honouring ranges.
@@ -521,6 +534,35 @@ impl HttpSource {
             })
             .boxed())
     }
+}
+
+/// The bytes `range` of a whole-body reply (a server that ignored the Range header).
+fn skip_to(resp: reqwest::Response, range: ByteRange, url: String) -> ByteStream {
+    let mut skip = range.start;
+    let mut left = range.len();
+    resp.bytes_stream()
+        .map(move |r| {
+            r.map_err(|e| SourceError::Interrupted {
+                url: url.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .filter_map(move |r| {
+            let out = match r {
+                Err(e) => Some(Err(e)),
+                Ok(mut c) => {
+                    let n = skip.min(c.len() as u64) as usize;
+                    let _ = c.split_to(n);
+                    skip -= n as u64;
+                    let keep = left.min(c.len() as u64) as usize;
+                    c.truncate(keep);
+                    left -= keep as u64;
+                    (!c.is_empty()).then_some(Ok(c))
+                }
+            };
+            futures::future::ready(out)
+        })
+        .boxed()
 }
 
 #[cfg(test)]

@@ -106,20 +106,33 @@ pub fn sources_with(
 /// Asks the origin (the last source) for the image's size and version; when it cannot
 /// be reached (or there is none), a ready copy on another node answers instead.
 pub async fn probe(sources: &Sources) -> Result<Identity> {
-    let mut first_err = None;
-    for s in sources.list.iter().rev() {
-        match s.probe().await {
-            Ok(id) => return Ok(id),
-            Err(e) if first_err.is_none() => first_err = Some(e),
-            Err(_) => {}
+    // A busy or briefly unreachable origin (503, 429, refused) is asked again a few times
+    // (0.5 + 1 + 2 s) before the create gives up; anything else answers at once.
+    let mut pause = std::time::Duration::from_millis(500);
+    for round in 0..4 {
+        let mut first_err = None;
+        for s in sources.list.iter().rev() {
+            match s.probe().await {
+                Ok(id) => return Ok(id),
+                Err(e) if first_err.is_none() => first_err = Some(e),
+                Err(_) => {}
+            }
+            if !first_err.as_ref().is_some_and(SourceError::is_retryable) {
+                break;
+            }
         }
-        if !first_err.as_ref().is_some_and(SourceError::is_retryable) {
-            break;
+        match first_err {
+            Some(e) if e.is_retryable() && round < 3 => {
+                tracing::warn!(error = %e, "source busy or unreachable at create; asking again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Some(e) => return Err(Error::Source(e)),
+            None => break,
         }
     }
-    Err(first_err.map_or_else(
-        || Error::Unsupported("the image has no source to create it from".into()),
-        Error::Source,
+    Err(Error::Unsupported(
+        "the image has no source to create it from".into(),
     ))
 }
 

@@ -105,6 +105,16 @@ impl ImageSpec {
         ChecksumAlgorithm::split(&self.checksum).1
     }
 
+    /// The spec as others may see it: a URL's `user:pass@` removed (peers compare specs
+    /// in this form; credentials stay on the node that has them).
+    pub fn redacted(&self) -> ImageSpec {
+        let mut s = self.clone();
+        if let Some(u) = s.source_parameters.get_mut("url") {
+            *u = redact_url(u);
+        }
+        s
+    }
+
     pub fn url(&self) -> Option<&str> {
         self.source_parameters.get("url").map(String::as_str)
     }

@@ -111,6 +111,10 @@ impl StoredState {
     }
 }
 
+/// The largest image bifs opens (64 TiB): bounds what a corrupt spec.json can make it
+/// allocate (a bitmap of 512 MiB at 16 KiB blocks).
+pub const MAX_IMAGE_BYTES: u64 = 64 << 40;
+
 /// The open files of one image on one disk.
 pub struct ImageFiles {
     pub dir: PathBuf,
@@ -198,7 +202,28 @@ impl ImageFiles {
             }
             r => r?,
         };
-        let blocks = stored.identity.size.div_ceil(stored.block_size);
+        // A corrupt spec.json must be an error, not a panic or an abort at every start.
+        let bs = stored.block_size;
+        if !bs.is_power_of_two() || !(4096..=4 << 20).contains(&bs) {
+            return Err(Error::Io {
+                path: files.dir.join("spec.json"),
+                msg: format!(
+                    "unreadable: blockSize {bs} is not a power of two from 4 KiB to 4 MiB"
+                ),
+                errno: libc::EIO,
+            });
+        }
+        if stored.identity.size > MAX_IMAGE_BYTES {
+            return Err(Error::Io {
+                path: files.dir.join("spec.json"),
+                msg: format!(
+                    "unreadable: size {} is beyond the {} bytes bifs supports",
+                    stored.identity.size, MAX_IMAGE_BYTES
+                ),
+                errno: libc::EIO,
+            });
+        }
+        let blocks = stored.identity.size.div_ceil(bs);
         let mut bits = Vec::new();
         let len = files.bitmap.metadata().map(|m| m.len()).unwrap_or(0) as usize;
         bits.resize(len, 0);
