@@ -311,21 +311,7 @@ struct Client {
 impl Client {
     fn new(args: &ClientArgs) -> Result<Client, Exit> {
         let token = match &args.token_file {
-            Some(f) => {
-                let t = std::fs::read_to_string(f)
-                    .map_err(|e| {
-                        usage(format!("cannot read the --token-file {}: {e}", f.display()))
-                    })?
-                    .trim()
-                    .to_string();
-                if t.is_empty() {
-                    return Err(usage(format!(
-                        "the --token-file {} is empty; give the file the daemon was started with",
-                        f.display()
-                    )));
-                }
-                Some(t)
-            }
+            Some(f) => Some(crate::server::read_token_file(f).map_err(usage)?),
             None => None,
         };
         match reqwest::Url::parse(&args.server) {
@@ -543,21 +529,32 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             let v = match (url, from_volume) {
                 (Some(url), _) => {
                     validate_url(url).map_err(|e| usage(e.to_string()))?;
-                    let body = serde_json::json!({
-                        "name": name, "sourceType": "download", "sourceParameters": {"url": url},
-                        "checksum": checksum.to_ascii_lowercase(), "disk": disk, "noFill": no_fill,
-                    });
+                    let spec = crate::core::ImageSpec::download(name, url, checksum);
+                    let body = serde_json::to_value(crate::server::CreateBody {
+                        spec: &spec,
+                        disk: disk.as_deref(),
+                        no_fill: *no_fill,
+                    })
+                    .map_err(|e| failed(e.to_string()))?;
                     c.call(reqwest::Method::POST, "/v1/images", Some(body))
                         .await?
                 }
                 (None, Some(path)) => {
                     let path = crate::upload_client::volume_arg(path).map_err(usage)?;
                     let t = export_type.as_deref().unwrap_or("raw");
-                    let body = serde_json::json!({
-                        "name": name, "sourceType": "export-from-volume",
-                        "sourceParameters": {"path": path, "export-type": t},
-                        "checksum": checksum.to_ascii_lowercase(), "disk": disk, "noFill": no_fill,
-                    });
+                    let mut spec = crate::core::ImageSpec::download(name, "", checksum);
+                    spec.source_type = crate::core::spec::SourceType::ExportFromVolume;
+                    spec.source_parameters = [
+                        ("path".to_string(), path.to_string()),
+                        ("export-type".to_string(), t.to_string()),
+                    ]
+                    .into();
+                    let body = serde_json::to_value(crate::server::CreateBody {
+                        spec: &spec,
+                        disk: disk.as_deref(),
+                        no_fill: *no_fill,
+                    })
+                    .map_err(|e| failed(e.to_string()))?;
                     c.call(reqwest::Method::POST, "/v1/images", Some(body))
                         .await?
                 }

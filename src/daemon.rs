@@ -60,28 +60,9 @@ fn raise_readahead(mp: &Path) {
     }
 }
 
-/// The API token from `--token-file`: refused when empty, as an empty token would let
-/// every request in.
+/// The API token from `--token-file` (the one reader of token files, `server::read_token_file`).
 fn read_token(f: &Path) -> anyhow::Result<String> {
-    let token = std::fs::read_to_string(f)
-        .map_err(|e| {
-            crate::core::Error::BadInput(format!(
-                "cannot read the --token-file {}: {e}",
-                f.display()
-            ))
-        })?
-        .trim()
-        .to_string();
-    if token.is_empty() {
-        return Err(crate::core::Error::BadInput(format!(
-            "the --token-file {} is empty; write the API token into it (for example \
-             `head -c 32 /dev/urandom | base64 > {}`)",
-            f.display(),
-            f.display()
-        ))
-        .into());
-    }
-    Ok(token)
+    crate::server::read_token_file(f).map_err(|e| crate::core::Error::BadInput(e).into())
 }
 
 pub fn run(args: MountArgs) -> anyhow::Result<()> {

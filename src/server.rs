@@ -41,6 +41,35 @@ pub struct CreateRequest {
     pub unknown: BTreeMap<String, serde::de::IgnoredAny>,
 }
 
+/// What a client sends to `POST /v1/images` (the CLI builds it, the server reads
+/// `CreateRequest`): one definition of the wire shape.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateBody<'a> {
+    #[serde(flatten)]
+    pub spec: &'a ImageSpec,
+    pub disk: Option<&'a str>,
+    pub no_fill: bool,
+}
+
+/// Reads an API token file: the daemon's and the client's. Empty is refused: an empty
+/// token would let every request in.
+pub fn read_token_file(f: &std::path::Path) -> Result<String, String> {
+    let token = std::fs::read_to_string(f)
+        .map_err(|e| format!("cannot read the --token-file {}: {e}", f.display()))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(format!(
+            "the --token-file {} is empty; write the API token into it (for example \
+             `head -c 32 /dev/urandom | base64 > {}`), and give clients the same file",
+            f.display(),
+            f.display()
+        ));
+    }
+    Ok(token)
+}
+
 /// A 400 naming the first unknown field of a request body, so that a typo never
 /// silently does something else.
 fn check_unknown(unknown: &BTreeMap<String, serde::de::IgnoredAny>) -> Result<(), Error> {
