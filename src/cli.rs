@@ -587,17 +587,23 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             // As wide as the longest name (up to 253 characters), so columns stay aligned.
             let w = list.iter().map(|s| s.name.len()).max().unwrap_or(0).max(30);
             println!(
-                "{:<w$} {:<12} {:>8} {:>10} {:<7} DISK",
-                "NAME", "STATE", "PROGRESS", "SIZE", "FORMAT"
+                "{:<w$} {:<12} {:>8} {:>10} {:<7} {:>6} DISK",
+                "NAME", "STATE", "PROGRESS", "SIZE", "FORMAT", "COPIES"
             );
             for s in list {
+                // Ready copies in the cluster (this node's and those its peers report),
+                // out of the copies known.
+                let ready = usize::from(s.state == State::Ready)
+                    + s.copies.iter().filter(|c| c.state == "ready").count();
+                let copies = format!("{ready}/{}", 1 + s.copies.len());
                 println!(
-                    "{:<w$} {:<12} {:>7}% {:>10} {:<7} {}",
+                    "{:<w$} {:<12} {:>7}% {:>10} {:<7} {:>6} {}",
                     s.name,
                     s.state,
                     s.progress,
                     human(s.size),
                     s.format,
+                    copies,
                     &s.disk.uuid[..8.min(s.disk.uuid.len())]
                 );
             }

@@ -295,3 +295,26 @@ fn an_uploaded_image_reaches_other_nodes_from_peers_and_says_when_it_cannot_be_r
             .then_some(())
     });
 }
+
+#[test]
+fn bifs_list_counts_the_ready_copies_in_the_cluster() {
+    let origin = Origin::start();
+    let data = random_bytes(MIB, 79);
+    let sum = sha512_hex(&data);
+    origin.put("l.raw", data);
+    let a = ready_node(&origin, "limg", "l.raw", &sum);
+    let b = Daemon::start_with(&["--peer", &a.server]);
+    b.bifs_ok(&[
+        "create",
+        "limg",
+        "--url",
+        &origin.url("l.raw"),
+        "--checksum",
+        &sum,
+    ]);
+    b.wait_state("limg", "ready", Duration::from_secs(60));
+    let list = b.bifs_ok(&["list"]);
+    assert!(list.lines().next().unwrap().contains("COPIES"), "{list}");
+    let row = list.lines().find(|l| l.starts_with("limg")).unwrap();
+    assert!(row.contains(" 2/2 "), "both copies ready: {list}");
+}
