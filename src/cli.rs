@@ -302,7 +302,7 @@ fn failed(msg: impl Into<String>) -> Exit {
     Exit(1, msg.into())
 }
 
-struct Client {
+pub(crate) struct Client {
     base: String,
     http: reqwest::Client,
     token: Option<String>,
@@ -330,42 +330,29 @@ impl Client {
         })
     }
 
-    async fn call(
+    /// A request to the daemon's API, with the token when there is one.
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, Exit> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
+        let mut req = self.request(method, path);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.map_err(|e| {
             failed(format!("cannot reach the bifs daemon at {}: {e}; is `bifs mount` running? (--server or BIFS_SERVER)", self.base))
         })?;
-        let code = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let value: Value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        if code.is_success() {
-            return Ok(value);
-        }
-        let msg = value
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| value.to_string());
-        Err(if code.as_u16() == 400 {
-            usage(msg)
-        } else {
-            failed(msg)
-        })
+        reply(resp).await
     }
 
     async fn status(&self, name: &str) -> Result<Status, Exit> {
@@ -375,6 +362,31 @@ impl Client {
         serde_json::from_value(v)
             .map_err(|e| failed(format!("unexpected reply from the daemon: {e}")))
     }
+}
+
+/// A reply of the daemon's API: its JSON, or its `{error}` as exit 2 (a 400: the request
+/// was at fault) or exit 1.
+pub(crate) async fn reply(resp: reqwest::Response) -> Result<Value, Exit> {
+    let code = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let value: Value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    if code.is_success() {
+        return Ok(value);
+    }
+    let msg = value
+        .get("error")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| value.to_string());
+    Err(if code.as_u16() == 400 {
+        usage(msg)
+    } else {
+        failed(msg)
+    })
 }
 
 fn human(bytes: u64) -> String {
@@ -729,15 +741,13 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             validate_checksum(checksum).map_err(|e| usage(e.to_string()))?;
             let up = crate::upload_client::Upload {
-                base: c.base.clone(),
-                http: c.http.clone(),
-                token: c.token.clone(),
+                client: c,
                 name: name.clone(),
                 file: file.clone(),
                 checksum: checksum.to_ascii_lowercase(),
                 limit_rate: *limit_rate,
             };
-            return up.run().await.map_err(|(code, msg)| Exit(code, msg));
+            return up.run().await;
         }
         Cmd::Apply { file, .. } => return apply(&c, file).await,
         Cmd::Ensure { params, .. } => {

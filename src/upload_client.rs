@@ -23,20 +23,22 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::Value;
 
+use crate::cli::{Client, Exit};
+
 /// The largest upload request.
 const PIECE: u64 = 8 << 20;
 /// Upload requests in flight at once.
 const IN_FLIGHT: usize = 2;
 
-/// An exit code and a message.
-type Fail = (i32, String);
+/// An exit code and a message (the CLI's).
+type Fail = Exit;
 
 fn failed(msg: impl Into<String>) -> Fail {
-    (1, msg.into())
+    Exit(1, msg.into())
 }
 
 fn usage(msg: impl Into<String>) -> Fail {
-    (2, msg.into())
+    Exit(2, msg.into())
 }
 
 /// Parses a rate such as `50M`, `512K` or `1G` (bytes per second, binary units).
@@ -78,10 +80,9 @@ pub fn volume_arg(path: &Path) -> Result<String, String> {
     Ok(abs.display().to_string())
 }
 
-pub struct Upload {
-    pub base: String,
-    pub http: reqwest::Client,
-    pub token: Option<String>,
+pub(crate) struct Upload {
+    /// The daemon's API, as every client command reaches it.
+    pub(crate) client: Client,
     pub name: String,
     pub file: PathBuf,
     pub checksum: String,
@@ -129,20 +130,7 @@ impl Upload {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, Fail> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|e| {
-            failed(format!(
-                "cannot reach the bifs daemon at {}: {e}; is `bifs mount` running? (--server or BIFS_SERVER)",
-                self.base
-            ))
-        })?;
-        reply(resp).await
+        self.client.call(method, path, body).await
     }
 
     pub async fn run(self) -> Result<(), Fail> {
@@ -288,23 +276,20 @@ impl Upload {
         }
         let name = &self.name;
         let body = read_piece(file, at, to).await?;
-        let mut req = self
-            .http
-            .put(format!("{}/v1/images/{name}/upload", self.base))
+        let req = self
+            .client
+            .request(reqwest::Method::PUT, &format!("/v1/images/{name}/upload"))
             .header(
                 reqwest::header::CONTENT_RANGE,
                 format!("bytes {at}-{}/{size}", to - 1),
             )
             .body(body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
         let resp = req.send().await.map_err(|e| {
             failed(format!(
                 "the upload of {name} broke off at byte {at}: {e}; run the same command again to resume"
             ))
         })?;
-        let receipt = reply(resp).await?;
+        let receipt = crate::cli::reply(resp).await?;
         Ok(receipt["received"].as_u64().unwrap_or(0))
     }
 
@@ -328,25 +313,6 @@ impl Upload {
             }
         }
     }
-}
-
-async fn reply(resp: reqwest::Response) -> Result<Value, Fail> {
-    let code = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    if code.is_success() {
-        return Ok(value);
-    }
-    let msg = value
-        .get("error")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| value.to_string());
-    Err(if code.as_u16() == 400 {
-        usage(msg)
-    } else {
-        failed(msg)
-    })
 }
 
 async fn read_piece(file: Arc<std::fs::File>, at: u64, to: u64) -> Result<Vec<u8>, Fail> {
