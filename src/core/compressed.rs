@@ -20,7 +20,6 @@
 //! last bytes land only after the codec has checked its trailer (its checksum).
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
 use super::decompress::{self, Compression};
@@ -233,24 +232,7 @@ impl Source for CompressedSource {
         if let Some(size) = self.size {
             return Ok(id(size));
         }
-        let mut body = self.body(resp);
-        let mut head: Vec<Bytes> = Vec::new();
-        let mut seen = 0usize;
-        while seen < 18 {
-            match body.next().await {
-                Some(Ok(b)) => {
-                    seen += b.len();
-                    head.push(b);
-                }
-                Some(Err(e)) => return Err(e),
-                None => break,
-            }
-        }
-        let prefix: Vec<u8> = head
-            .iter()
-            .flat_map(|b| b.iter().copied())
-            .take(18)
-            .collect();
+        let (prefix, whole) = decompress::peek(self.body(resp), 18).await?;
         if self.codec == Compression::Zstd {
             if let Some(size) = zstd_content_size(&prefix) {
                 return Ok(id(size));
@@ -258,7 +240,6 @@ impl Source for CompressedSource {
         }
         // One full pass, counting decompressed bytes.
         tracing::info!(source = %self.shown, "decompressed size unknown: reading the whole body once to learn it (give sourceParameters.size to skip this)");
-        let whole = stream::iter(head.into_iter().map(Ok)).chain(body).boxed();
         let mut decoded = self.decoded(whole);
         let mut size = 0u64;
         while let Some(chunk) = decoded.next().await {
@@ -291,6 +272,7 @@ impl Source for CompressedSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn zstd_frame_headers_give_their_content_size() {

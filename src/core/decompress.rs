@@ -278,15 +278,28 @@ where
 /// Peeks at the first bytes of `input` (at least 6, or all of a shorter body) and returns
 /// the codec their magic number names with a stream that still yields every byte.
 pub async fn sniff_stream<S, E>(
-    mut input: S,
+    input: S,
 ) -> Result<(Option<Compression>, BoxStream<'static, Result<Bytes, E>>), E>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: Send + 'static,
+{
+    let (prefix, whole) = peek(input, 6).await?;
+    Ok((Compression::sniff(&prefix), whole))
+}
+
+/// The first `n` bytes of a stream (fewer if it ends sooner), and the whole stream again.
+pub async fn peek<S, E>(
+    mut input: S,
+    n: usize,
+) -> Result<(Vec<u8>, BoxStream<'static, Result<Bytes, E>>), E>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
     E: Send + 'static,
 {
     let mut head: Vec<Bytes> = Vec::new();
     let mut seen = 0usize;
-    while seen < 6 {
+    while seen < n {
         match input.next().await {
             Some(Ok(b)) => {
                 seen += b.len();
@@ -296,14 +309,13 @@ where
             None => break,
         }
     }
-    let prefix: Vec<u8> = head
+    let prefix = head
         .iter()
         .flat_map(|b| b.iter().copied())
-        .take(6)
+        .take(n)
         .collect();
-    let codec = Compression::sniff(&prefix);
     let whole = stream::iter(head.into_iter().map(Ok)).chain(input).boxed();
-    Ok((codec, whole))
+    Ok((prefix, whole))
 }
 
 /// The image bytes of a body as `detect` judged it: decompressed, passed through, or
