@@ -106,6 +106,10 @@ pub struct Image {
     /// blocks, the fill stopped): shown as its error line.
     condition: Mutex<Option<String>>,
     fill_running: AtomicBool,
+    /// Some block has landed (in this process or before): the state left pending.
+    started: AtomicBool,
+    /// The condition line is a source outage the fill rides out (cleared by a landing).
+    riding_out: AtomicBool,
     /// Wakes a fill pausing after a failure (`bifs fill` asks for a retry now).
     retry_fill: tokio::sync::Notify,
     verify_running: AtomicBool,
@@ -167,6 +171,7 @@ impl Image {
             cancel.clone(),
         ));
         let failed = state.state == State::Failed;
+        let started = state.state != State::Pending;
         let version = stored.identity.version_tag(&stored.spec);
         let state = StateCell::new(stored.spec.name.clone(), files.clone(), state);
         let image = Arc::new_cyclic(|me: &Weak<Image>| Image {
@@ -179,6 +184,8 @@ impl Image {
             deleted: AtomicBool::new(false),
             condition: Mutex::new(condition),
             fill_running: AtomicBool::new(false),
+            started: AtomicBool::new(started),
+            riding_out: AtomicBool::new(false),
             retry_fill: tokio::sync::Notify::new(),
             verify_running: AtomicBool::new(false),
             cfg,
@@ -432,6 +439,7 @@ impl Image {
     }
 
     fn set_condition(&self, why: String) {
+        self.riding_out.store(false, Ordering::Release);
         let mut c = self.condition.lock().unwrap();
         if c.as_deref() != Some(why.as_str()) {
             warn!(image = %self.name, condition = %why, "image cannot fetch; present blocks are still served");
@@ -587,6 +595,7 @@ impl Image {
                 super::status::humantime_utc(t),
                 FILL_RETRY_MAX.as_secs()
             ));
+            self.riding_out.store(true, Ordering::Release);
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.retry_fill.notified() => pause = FILL_RETRY_MIN,
@@ -894,16 +903,15 @@ impl Image {
 }
 
 impl FetchObserver for Image {
+    /// Called for every batch that lands (each 256 KiB of a fill): atomics only, unless
+    /// this is the first landing or the end of an outage.
     fn landed(&self, _blocks: BlockRange) {
-        if self.state() == State::Pending && self.state.start() {
+        if !self.started.swap(true, Ordering::AcqRel) && self.state.start() {
             info!(image = %self.name, "state changed: in-progress");
         }
-        let mut c = self.condition.lock().unwrap();
-        if c.as_deref()
-            .is_some_and(|c| c.starts_with("source unavailable since"))
-        {
+        if self.riding_out.swap(false, Ordering::AcqRel) {
             info!(image = %self.name, "source serving again");
-            *c = None;
+            self.condition.lock().unwrap().take();
         }
     }
 
