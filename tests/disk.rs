@@ -4,41 +4,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::origin::Origin;
-use common::{sh, sha512_hex, stamped_image, wait_for, Daemon};
+use common::{disk_uuid8, sh, sha512_hex, stamped_image, wait_for, Daemon, SmallDisk};
 
 const MIB: usize = 1 << 20;
-
-/// A small tmpfs, unmounted on drop.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn new(dir: &std::path::Path, mib: u64) -> SmallDisk {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "bifs-test"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        SmallDisk(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn uuid8(disk: &std::path::Path) -> String {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(disk.join("bifs-disk.json")).unwrap()).unwrap();
-    v["uuid"].as_str().unwrap()[..8].to_string()
-}
 
 #[test]
 fn a_full_disk_fails_only_its_image_while_the_other_disk_keeps_serving() {
@@ -64,8 +35,8 @@ fn a_full_disk_fails_only_its_image_while_the_other_disk_keeps_serving() {
             sum,
         ]);
     };
-    create("s", "s.raw", &uuid8(&small), &sha512_hex(&small_data));
-    create("o", "o.raw", &uuid8(&d.disk), &sha512_hex(&other_data));
+    create("s", "s.raw", &disk_uuid8(&small), &sha512_hex(&small_data));
+    create("o", "o.raw", &disk_uuid8(&d.disk), &sha512_hex(&other_data));
     // The small disk fills up under the fill.
     let filler = small.join("filler");
     let (rc, _, _) = sh(&format!(

@@ -9,31 +9,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::origin::Origin;
-use common::{random_bytes, sh, sha512_hex, wait_for, Daemon};
+use common::{
+    disk_uuid8, random_bytes, sh, sha512_hex, start_cluster, wait_for, Daemon, SmallDisk,
+};
 
 const MIB: usize = 1 << 20;
-
-/// A small tmpfs for the disk, unmounted on drop.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn new(dir: &std::path::Path, mib: u64) -> SmallDisk {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "bifs-test"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        SmallDisk(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 #[test]
 fn a_full_disk_fails_the_image_with_a_clear_message_and_recovers_after_space_is_freed() {
@@ -240,12 +220,9 @@ fn unused_copies_are_cleaned_up_after_the_wait_but_never_the_last_or_one_in_use(
     origin.put("w.raw", data.clone());
     origin.put("v.raw", random_bytes(MIB, 42));
     let url = origin.url("w.raw");
-    let ports: Vec<u16> = (0..2).map(|_| common::free_port()).collect();
-    let peer_of = |i: usize| format!("http://127.0.0.1:{}", ports[1 - i]);
-    let (p0, p1) = (peer_of(0), peer_of(1));
-    let a = Daemon::start_on_port(ports[0], &["--peer", &p0, "--cleanup-wait", "2s"]);
-    let b = Daemon::start_on_port(ports[1], &["--peer", &p1, "--cleanup-wait", "2s"]);
-    for d in [&a, &b] {
+    let nodes = start_cluster(2, |_| vec!["--cleanup-wait".into(), "2s".into()]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for d in [a, b] {
         d.bifs_ok(&["create", "w", "--url", &url]);
         d.wait_state("w", "ready", Duration::from_secs(60));
     }
@@ -304,20 +281,7 @@ fn a_lost_copy_is_made_again_on_another_node_to_keep_the_minimum() {
          minNumberOfCopies: 2\n  sourceType: download\n  sourceParameters:\n    url: {}\n",
         origin.url("r.raw")
     );
-    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
-    let mut nodes: Vec<Daemon> = (0..3)
-        .map(|i| {
-            let mut extra = Vec::new();
-            for (j, p) in ports.iter().enumerate() {
-                if j != i {
-                    extra.push("--peer".to_string());
-                    extra.push(format!("http://127.0.0.1:{p}"));
-                }
-            }
-            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            Daemon::start_on_port(ports[i], &extra)
-        })
-        .collect();
+    let mut nodes = start_cluster(3, |_| Vec::new());
     let file = nodes[0].dir.path().join("kept.yaml");
     std::fs::write(&file, yaml).unwrap();
     for n in &nodes[..2] {
@@ -458,19 +422,16 @@ fn a_full_disk_evicts_the_least_recently_used_copy_held_elsewhere_never_one_in_u
     let base = tempfile::tempdir().unwrap();
     let small = base.path().join("small");
     let _tmpfs = SmallDisk::new(&small, 24);
-    let ports: Vec<u16> = (0..2).map(|_| common::free_port()).collect();
-    let (pa, pb) = (
-        format!("http://127.0.0.1:{}", ports[1]),
-        format!("http://127.0.0.1:{}", ports[0]),
-    );
-    let a = Daemon::start_on_port(
-        ports[0],
-        &["--peer", &pa, "--disk", small.to_str().unwrap()],
-    );
-    let b = Daemon::start_on_port(ports[1], &["--peer", &pb]);
-    let uuid: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(small.join("bifs-disk.json")).unwrap()).unwrap();
-    let uuid = uuid["uuid"].as_str().unwrap()[..8].to_string();
+    let small_disk = small.to_str().unwrap().to_string();
+    let nodes = start_cluster(2, |i| {
+        if i == 0 {
+            vec!["--disk".into(), small_disk.clone()]
+        } else {
+            Vec::new()
+        }
+    });
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let uuid = disk_uuid8(&small);
     for n in ["e1", "e2"] {
         let url = origin.url(&format!("{n}.raw"));
         b.bifs_ok(&["create", n, "--url", &url]);

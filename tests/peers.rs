@@ -202,20 +202,7 @@ fn three_fresh_nodes_filling_at_once_share_the_work_and_the_origin_sends_about_o
     origin.put("t.raw", data.clone());
     // A rate-limited origin: 64 KiB pieces 16 ms apart (4 MiB/s per stream).
     origin.set_chunk_delay(Duration::from_millis(16));
-    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
-    let nodes: Vec<Daemon> = (0..3)
-        .map(|i| {
-            let mut extra = Vec::new();
-            for (j, p) in ports.iter().enumerate() {
-                if j != i {
-                    extra.push("--peer".to_string());
-                    extra.push(format!("http://127.0.0.1:{p}"));
-                }
-            }
-            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            Daemon::start_on_port(ports[i], &extra)
-        })
-        .collect();
+    let nodes = common::start_cluster(3, |_| Vec::new());
     let url = origin.url("t.raw");
     std::thread::scope(|s| {
         for n in &nodes {

@@ -381,3 +381,51 @@ mod reqwest {
         buf.starts_with("HTTP/1.1 200")
     }
 }
+
+/// A small tmpfs for a disk (a disk that fills up), unmounted on drop.
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    pub fn new(dir: &Path, mib: u64) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "bifs-test"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The first 8 characters of the uuid of the bifs disk at `disk`.
+pub fn disk_uuid8(disk: &Path) -> String {
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(disk.join("bifs-disk.json")).unwrap()).unwrap();
+    v["uuid"].as_str().unwrap()[..8].to_string()
+}
+
+/// `n` daemons on loopback ports, each with `--peer` to all the others, and with the
+/// extra arguments `extra(i)` gives node `i`.
+pub fn start_cluster(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Vec<Daemon> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    (0..n)
+        .map(|i| {
+            let mut args = extra(i);
+            for (j, p) in ports.iter().enumerate() {
+                if j != i {
+                    args.push("--peer".to_string());
+                    args.push(format!("http://127.0.0.1:{p}"));
+                }
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Daemon::start_on_port(ports[i], &args)
+        })
+        .collect()
+}
