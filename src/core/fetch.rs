@@ -447,18 +447,21 @@ impl Fetcher {
     }
 
     /// Makes every block of `range` present, fetching what is absent (a reader).
-    pub async fn ensure(self: &Arc<Self>, range: BlockRange) -> Result<()> {
+    /// True if it had to wait for a fetch (a cache miss), false if all was present.
+    pub async fn ensure(self: &Arc<Self>, range: BlockRange) -> Result<bool> {
         let deadline = self
             .cfg
             .read_timeout
             .map(|t| tokio::time::Instant::now() + t);
+        let mut waited = false;
         loop {
             if let Some(e) = self.halted() {
                 return Err(e);
             }
             if self.map.all_set(range) {
-                return Ok(());
+                return Ok(waited);
             }
+            waited = true;
             let (waits, _) = self.plan(range, true, None, Priority::Reader);
             if let Some(o) = self.observer() {
                 o.reader_active();

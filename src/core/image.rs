@@ -742,14 +742,16 @@ impl Image {
             return Ok(Bytes::new());
         }
         self.read_ahead(bytes, ra);
-        let blocks = self.geometry().blocks_of(bytes);
-        let counter = if self.fetcher.map().all_set(blocks) {
-            &self.shared.metrics.cache_hits
+        let waited = self
+            .fetcher
+            .ensure(self.geometry().blocks_of(bytes))
+            .await?;
+        let m = &self.shared.metrics;
+        Metrics::add(if waited {
+            &m.cache_misses
         } else {
-            &self.shared.metrics.cache_misses
-        };
-        Metrics::add(counter);
-        self.fetcher.ensure(blocks).await?;
+            &m.cache_hits
+        });
         if !self.verified_enough() {
             if !self.fill_enabled() {
                 // Nothing would ever make it ready: say so instead of hanging the reader.
