@@ -538,29 +538,25 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
             // Check locally first: bad input never reaches the daemon and creates nothing.
             validate_name(name).map_err(|e| usage(e.to_string()))?;
             validate_checksum(checksum).map_err(|e| usage(e.to_string()))?;
-            let v = match (url, from_volume) {
+            let spec = match (url, from_volume) {
                 (Some(url), _) => {
                     validate_url(url).map_err(|e| usage(e.to_string()))?;
-                    let spec = crate::core::ImageSpec::download(name, url, checksum);
-                    let body = serde_json::to_value(crate::server::CreateBody {
-                        spec: &spec,
-                        disk: disk.as_deref(),
-                        no_fill: *no_fill,
-                    })
-                    .map_err(|e| failed(e.to_string()))?;
-                    c.call(reqwest::Method::POST, "/v1/images", Some(body))
-                        .await?
+                    Some(crate::core::ImageSpec::download(name, url, checksum))
                 }
                 (None, Some(path)) => {
                     let path = crate::upload_client::volume_arg(path).map_err(usage)?;
                     let t = export_type.as_deref().unwrap_or("raw");
                     let mut spec = crate::core::ImageSpec::download(name, "", checksum);
                     spec.source_type = crate::core::spec::SourceType::ExportFromVolume;
-                    spec.source_parameters = [
-                        ("path".to_string(), path.to_string()),
-                        ("export-type".to_string(), t.to_string()),
-                    ]
-                    .into();
+                    spec.source_parameters =
+                        [("path".into(), path), ("export-type".into(), t.into())].into();
+                    Some(spec)
+                }
+                // Neither: as a peer holds it.
+                (None, None) => None,
+            };
+            let v = match spec {
+                Some(spec) => {
                     let body = serde_json::to_value(crate::server::CreateBody {
                         spec: &spec,
                         disk: disk.as_deref(),
@@ -570,7 +566,7 @@ async fn client(cli: &Cli) -> Result<(), Exit> {
                     c.call(reqwest::Method::POST, "/v1/images", Some(body))
                         .await?
                 }
-                (None, None) => {
+                None => {
                     let path = format!("/v1/images/{name}/from-peers");
                     c.call(reqwest::Method::POST, &path, None).await?
                 }

@@ -516,25 +516,24 @@ fn node_metrics(node: &Node, out: &mut String) {
     fn family(out: &mut String, name: &str, kind: &str, help: &str) {
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
     }
-    family(
-        out,
-        "bifs_source_bytes_total",
-        "counter",
-        "bytes landed from sources, by kind",
-    );
-    for k in SOURCE_KINDS {
-        let v = m.kind(k).bytes.load(Relaxed);
-        let _ = writeln!(out, "bifs_source_bytes_total{{kind=\"{k}\"}} {v}");
-    }
-    family(
-        out,
-        "bifs_source_requests_total",
-        "counter",
-        "requests to sources, by kind",
-    );
-    for k in SOURCE_KINDS {
-        let v = m.kind(k).requests.load(Relaxed);
-        let _ = writeln!(out, "bifs_source_requests_total{{kind=\"{k}\"}} {v}");
+    type Counter = fn(&crate::core::metrics::KindCounters) -> u64;
+    let by_kind: [(&str, &str, Counter); 2] = [
+        (
+            "bifs_source_bytes_total",
+            "bytes landed from sources, by kind",
+            |c| c.bytes.load(Relaxed),
+        ),
+        (
+            "bifs_source_requests_total",
+            "requests to sources, by kind",
+            |c| c.requests.load(Relaxed),
+        ),
+    ];
+    for (name, help, get) in by_kind {
+        family(out, name, "counter", help);
+        for k in SOURCE_KINDS {
+            let _ = writeln!(out, "{name}{{kind=\"{k}\"}} {}", get(m.kind(k)));
+        }
     }
     family(
         out,
