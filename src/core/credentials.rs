@@ -199,24 +199,16 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Where a spec's credentials come from: its URL and its `secretRef`, if any.
-pub fn for_spec(
+/// The credentials of a spec's `secretRef`, if it names one (a URL's own `user:pass@`
+/// is taken by `HttpSource::new`).
+pub fn of_secret_ref(
     params: &std::collections::BTreeMap<String, String>,
     secrets_dir: &Path,
-) -> Result<(Credentials, Option<String>), String> {
-    let url = params.get("url").cloned();
-    let (from_url, clean) = match &url {
-        Some(u) => {
-            let (c, clean) = Credentials::from_url(u);
-            (c, Some(clean))
-        }
-        None => (Credentials::default(), None),
-    };
-    let creds = match params.get(SECRET_REF) {
-        Some(name) => from_url.or(Credentials::load(secrets_dir, name)?),
-        None => from_url,
-    };
-    Ok((creds, clean))
+) -> Result<Credentials, String> {
+    match params.get(SECRET_REF) {
+        Some(name) => Credentials::load(secrets_dir, name),
+        None => Ok(Credentials::default()),
+    }
 }
 
 #[cfg(test)]

@@ -57,12 +57,14 @@ pub fn sources_with(
                 list.push(more.compressed(spec, url, id.size));
             }
             (SourceType::Download, Some(url)) => {
-                // Credentials: the URL's user:pass@ and the spec's secretRef, if any.
-                let creds =
-                    match super::credentials::for_spec(&spec.source_parameters, &secrets_dir) {
-                        Ok((c, _)) => c,
-                        Err(why) => return Sources::none(why),
-                    };
+                // Credentials: the URL's user:pass@ (HttpSource::new) and the spec's secretRef.
+                let creds = match super::credentials::of_secret_ref(
+                    &spec.source_parameters,
+                    &secrets_dir,
+                ) {
+                    Ok(c) => c,
+                    Err(why) => return Sources::none(why),
+                };
                 let origin =
                     HttpSource::new(url, clients.clone(), id.ranges).with_credentials(creds);
                 list.push(Arc::new(origin));
