@@ -96,6 +96,44 @@ pub async fn invalidate_on_events(node: Arc<Node>, notifier: fuser::Notifier) {
     }
 }
 
+/// How often a read that waits looks whether its caller was killed.
+const KILLED_POLL: Duration = Duration::from_millis(200);
+
+/// Resolves when the thread `tid` that sent a read has a fatal signal pending or is gone.
+///
+/// A killed reader of a stalled source must go away at once, but the kernel cannot drop
+/// a request the daemon already took: the task waits, unkillable (D state), for the
+/// answer. FUSE_INTERRUPT would tell us; fuser 0.18 answers it with ENOSYS (a TODO in its
+/// request.rs), after which the kernel sends none. So a read that waits looks at its
+/// caller instead: a SIGKILL, or any signal whose default action kills (the kernel
+/// turns those into a SIGKILL pending on every thread of the process), shows in the
+/// thread's `SigPnd` in /proc. One small read of /proc per `KILLED_POLL` and waiting read.
+/// Never resolves when it cannot tell: pid 0 (a caller outside the daemon's pid
+/// namespace, or the kernel itself) or no /proc.
+async fn caller_killed(tid: u32) {
+    if tid == 0 || !std::path::Path::new("/proc/self/status").exists() {
+        return futures::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(KILLED_POLL).await;
+        match std::fs::read_to_string(format!("/proc/{tid}/status")) {
+            Ok(status) if kill_pending(&status) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return, // gone
+            Err(_) => return futures::future::pending().await,
+        }
+    }
+}
+
+/// Whether a /proc/<tid>/status text shows SIGKILL pending (thread or process-wide).
+fn kill_pending(status: &str) -> bool {
+    let sigkill = 1u64 << (libc::SIGKILL - 1);
+    status
+        .lines()
+        .filter_map(|l| l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")))
+        .any(|mask| u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & sigkill != 0))
+}
+
 fn errno(e: &crate::core::Error) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -326,7 +364,7 @@ impl fuser::Filesystem for BifsFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -357,13 +395,20 @@ impl fuser::Filesystem for BifsFs {
             }
         }
         let span = debug_span!("read", image = %image.name, offset, size);
+        let caller = req.pid();
         self.rt.spawn(
             async move {
-                match image.read_view(view, offset, size, ra.as_deref()).await {
-                    Ok(bytes) => reply.data(&bytes),
-                    Err(e) => {
-                        warn!(error = %e, "read failed");
-                        reply.error(errno(&e))
+                tokio::select! {
+                    r = image.read_view(view, offset, size, ra.as_deref()) => match r {
+                        Ok(bytes) => reply.data(&bytes),
+                        Err(e) => {
+                            warn!(error = %e, "read failed");
+                            reply.error(errno(&e))
+                        }
+                    },
+                    () = caller_killed(caller) => {
+                        debug!(caller, "the reader was killed while it waited; answering EINTR");
+                        reply.error(Errno::EINTR)
                     }
                 }
             }
@@ -518,5 +563,24 @@ impl fuser::Filesystem for BifsFs {
             return reply.error(Errno::EROFS);
         }
         reply.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kill_pending;
+
+    #[test]
+    fn a_pending_sigkill_shows_in_either_mask() {
+        let status = |sig: &str, shd: &str| {
+            format!("Name:\tdd\nState:\tD (disk sleep)\nSigQ:\t1/94\nSigPnd:\t{sig}\nShdPnd:\t{shd}\nSigBlk:\t0000000000000000\n")
+        };
+        assert!(!kill_pending(&status("0000000000000000", "0000000000000000")));
+        assert!(kill_pending(&status("0000000000000100", "0000000000000000")));
+        assert!(kill_pending(&status("0000000000000000", "0000000000000100")));
+        // SIGINT (bit 2) and SIGTERM (bit 15) pending alone are not a kill: the caller
+        // may handle them, and its read must still be answered with the bytes.
+        assert!(!kill_pending(&status("0000000000004002", "0000000000000000")));
+        assert!(!kill_pending("Name:\tdd\n"));
     }
 }

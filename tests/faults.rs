@@ -505,11 +505,9 @@ fn a_reader_killed_while_the_source_stalls_goes_away_within_the_read_timeout() {
     assert_eq!(c.d.status("img")["state"], "in-progress");
 }
 
+/// fuser 0.18 answers FUSE_INTERRUPT with ENOSYS, so the kernel never says the reader
+/// was killed; the daemon sees it from the reader's pending SIGKILL (fs.rs `caller_killed`).
 #[test]
-#[ignore = "shell/dependency bug: fuser 0.18 answers FUSE_INTERRUPT with ENOSYS (fuser \
-            src/request.rs: 'TODO: handle FUSE_INTERRUPT'), so the kernel stops sending \
-            interrupts and a killed reader of a stalled source stays in D state until \
-            --read-timeout (120 s by default); bifs's fs.rs cannot see the interrupt"]
 fn a_reader_killed_while_the_source_stalls_goes_away_at_once() {
     let c = Case::new(8 * MIB, 20, &[]);
     c.create_quiet();
