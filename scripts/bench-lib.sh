@@ -244,6 +244,65 @@ os.close(fd)
 lat.sort()
 print(f"{lat[len(lat)//2]*1e3:.4f} {lat[min(len(lat)-1, int(len(lat)*0.99))]*1e3:.4f} {total:.4f}")
 EOF
+    cat >"$TMP/randfill.py" <<'EOF'
+# randfill.py FILE SIZE COUNT SEED BS: as randread.py, but of blocks the fill has not
+# reached: offsets in the image's second half, read only while the fill is in the first
+# (stops at the first look, every 10 reads, that finds user.bifs.progress >= 45 or the
+# state not in-progress). Prints "p50_ms p99_ms reads_done".
+import os, random, sys, time
+path, size, n, seed, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rng = random.Random(seed)
+half = size // 2 // bs * bs
+offs = [half + rng.randrange(0, (size - half) // bs) * bs for _ in range(n)]
+fd = os.open(path, os.O_RDONLY)
+lat = []
+for i, o in enumerate(offs):
+    if i % 10 == 0 and (os.getxattr(path, "user.bifs.state") != b"in-progress"
+                        or float(os.getxattr(path, "user.bifs.progress")) >= 45):
+        break
+    t = time.perf_counter()
+    b = os.pread(fd, bs, o)
+    lat.append(time.perf_counter() - t)
+    assert len(b) == bs, (o, len(b))
+os.close(fd)
+if not lat:
+    print("nan nan 0"); sys.exit()
+lat.sort()
+print(f"{lat[len(lat)//2]*1e3:.4f} {lat[min(len(lat)-1, int(len(lat)*0.99))]*1e3:.4f} {len(lat)}")
+EOF
+    cat >"$TMP/randmap.py" <<'EOF'
+# randmap.py FILE SIZE COUNT SEED BS MODE: the offsets of randread.py, read through
+# MODE "mmap" (a slice of a shared read-only mapping: page faults, the kernel's
+# read-around) or "direct" (pread with O_DIRECT into an aligned buffer: for a block
+# device such as a loop device). Prints "p50_ms p99_ms total_s".
+import mmap, os, random, sys, time
+path, size, n, seed, bs, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+rng = random.Random(seed)
+offs = [rng.randrange(0, size // bs) * bs for _ in range(n)]
+lat = []
+t0 = time.perf_counter()
+if mode == "mmap":
+    fd = os.open(path, os.O_RDONLY)
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    for o in offs:
+        t = time.perf_counter()
+        b = m[o:o + bs]
+        lat.append(time.perf_counter() - t)
+        assert len(b) == bs
+    m.close()
+else:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, bs)
+    for o in offs:
+        t = time.perf_counter()
+        got = os.preadv(fd, [buf], o)
+        lat.append(time.perf_counter() - t)
+        assert got == bs, (o, got)
+os.close(fd)
+total = time.perf_counter() - t0
+lat.sort()
+print(f"{lat[len(lat)//2]*1e3:.4f} {lat[min(len(lat)-1, int(len(lat)*0.99))]*1e3:.4f} {total:.4f}")
+EOF
     cat >"$TMP/rangeget.py" <<'EOF'
 # rangeget.py PORT PATH SIZE COUNT SEED BS: the same offsets as randread.py, as Range GETs
 # on one keep-alive connection. Prints "p50_ms p99_ms total_s".

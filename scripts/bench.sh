@@ -6,7 +6,8 @@
 #
 # Env: BIFS_BIN (default target/release/bifs), BENCH_RUNS, BENCH_SIZE_MIB, BENCH_BIG_MIB,
 # BENCH_READS, BENCH_OUT (default target/bench), BENCH_KEEP=1 (keep the work dir),
-# BIFS_LOG (RUST_LOG of the daemon, default warn).
+# BIFS_LOG (RUST_LOG of the daemon, default warn), BENCH_SECTIONS (default ABCDEFG: which
+# of the sections below to run; the table shows the rows of those).
 #
 # Every figure is the median of the runs, printed beside a baseline measured in the same
 # runs on the same origin. The origin is nginx on 127.0.0.1 serving from page cache (the
@@ -37,11 +38,31 @@ nginx_start "$DATA"
 URL=$ORIGIN/img.img
 warm_origin() { cat "$DATA/${1:-img.img}" >/dev/null; }
 
+SECTIONS=${BENCH_SECTIONS:-ABCDEFG}
+on() { [[ $SECTIONS == *"$1"* ]]; }
+BIG=$((BIG_MIB * MIB))
+# wait_fetching NAME: until the image's fill has fetched its first bytes (bounded).
+wait_fetching() {
+    local i
+    for ((i = 0; i < 200; i++)); do
+        [ "$(bifs_field "$1" bytesFetched)" -gt 0 ] && return 0
+        sleep 0.05
+    done
+    die "the fill of $1 did not start"
+}
+# loop_attach FILE: a read-only loop device over FILE (printed); detached on exit.
+LOOPS=()
+loop_attach() { local d; d=$(losetup -r -f --show "$1") || die "losetup $1 failed"; LOOPS+=("$d"); echo "$d"; }
+loop_detach() { losetup -d "$1"; }
+trap 'rc=$?; for d in "${LOOPS[@]}"; do losetup -d "$d" 2>/dev/null; done; (exit $rc); bench_cleanup' EXIT
+
+declare -a fp50 fp99 fcount nfp99 bhp99 mp99 mampl lp99 lampl bp99 bampl remount datafile
 declare -a dl_t dlf_t base_durable warm2 cold curl_t warm local_t ready sha_t base_ready p50 p99 hp50 hp99 ampl fetched_ampl \
     cold_cpu cold_reqs cold_req_med ready_cpu rss1 rss4
 n=0
 for ((r = 1; r <= RUNS; r++)); do
     log "run $r/$RUNS"
+    if on A; then
     # A. cold sequential read right after create (the fill runs alongside), then warm re-read.
     drop_caches; warm_origin
     bifs_start "$TMP/mnt-a$r" "$TMP/disk-a$r"
@@ -65,7 +86,9 @@ for ((r = 1; r <= RUNS; r++)); do
     sync -d "$TMP/dl.img"; dl_t[n]=$(since "$t0")
     rm -f "$TMP/dl.img"
     base_durable[n]=$(python3 -c "print(max(${dl_t[n]}, ${sha_t[n]}))")
+    fi
 
+    if on B; then
     # B. create -> ready (fetch everything, verify, flush), nothing else reading.
     drop_caches; warm_origin
     bifs_start "$TMP/mnt-b$r" "$TMP/disk-b$r"
@@ -75,7 +98,9 @@ for ((r = 1; r <= RUNS; r++)); do
     ready[n]=$(since "$t0")
     ready_cpu[n]=$(calc "($(cpu_secs "$BIFS_PID") - $c0) / ${ready[n]} * 100")
     bifs_stop; rm -rf "$TMP/disk-b$r"
+    fi
 
+    if on C; then
     # C. 4 KiB cold random reads, no fill, against Range GETs of the same offsets.
     drop_caches; warm_origin
     bifs_start "$TMP/mnt-c$r" "$TMP/disk-c$r"
@@ -87,7 +112,9 @@ for ((r = 1; r <= RUNS; r++)); do
     fetched_ampl[n]=$(calc "($(bifs_field img bytesFetched) - $f0) / ($NREAD * 4096)")
     bifs_stop; rm -rf "$TMP/disk-c$r"
     read -r hp50[n] hp99[n] _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /img.img "$SIZE" "$NREAD" "$SEED" 4096)
+    fi
 
+    if on D; then
     # D. daemon peak RSS: fill + a full read through the mount + verify, small and big image.
     for which in img big; do
         drop_caches; warm_origin "$which.img"
@@ -99,6 +126,64 @@ for ((r = 1; r <= RUNS; r++)); do
         if [ "$which" = img ]; then rss1[n]=$(peak_rss_mib "$BIFS_PID"); else rss4[n]=$(peak_rss_mib "$BIFS_PID"); fi
         bifs_stop; rm -rf "$TMP/disk-d$r"
     done
+    fi
+
+    if on E; then
+    # E. 4 KiB cold random reads while the background fill runs, on the big image so the
+    #    fill lasts through the reads (only reads made while it runs count), against the
+    #    same reads with no fill and Range GETs of the same offsets.
+    drop_caches; warm_origin big.img
+    bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
+    bifs create big --url "$ORIGIN/big.img" --checksum "$BIGSUM" >/dev/null
+    wait_fetching big
+    read -r fp50[n] fp99[n] fcount[n] < <(python3 "$TMP/randfill.py" "$TMP/mnt-e$r/big" "$BIG" "$NREAD" "$SEED" 4096)
+    bifs_stop; rm -rf "$TMP/disk-e$r"
+    drop_caches; warm_origin big.img
+    bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
+    bifs create big --url "$ORIGIN/big.img" --no-fill >/dev/null
+    read -r _ nfp99[n] _ < <(python3 "$TMP/randread.py" "$TMP/mnt-e$r/big" "$BIG" "${fcount[n]}" "$SEED" 4096)
+    bifs_stop; rm -rf "$TMP/disk-e$r"
+    read -r _ bhp99[n] _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /big.img "$BIG" "${fcount[n]}" "$SEED" 4096)
+    fi
+
+    if on F; then
+    # F. 4 KiB random reads through the page cache of the mount (mmap page faults) and
+    #    through a loop device on the image (O_DIRECT, and buffered as a filesystem on
+    #    it would read), no fill: origin bytes per read. One image each, so no reads
+    #    share fetched blocks.
+    drop_caches; warm_origin
+    bifs_start "$TMP/mnt-f$r" "$TMP/disk-f$r"
+    for im in m l b; do bifs create "$im" --url "$URL" --no-fill >/dev/null; done
+    mark=$(log_mark)
+    read -r _ mp99[n] _ < <(python3 "$TMP/randmap.py" "$TMP/mnt-f$r/m" "$SIZE" "$NREAD" "$((SEED + 1))" 4096 mmap)
+    mampl[n]=$(calc "$(log_bytes "$mark") / $NREAD")
+    dev=$(loop_attach "$TMP/mnt-f$r/l"); mark=$(log_mark)
+    read -r _ lp99[n] _ < <(python3 "$TMP/randmap.py" "$dev" "$SIZE" "$NREAD" "$((SEED + 2))" 4096 direct)
+    lampl[n]=$(calc "$(log_bytes "$mark") / $NREAD")
+    loop_detach "$dev"
+    dev=$(loop_attach "$TMP/mnt-f$r/b"); mark=$(log_mark)
+    read -r _ bp99[n] _ < <(python3 "$TMP/randread.py" "$dev" "$SIZE" "$NREAD" "$((SEED + 3))" 4096)
+    bampl[n]=$(calc "$(log_bytes "$mark") / $NREAD")
+    loop_detach "$dev"
+    bifs_stop; rm -rf "$TMP/disk-f$r"
+    fi
+
+    if on G; then
+    # G. a ready image after the daemon restarts, caches dropped, against the data file
+    #    itself read after drop_caches. The restart comes right after ready.
+    drop_caches; warm_origin
+    bifs_start "$TMP/mnt-g$r" "$TMP/disk-g$r"
+    bifs create img --url "$URL" --checksum "$SUM" >/dev/null
+    bifs status img --wait ready --timeout 10m >/dev/null
+    bifs_stop
+    drop_caches
+    bifs_start "$TMP/mnt-g$r" "$TMP/disk-g$r"
+    remount[n]=$(timed dd_read "$TMP/mnt-g$r/img")
+    bifs_stop
+    drop_caches
+    datafile[n]=$(timed dd_read "$TMP/disk-g$r/images/img/data")
+    rm -rf "$TMP/disk-g$r"
+    fi
     n=$((n + 1))
 done
 
@@ -108,6 +193,7 @@ m() { median "$@"; }
 raw() { echo "$*"; }
 runs="median of $RUNS"
 
+if on A; then
 b=$(mibs "$(m "${cold[@]}")"); c=$(mibs "$(m "${curl_t[@]}")"); ra=$(calc "$b / $c")
 row "cold sequential read (dd bs=1M) after create" "$(fmt "$b" 0)" MiB/s "curl -o /dev/null" "$(fmt "$c" 0)" \
     "$(fmt "$ra")" ">= 0.90x" "$(verdict "$ra" '>=' 0.9)" "bifs s: $(raw "${cold[@]}"); curl s: $(raw "${curl_t[@]}")"
@@ -125,7 +211,9 @@ row "warm re-read (same mount, first after ready)" "$(fmt "$b" 0)" MiB/s "local 
 b=$(mibs "$(m "${warm2[@]}")"); c=$(mibs "$(m "${local_t[@]}")"); ra=$(calc "$b / $c")
 row "  second re-read (steady state)" "$(fmt "$b" 0)" MiB/s "local file in page cache (dd)" "$(fmt "$c" 0)" \
     "$(fmt "$ra")" ">= 0.95x" "$(verdict "$ra" '>=' 0.95)" "bifs s: $(raw "${warm2[@]}")"
+fi
 
+if on A && on B; then
 b=$(m "${ready[@]}"); c=$(m "${base_ready[@]}"); ra=$(calc "$b / $c")
 row "create -> ready (fetch + SHA-512 + flush)" "$(fmt "$b")" s "max(curl, sha512sum)" "$(fmt "$c")" \
     "$(fmt "$ra")" "<= 1.10x" "$(verdict "$ra" '<=' 1.1)" "bifs: $(raw "${ready[@]}"); curl: $(raw "${curl_t[@]}"); sha512sum: $(raw "${sha_t[@]}")"
@@ -133,7 +221,9 @@ c=$(m "${base_durable[@]}"); ra=$(calc "$b / $c")
 row "  the same, against a durable download" "$(fmt "$b")" s "max(curl -o F + sync -d F, sha512sum)" "$(fmt "$c")" \
     "$(fmt "$ra")" "info" "-" "curl+fdatasync: $(raw "${dl_t[@]}")"
 row "  daemon CPU during create -> ready" "$(fmt "$(m "${ready_cpu[@]}")" 0)" "%" "(of 200% on 2 cores)" "-" "-" "info" "-" "$(raw "${ready_cpu[@]}")"
+fi
 
+if on C; then
 b=$(m "${p50[@]}"); c=$(m "${hp50[@]}"); ra=$(calc "$b / $c")
 row "4 KiB cold random read p50 ($NREAD reads)" "$(fmt "$b" 3)" ms "4 KiB Range GET, keep-alive" "$(fmt "$c" 3)" \
     "$(fmt "$ra")" "info" "-" "bifs: $(raw "${p50[@]}"); http: $(raw "${hp50[@]}")"
@@ -143,13 +233,45 @@ row "4 KiB cold random read p99" "$(fmt "$b" 3)" ms "4 KiB Range GET, keep-alive
 b=$(m "${ampl[@]}")
 row "origin amplification (nginx bytes / asked)" "$(fmt "$b")" x "Range GETs of the same offsets" "1.00" \
     "$(fmt "$b")" "<= 16x" "$(verdict "$b" '<=' 16)" "nginx: $(raw "${ampl[@]}"); bytesFetched: $(raw "${fetched_ampl[@]}")"
+fi
 
+if on D; then
 b=$(m "${rss1[@]}")
 row "daemon peak RSS (VmHWM), ${SIZE_MIB} MiB image" "$(fmt "$b" 1)" MiB "limit" "64" "$(fmt "$(calc "$b / 64")")" "< 64 MiB" \
     "$(verdict "$b" '<' 64)" "$(raw "${rss1[@]}")"
 c=$(m "${rss4[@]}"); ra=$(calc "$c / $b")
 row "daemon peak RSS (VmHWM), ${BIG_MIB} MiB image" "$(fmt "$c" 1)" MiB "the ${SIZE_MIB} MiB image" "$(fmt "$b" 1)" \
     "$(fmt "$ra")" "+<=16, <64 MiB" "$( [ "$(verdict "$c" '<' 64)" = ok ] && verdict "$(calc "$c - $b")" '<=' 16 || echo MISS)" "$(raw "${rss4[@]}")"
+
+fi
+
+if on E; then
+b=$(m "${fp99[@]}"); c=$(m "${bhp99[@]}"); ra=$(calc "$b / $c")
+row "4 KiB random read p99 while the fill runs" "$(fmt "$b" 3)" ms "4 KiB Range GET, keep-alive" "$(fmt "$c" 3)" \
+    "$(fmt "$ra")" "<= 4.00x" "$(verdict "$ra" '<=' 4)" "bifs: $(raw "${fp99[@]}"); http: $(raw "${bhp99[@]}"); reads during the fill: $(raw "${fcount[@]}")"
+c=$(m "${nfp99[@]}"); ra=$(calc "$b / $c")
+row "  the same reads, no fill running" "$(fmt "$c" 3)" ms "(fill on / fill off)" "-" "$(fmt "$ra")" "info" "-" \
+    "no fill: $(raw "${nfp99[@]}"); p50 with fill: $(raw "${fp50[@]}")"
+fi
+
+if on F; then
+kib() { calc "$1 / 1024"; }
+b=$(kib "$(m "${mampl[@]}")")
+pr=-; on C && pr=$(fmt "$(calc "4 * $(m "${ampl[@]}")")" 0)
+row "mmap 4 KiB random read: origin KiB per read" "$(fmt "$b" 0)" KiB "pread, KiB per read (section C)" "$pr" "-" "<= 64 KiB" "$(verdict "$b" '<=' 64)" "KiB: $(raw "${mampl[@]}"); p99 ms: $(raw "${mp99[@]}")"
+b=$(kib "$(m "${lampl[@]}")")
+row "loop device, O_DIRECT 4 KiB: KiB per read" "$(fmt "$b" 0)" KiB "-" "-" "-" "<= 64 KiB" "$(verdict "$b" '<=' 64)" \
+    "bytes: $(raw "${lampl[@]}"); p99 ms: $(raw "${lp99[@]}")"
+b=$(kib "$(m "${bampl[@]}")")
+row "loop device, buffered 4 KiB: KiB per read" "$(fmt "$b" 0)" KiB "-" "-" "-" "<= 64 KiB" "$(verdict "$b" '<=' 64)" \
+    "bytes: $(raw "${bampl[@]}"); p99 ms: $(raw "${bp99[@]}")"
+fi
+
+if on G; then
+b=$(mibs "$(m "${remount[@]}")"); c=$(mibs "$(m "${datafile[@]}")"); ra=$(calc "$b / $c")
+row "read after restart, caches dropped" "$(fmt "$b" 0)" MiB/s "dd of the data file, caches dropped" "$(fmt "$c" 0)" \
+    "$(fmt "$ra")" ">= 0.90x" "$(verdict "$ra" '>=' 0.9)" "bifs s: $(raw "${remount[@]}"); data file s: $(raw "${datafile[@]}")"
+fi
 
 print_table "bifs vs this machine's limits: ${SIZE_MIB} MiB random image, nginx on loopback, $runs ($(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
 write_csv bench

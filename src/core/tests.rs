@@ -392,6 +392,43 @@ async fn retries_back_off_and_a_stalled_source_times_the_reader_out() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_fill_yields_to_a_waiting_reader_and_goes_on_when_it_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(512 * BS as usize, 11);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("y".to_string(), src.clone())]));
+    let node = start(dir.path(), &reg).await;
+    let image = create(&node, "y", src.clone(), false).await;
+    // A reader waits on a stalled request (until --read-timeout, 5 s here)...
+    src.fault_next(MemFault::Stall);
+    let reader = {
+        let image = image.clone();
+        tokio::spawn(async move { image.read(500 * BS, 4096, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // ... while the fill starts. In paused time an unhindered fill of 32 jobs of 16
+    // blocks lands at once; yielding, it takes one job per pause of up to 100 ms.
+    node.fill("y").unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let during = image.fetcher().map().present_count();
+    assert!(
+        during <= 128,
+        "the fill held back while a reader waited: {during} of 512 blocks after 350 ms"
+    );
+    assert!(!reader.is_finished());
+    let e = reader.await.unwrap().unwrap_err();
+    assert!(matches!(e, Error::ReadTimeout { .. }), "{e}");
+    // The reader gone, the fill goes on at full speed: within 100 ms of paused time it
+    // has every block but those of the stalled request (which never ends here).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = image.fetcher().map().present_count();
+    assert!(after >= 512 - 16, "{after} of 512 blocks once the reader was gone");
+    let b = image.read(200 * BS, 4096, None).await.unwrap();
+    assert_eq!(&b[..], &want[(200 * BS) as usize..(201 * BS) as usize]);
+    node.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_unreachable_source_is_ridden_out_and_the_fill_resumes_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let want = data(16 * BS as usize, 4);
