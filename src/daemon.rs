@@ -45,8 +45,10 @@ pub fn check_listen(listen: SocketAddr, has_token: bool, insecure: bool) -> Resu
     ))
 }
 
-/// Asks the kernel for 1 MiB FUSE read requests instead of 128 KiB.
-fn raise_readahead(mp: &Path) {
+/// Sets the mount's readahead window (`fs::KERNEL_READAHEAD`, which says why). The
+/// kernel keeps its own default for FUSE mounts here whatever FUSE_INIT answers, so the
+/// window is set through the mount's bdi in sysfs.
+fn set_kernel_readahead(mp: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = std::fs::metadata(mp) else { return };
     let dev = m.dev();
@@ -55,8 +57,9 @@ fn raise_readahead(mp: &Path) {
         libc::major(dev),
         libc::minor(dev)
     );
-    if let Err(e) = std::fs::write(&path, "1024") {
-        warn!(path, error = %e, "cannot raise read_ahead_kb; reads use 128 KiB requests");
+    let kib = crate::fs::KERNEL_READAHEAD / 1024;
+    if let Err(e) = std::fs::write(&path, kib.to_string()) {
+        warn!(path, error = %e, "cannot set read_ahead_kb to {kib}; a page fault of an mmapped image still arriving may fetch the kernel's default window");
     }
 }
 
@@ -155,7 +158,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let fs = crate::fs::BifsFs::new(node.clone(), rt.handle().clone());
     let session = fuser::spawn_mount(fs, &mp, &cfg)
         .with_context(|| format!("cannot mount FUSE at {mp_str}"))?;
-    raise_readahead(&mp);
+    set_kernel_readahead(&mp);
     rt.spawn(crate::fs::invalidate_on_events(
         node.clone(),
         session.notifier(),
