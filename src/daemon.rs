@@ -63,6 +63,9 @@ fn set_kernel_readahead(mp: &Path) {
     }
 }
 
+/// The CPU priority of the fill's threads (the hashing thread runs at 10 too).
+const FILL_NICE: libc::c_int = 10;
+
 /// The API token from `--token-file` (the one reader of token files, `server::read_token_file`).
 fn read_token(f: &Path) -> anyhow::Result<String> {
     crate::server::read_token_file(f).map_err(|e| crate::core::Error::BadInput(e).into())
@@ -81,6 +84,20 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         .thread_name("bifs")
         .build()
         .context("cannot start the async runtime (threads)")?;
+    // Fill jobs run apart, at nice 10 (see `FetchConfig::fill_runtime`): on two cores a
+    // fill at line rate otherwise holds both workers when a reader's request arrives.
+    let fill_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("bifs-fill")
+        .on_thread_start(|| {
+            // SAFETY: setpriority on the calling thread (who = 0 is this thread on Linux).
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FILL_NICE) };
+        })
+        .build()
+        .context("cannot start the fill's async runtime (threads)")?;
+    let mut cfg = args.cfg.clone();
+    cfg.fetch.fill_runtime = Some(fill_rt.handle().clone());
     let token = match &args.token_file {
         Some(f) => Some(read_token(f)?),
         None => None,
@@ -117,7 +134,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     );
     let node = rt.block_on(Node::start_with(
         &args.disks,
-        args.cfg.clone(),
+        cfg,
         mp_str.clone(),
         sources,
     ))?;
@@ -195,6 +212,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     }
     let _ = rt.block_on(server);
     rt.shutdown_timeout(Duration::from_secs(2));
+    fill_rt.shutdown_timeout(Duration::from_secs(1));
     info!("bye");
     Ok(())
 }

@@ -69,6 +69,10 @@ pub struct FetchConfig {
     pub readahead_max: u64,
     /// How long a reader waits for absent blocks before it gets EIO (None: for ever).
     pub read_timeout: Option<Duration>,
+    /// Where fill jobs run (None: where the fill runs). The daemon gives them a runtime
+    /// of their own at a lower CPU priority, so a reader's tasks never queue behind fill
+    /// streams on the async workers and win the CPU when both want it.
+    pub fill_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for FetchConfig {
@@ -77,6 +81,7 @@ impl Default for FetchConfig {
             max_request: 4 * 1024 * 1024,
             readahead_max: 64 * 1024 * 1024,
             read_timeout: Some(Duration::from_secs(120)),
+            fill_runtime: None,
         }
     }
 }
@@ -428,7 +433,7 @@ impl Fetcher {
                     waiters: AtomicUsize::new(0),
                 });
                 inflight.insert(run.start, job.clone());
-                tokio::spawn(self.clone().run_job(job, permit.take()));
+                self.spawn_job(job, permit.take());
                 started = Some(run);
                 break;
             }
@@ -452,7 +457,7 @@ impl Fetcher {
                 waiters: AtomicUsize::new(0),
             });
             inflight.insert(run.start, job.clone());
-            tokio::spawn(self.clone().run_job(job.clone(), permit.take()));
+            self.spawn_job(job.clone(), permit.take());
             started = Some(run);
             b = run.end;
             if wait {
@@ -625,6 +630,19 @@ impl Fetcher {
     ) -> Option<BlockRange> {
         let range = BlockRange::new(from, self.geo.blocks());
         self.plan(range, false, Some(permit), Priority::Fill).1
+    }
+
+    /// Runs a job as a task of its own: a fill job on the fill runtime when there is one.
+    fn spawn_job(self: &Arc<Self>, job: Arc<Job>, permit: Option<OwnedSemaphorePermit>) {
+        let fill_rt = match job.prio {
+            Priority::Fill => self.cfg.fill_runtime.clone(),
+            Priority::Reader => None,
+        };
+        let task = self.clone().run_job(job, permit);
+        match fill_rt {
+            Some(rt) => drop(rt.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
     }
 
     async fn run_job(self: Arc<Self>, job: Arc<Job>, permit: Option<OwnedSemaphorePermit>) {

@@ -35,6 +35,7 @@ fn cfg() -> ImageConfig {
             max_request: 16 * BS,
             readahead_max: 64 * BS,
             read_timeout: Some(Duration::from_secs(5)),
+            fill_runtime: None,
         },
     }
 }
