@@ -9,7 +9,7 @@
 //! 800 KiB of bitmap in memory and on disk.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::sync::atomic::{AtomicU64, Ordering};
 
 use super::range::BlockRange;
 

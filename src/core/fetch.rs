@@ -28,24 +28,26 @@
 //!   request needs: a cold random 4 KiB read took 8-50 ms with the fill running against
 //!   0.5 ms without.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result, SourceError};
+use super::jobs::{Claims, Job, JobGuard, JobTable};
 use super::metrics::Metrics;
 use super::pieces::PieceDigests;
 use super::range::{BlockRange, ByteRange, Geometry};
 use super::source::{Identity, Priority, Source, Sources};
 use super::store::{page_io, BufPool, ImageFiles};
+use super::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use super::sync::{spawn, Mutex, RwLock};
 
 /// How many times a job retries a retryable error without making progress.
 const MAX_ATTEMPTS: u32 = 6;
@@ -91,22 +93,6 @@ pub trait FetchObserver: Send + Sync {
     fn reader_active(&self);
 }
 
-#[derive(Debug, Clone, Default)]
-struct JobProgress {
-    /// Blocks before this index have landed.
-    landed_to: u64,
-    done: bool,
-    error: Option<Error>,
-}
-
-struct Job {
-    blocks: BlockRange,
-    prio: Priority,
-    progress: watch::Sender<JobProgress>,
-    /// Readers waiting on this job now: a fill job with waiters never pauses for readers.
-    waiters: AtomicUsize,
-}
-
 /// Counts a waiting reader (on the fetcher, and on the job it waits on) while it lives.
 struct Waiting<'a> {
     count: &'a AtomicUsize,
@@ -130,63 +116,6 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl Job {
-    /// Waits until block `upto - 1` of this job has landed (or the job ended).
-    async fn wait_landed(&self, upto: u64) -> Result<()> {
-        let mut rx = self.progress.subscribe();
-        loop {
-            {
-                let p = rx.borrow_and_update();
-                if p.landed_to >= upto {
-                    return Ok(());
-                }
-                if let Some(e) = &p.error {
-                    return Err(e.clone());
-                }
-                if p.done {
-                    return Ok(()); // ended short without error: the caller re-plans
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// Ends a job however its task ends: normally, by error, by panic or dropped. Waiters
-/// are woken with the job's error (or a "task ended" one) and the job leaves the table.
-struct JobGuard<'a> {
-    fetcher: &'a Fetcher,
-    job: Arc<Job>,
-    result: Option<Result<()>>,
-}
-
-impl Drop for JobGuard<'_> {
-    fn drop(&mut self) {
-        let result = self.result.take().unwrap_or_else(|| {
-            Err(Error::Io {
-                path: self.fetcher.files.dir.join("data"),
-                msg: format!(
-                    "the fetch of {:?} ended unexpectedly (its task panicked or was dropped)",
-                    self.job.blocks
-                ),
-                errno: libc::EIO,
-            })
-        });
-        self.fetcher
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.job.blocks.start);
-        self.job.progress.send_modify(|p| {
-            p.done = true;
-            p.error = result.err();
-        });
-        self.fetcher.landed.notify_waiters();
-    }
-}
-
 pub struct Fetcher {
     /// The image's name, for logs and errors.
     name: String,
@@ -198,7 +127,7 @@ pub struct Fetcher {
     cfg: FetchConfig,
     buffers: Arc<BufPool>,
     metrics: Arc<Metrics>,
-    inflight: Mutex<BTreeMap<u64, Arc<Job>>>,
+    inflight: Arc<JobTable>,
     /// One write into the data file at a time: concurrent pwritevs of one file serialise
     /// on its inode lock in the kernel anyway, spinning there (13% of the daemon's CPU
     /// on a cold read); waiting here frees the worker for other streams instead.
@@ -252,7 +181,7 @@ impl Fetcher {
             cfg,
             buffers,
             metrics,
-            inflight: Mutex::new(BTreeMap::new()),
+            inflight: Arc::default(),
             writer: tokio::sync::Mutex::new(()),
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
@@ -307,6 +236,12 @@ impl Fetcher {
         self.fetched_bytes.load(Ordering::Relaxed)
     }
 
+    /// The single-flight table (the model tests look into it).
+    #[cfg(test)]
+    pub(crate) fn jobs(&self) -> &JobTable {
+        &self.inflight
+    }
+
     /// The sources, first asked first.
     pub fn sources(&self) -> Arc<Sources> {
         self.sources.read().unwrap().clone()
@@ -328,8 +263,9 @@ impl Fetcher {
 
     /// Stops all fetching and landing: jobs end with `err`, readers get it.
     pub fn halt(&self, err: Error) {
-        *self.halted.write().unwrap() = Some(err);
+        *self.halted.write().unwrap() = Some(err.clone());
         self.is_halted.store(true, Ordering::Release);
+        self.inflight.fail_all(&err);
         self.landed.notify_waiters();
     }
 
@@ -337,6 +273,7 @@ impl Fetcher {
     pub fn resume(&self) {
         *self.halted.write().unwrap() = None;
         self.is_halted.store(false, Ordering::Release);
+        self.inflight.clear_errors();
         self.fill_error.lock().unwrap().take();
     }
 
@@ -369,14 +306,6 @@ impl Fetcher {
         page_io(bytes.len() as usize, move || me.read_present(bytes)).await
     }
 
-    fn covering(inflight: &BTreeMap<u64, Arc<Job>>, block: u64) -> Option<Arc<Job>> {
-        inflight
-            .range(..=block)
-            .next_back()
-            .filter(|(_, j)| j.blocks.end > block)
-            .map(|(_, j)| j.clone())
-    }
-
     /// Plans jobs for the absent, uncovered blocks of `range`, returning those to wait
     /// on when `wait` is set. `permit`: the first new job takes it (the fill's limit),
     /// and then only one job is started.
@@ -393,13 +322,13 @@ impl Fetcher {
         let sources = self.sources();
         let ranged = sources.ranged();
         let max_blocks = self.max_blocks();
-        let mut inflight = self.inflight.lock().unwrap();
+        let mut inflight = self.inflight.lock();
         let mut b = range.start;
         while b < range.end {
             let Some(m) = self.map.first_missing(BlockRange::new(b, range.end)) else {
                 break;
             };
-            if let Some(job) = Self::covering(&inflight, m) {
+            if let Some(job) = inflight.covering(m) {
                 b = job.blocks.end;
                 if wait {
                     waits.push((job.clone(), job.blocks.end.min(range.end)));
@@ -416,19 +345,13 @@ impl Fetcher {
                 let start = m / unit * unit;
                 let run = BlockRange::new(start, (start + unit).min(self.geo.blocks()));
                 if policy.defer(self.geo.bytes_of(run))
-                    || Self::covering(&inflight, start).is_some()
+                    || inflight.covering(start).is_some()
                 {
                     b = run.end;
                     continue;
                 }
-                let job = Arc::new(Job {
-                    blocks: run,
-                    prio,
-                    progress: watch::channel(JobProgress::default()).0,
-                    waiters: AtomicUsize::new(0),
-                });
-                inflight.insert(run.start, job.clone());
-                tokio::spawn(self.clone().run_job(job, permit.take()));
+                let job = inflight.claim(run, prio);
+                spawn(self.clone().run_job(self.guard(job), permit.take()));
                 started = Some(run);
                 break;
             }
@@ -438,21 +361,15 @@ impl Fetcher {
             } else if let Some(pieces) = self.pieces() {
                 self.piece_run(&pieces, m, range, &inflight)
             } else {
-                let next_job = inflight.range(m..).next().map_or(u64::MAX, |(s, _)| *s);
+                let next_job = inflight.next_start(m);
                 let present = self
                     .map
                     .first_present(BlockRange::new(m, range.end))
                     .unwrap_or(range.end);
                 BlockRange::new(m, range.end.min(next_job).min(present).min(m + max_blocks))
             };
-            let job = Arc::new(Job {
-                blocks: run,
-                prio,
-                progress: watch::channel(JobProgress::default()).0,
-                waiters: AtomicUsize::new(0),
-            });
-            inflight.insert(run.start, job.clone());
-            tokio::spawn(self.clone().run_job(job.clone(), permit.take()));
+            let job = inflight.claim(run, prio);
+            spawn(self.clone().run_job(self.guard(job.clone()), permit.take()));
             started = Some(run);
             b = run.end;
             if wait {
@@ -473,15 +390,12 @@ impl Fetcher {
         pieces: &PieceDigests,
         m: u64,
         range: BlockRange,
-        inflight: &BTreeMap<u64, Arc<Job>>,
+        inflight: &Claims,
     ) -> BlockRange {
         let blocks = self.geo.blocks();
         let unit = (pieces.piece_size / self.geo.block_size).max(1);
         let start = m / unit * unit;
-        let next_job = inflight
-            .range(start + 1..)
-            .next()
-            .map_or(u64::MAX, |(s, _)| *s);
+        let next_job = inflight.next_start(start + 1);
         let limit = (range.end.div_ceil(unit) * unit)
             .min(start + self.max_blocks().div_ceil(unit).max(1) * unit)
             .min(blocks);
@@ -604,7 +518,7 @@ impl Fetcher {
             }
             tokio::select! {
                 _ = gone => {}
-                _ = tokio::time::sleep_until(deadline) => return,
+                _ = super::sync::sleep_until(deadline) => return,
                 _ = self.cancel.cancelled() => return,
             }
         }
@@ -627,12 +541,14 @@ impl Fetcher {
         self.plan(range, false, Some(permit), Priority::Fill).1
     }
 
-    async fn run_job(self: Arc<Self>, job: Arc<Job>, permit: Option<OwnedSemaphorePermit>) {
-        let mut guard = JobGuard {
-            fetcher: &self,
-            job: job.clone(),
-            result: None,
-        };
+    /// The guard that ends `job` however its task ends; made before the task is spawned,
+    /// so that a task dropped before its first poll ends the job too.
+    fn guard(&self, job: Arc<Job>) -> JobGuard {
+        JobGuard::new(&self.inflight, job, &self.landed, &self.files.dir)
+    }
+
+    async fn run_job(self: Arc<Self>, guard: JobGuard, permit: Option<OwnedSemaphorePermit>) {
+        let job = guard.job().clone();
         let result = self.fetch_job(&job).await;
         if let Err(e) = &result {
             if !matches!(e, Error::ShuttingDown) && self.halted().is_none() {
@@ -644,8 +560,7 @@ impl Fetcher {
                 }
             }
         }
-        guard.result = Some(result);
-        drop(guard);
+        guard.finish(result);
         drop(permit);
     }
 
