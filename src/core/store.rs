@@ -279,6 +279,9 @@ impl ImageFiles {
     /// Writes `chunks` back to back from `offset` with as few syscalls as it takes.
     pub fn write_chunks(&self, mut offset: u64, chunks: &[bytes::Bytes]) -> Result<()> {
         self.check_writable()?;
+        // A write takes time: the model lets other tasks run before it.
+        #[cfg(feature = "shuttle")]
+        shuttle::thread::yield_now();
         #[cfg(feature = "shuttle")]
         let first = offset;
         use std::os::fd::AsRawFd;
