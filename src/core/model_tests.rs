@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use shuttle::future::{block_on, spawn, yield_now};
+use shuttle::rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::bitmap::BlockMap;
@@ -174,10 +175,14 @@ fn world(stall: bool) -> World {
 }
 
 impl World {
-    /// A reader of `blocks`: ensure, then read; the bytes or the error.
+    /// A reader of `blocks` that comes at any moment (after 0 to 15 scheduling points):
+    /// ensure, then read; the bytes or the error.
     fn reader(&self, blocks: BlockRange) -> shuttle::future::JoinHandle<Result<Bytes, Error>> {
         let f = self.fetcher.clone();
         spawn(async move {
+            for _ in 0..shuttle::rand::thread_rng().gen_range(0..16) {
+                yield_now().await;
+            }
             f.ensure(blocks).await?;
             f.read_present(f.geometry().bytes_of(blocks))
         })
