@@ -175,14 +175,11 @@ fn world(stall: bool) -> World {
 }
 
 impl World {
-    /// A reader of `blocks` that comes at any moment (after 0 to 15 scheduling points):
-    /// ensure, then read; the bytes or the error.
+    /// A reader of `blocks` that comes at any moment (`arrive_late`): ensure, then read; the bytes or the error.
     fn reader(&self, blocks: BlockRange) -> shuttle::future::JoinHandle<Result<Bytes, Error>> {
         let f = self.fetcher.clone();
         spawn(async move {
-            for _ in 0..shuttle::rand::thread_rng().gen_range(0..16) {
-                yield_now().await;
-            }
+            arrive_late().await;
             f.ensure(blocks).await?;
             f.read_present(f.geometry().bytes_of(blocks))
         })
@@ -223,6 +220,13 @@ fn assert_disjoint(table: &JobTable) {
             pair[0].blocks,
             pair[1].blocks
         );
+    }
+}
+
+/// Lets 0 to 15 scheduling points pass: a task that comes at any moment, not first.
+async fn arrive_late() {
+    for _ in 0..shuttle::rand::thread_rng().gen_range(0..16) {
+        yield_now().await;
     }
 }
 
@@ -280,7 +284,10 @@ fn model_a_failure_racing_a_read_answers_the_reader() {
                 let r = w.reader(BlockRange::new(2, 4));
                 let halt = {
                     let f = w.fetcher.clone();
-                    spawn(async move { f.halt(halt_error()) })
+                    spawn(async move {
+                        arrive_late().await;
+                        f.halt(halt_error())
+                    })
                 };
                 match r.await.unwrap() {
                     Ok(b) => {
@@ -311,6 +318,7 @@ fn model_delete_racing_a_read_gives_bytes_or_an_error() {
             let delete = {
                 let (cancel, files) = (w.cancel.clone(), w.fetcher.files().clone());
                 spawn(async move {
+                    arrive_late().await;
                     cancel.cancel();
                     files.remove().expect("files removed");
                 })
