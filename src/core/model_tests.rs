@@ -396,7 +396,8 @@ fn model_a_bit_is_persisted_only_after_its_data() {
             let flusher = {
                 let (map, files) = (map.clone(), files.clone());
                 spawn(async move {
-                    for _ in 0..3 {
+                    // As the node's flush loop, many times over the landings.
+                    for _ in 0..24 {
                         files.flush(&map).expect("flush");
                         yield_now().await;
                     }
