@@ -344,9 +344,7 @@ impl Fetcher {
                 let unit = (unit_bytes / self.geo.block_size).max(1);
                 let start = m / unit * unit;
                 let run = BlockRange::new(start, (start + unit).min(self.geo.blocks()));
-                if policy.defer(self.geo.bytes_of(run))
-                    || inflight.covering(start).is_some()
-                {
+                if policy.defer(self.geo.bytes_of(run)) || inflight.covering(start).is_some() {
                     b = run.end;
                     continue;
                 }

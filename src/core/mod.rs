@@ -63,7 +63,7 @@ pub use status::Status;
 pub use store::State;
 pub use view::View;
 
-#[cfg(test)]
-mod tests;
 #[cfg(all(test, feature = "shuttle"))]
 mod model_tests;
+#[cfg(test)]
+mod tests;

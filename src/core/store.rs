@@ -15,7 +15,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use super::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +24,7 @@ use super::error::{Error, FailureKind, Result};
 use super::range::BlockRange;
 use super::source::Identity;
 use super::spec::ImageSpec;
+use super::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub use super::disk::{write_json_atomic, Disk};
 
