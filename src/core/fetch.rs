@@ -583,7 +583,7 @@ impl Fetcher {
                     let pause = Duration::from_millis(100 << attempt.min(6));
                     warn!(image = %self.name, block = next, attempt, error = %e, "range read failed, retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = super::sync::sleep(pause) => {}
                         _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
                     }
                 }

@@ -23,6 +23,18 @@ where
     shuttle::future::spawn(fut);
 }
 
+/// A job's pause before it retries: tokio's timer, or under shuttle a scheduling point
+/// (the model has no clock: any other task may run meanwhile, as in a pause).
+pub async fn sleep(pause: std::time::Duration) {
+    #[cfg(not(feature = "shuttle"))]
+    tokio::time::sleep(pause).await;
+    #[cfg(feature = "shuttle")]
+    {
+        let _ = pause;
+        shuttle::future::yield_now().await;
+    }
+}
+
 /// A fill stream's pause for waiting readers: tokio's timer, or under shuttle a
 /// scheduling point (the model has no clock: any other task may run meanwhile).
 pub async fn sleep_until(deadline: tokio::time::Instant) {
