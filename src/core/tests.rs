@@ -377,7 +377,10 @@ fn a_failure_answers_a_reader_waiting_on_a_stalled_source() {
         // Once the reader's request is out (and stalls), the image fails.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while src.requests.load(Ordering::Relaxed) == before {
-            assert!(std::time::Instant::now() < deadline, "the read asked nothing");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the read asked nothing"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         image.fail(&Error::Checksum {
