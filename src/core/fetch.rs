@@ -237,7 +237,7 @@ impl Fetcher {
     }
 
     /// The single-flight table (the model tests look into it).
-    #[cfg(test)]
+    #[cfg(all(test, feature = "shuttle"))]
     pub(crate) fn jobs(&self) -> &JobTable {
         &self.inflight
     }
@@ -344,7 +344,9 @@ impl Fetcher {
                 let unit = (unit_bytes / self.geo.block_size).max(1);
                 let start = m / unit * unit;
                 let run = BlockRange::new(start, (start + unit).min(self.geo.blocks()));
-                if policy.defer(self.geo.bytes_of(run)) || inflight.covering(start).is_some() {
+                // A unit that a reader's job covers in part waits: fetching it whole
+                // would fetch that job's blocks twice.
+                if policy.defer(self.geo.bytes_of(run)) || inflight.in_the_way(run).is_some() {
                     b = run.end;
                     continue;
                 }
@@ -357,7 +359,19 @@ impl Fetcher {
                 // Without range support the one stream covers the whole image.
                 BlockRange::new(0, self.geo.blocks())
             } else if let Some(pieces) = self.pieces() {
-                self.piece_run(&pieces, m, range, &inflight)
+                let run = self.piece_run(&pieces, m, range, &inflight);
+                // A job planned before the digests arrived may lie in these pieces: wait
+                // for it to end (not only land: its blocks are not the reader's), then plan
+                // the pieces whole, rather than fetch its blocks twice. Its error is the
+                // reader's: the pieces the reader needs hold its blocks.
+                if let Some(job) = inflight.in_the_way(run) {
+                    if wait {
+                        waits.push((job, u64::MAX));
+                    }
+                    b = run.end;
+                    continue;
+                }
+                run
             } else {
                 let next_job = inflight.next_start(m);
                 let present = self

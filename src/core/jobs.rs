@@ -108,16 +108,24 @@ impl Claims<'_> {
         self.0.range(from..).next().map_or(u64::MAX, |(s, _)| *s)
     }
 
-    /// Whether a job in flight covers a block of `run`.
-    pub fn overlaps(&self, run: BlockRange) -> bool {
-        self.covering(run.start).is_some() || self.next_start(run.start) < run.end
+    /// The first job in flight that covers a block of `run`.
+    pub fn in_the_way(&self, run: BlockRange) -> Option<Arc<Job>> {
+        self.covering(run.start).or_else(|| {
+            self.0
+                .range(run.start..run.end)
+                .next()
+                .map(|(_, j)| j.clone())
+        })
     }
 
     /// Enters a job for `run`, whose blocks no job covers (the caller checked, under
     /// this same lock). The model tests assert it on every claim.
     pub fn claim(&mut self, run: BlockRange, prio: Priority) -> Arc<Job> {
         #[cfg(feature = "shuttle")]
-        assert!(!self.overlaps(run), "{run:?} overlaps a job in flight");
+        assert!(
+            self.in_the_way(run).is_none(),
+            "{run:?} overlaps a job in flight"
+        );
         let job = Arc::new(Job {
             blocks: run,
             prio,
@@ -129,7 +137,7 @@ impl Claims<'_> {
     }
 
     /// The jobs in flight, in block order.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "shuttle"))]
     pub fn jobs(&self) -> Vec<Arc<Job>> {
         self.0.values().cloned().collect()
     }

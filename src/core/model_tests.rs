@@ -24,8 +24,9 @@ use super::error::{Error, SourceError};
 use super::fetch::{FetchConfig, Fetcher};
 use super::jobs::{JobGuard, JobTable};
 use super::metrics::Metrics;
+use super::pieces::PieceDigests;
 use super::range::{BlockRange, ByteRange, Geometry};
-use super::source::{ByteStream, Identity, Priority, Source, Sources};
+use super::source::{ByteStream, FillPolicy, Identity, Priority, Source, Sources};
 use super::spec::ImageSpec;
 use super::store::{BufPool, Disk, DiskEvent, ImageFiles, StoredSpec};
 
@@ -35,12 +36,12 @@ const BS: u64 = 128 * 1024;
 const BLOCKS: u64 = 8;
 const CHUNK: usize = (BS / 2) as usize;
 
-/// Schedules per scheduler and property (`MODEL_ITERATIONS`, default 200).
+/// Schedules per scheduler and property (`MODEL_ITERATIONS`, default 100: about 12 s on 2 cores).
 fn iterations() -> usize {
     std::env::var("MODEL_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
+        .unwrap_or(100)
 }
 
 /// Runs `f` under shuttle's random scheduler and under PCT (depth 3), each for
@@ -105,6 +106,22 @@ impl Source for ModelSource {
     }
 }
 
+/// The fill of a node that shares the work with others (peers) in units of 4 blocks, and
+/// leaves none of them to the others.
+struct FourBlockUnits;
+
+impl FillPolicy for FourBlockUnits {
+    fn unit_bytes(&self) -> Option<u64> {
+        Some(4 * BS)
+    }
+    fn defer(&self, _bytes: ByteRange) -> bool {
+        false
+    }
+    fn first_unit(&self, _units: u64) -> u64 {
+        0
+    }
+}
+
 fn identity() -> Identity {
     Identity {
         size: BLOCKS * BS,
@@ -132,6 +149,11 @@ fn temp_dir() -> tempfile::TempDir {
 }
 
 fn world(stall: bool) -> World {
+    world_with(stall, false)
+}
+
+/// `shared`: the fill shares its work with other nodes in units of 4 blocks (peers).
+fn world_with(stall: bool, shared: bool) -> World {
     let dir = temp_dir();
     let disk = Disk::open(dir.path()).expect("disk");
     let stored = StoredSpec {
@@ -155,7 +177,10 @@ fn world(stall: bool) -> World {
         Arc::new(BlockMap::new(BLOCKS)),
         files,
         identity(),
-        Sources::one(source.clone()),
+        Sources {
+            fill_policy: shared.then(|| Arc::new(FourBlockUnits) as Arc<dyn FillPolicy>),
+            ..Sources::one(source.clone())
+        },
         FetchConfig {
             max_request: 4 * BS,
             readahead_max: 8 * BS,
@@ -275,6 +300,88 @@ fn model_two_readers_and_the_fill_on_one_block() {
             served.iter().all(|&n| n <= 1),
             "a block was fetched more than once: {served:?}"
         );
+    });
+}
+
+/// The same, with the fill sharing its work in units (peers): a unit that a reader's job
+/// covers in part is left, not fetched over that job.
+#[test]
+fn model_a_reader_and_the_shared_fill_on_one_unit() {
+    check(|| {
+        let w = world_with(false, true);
+        block_on(async {
+            let r = w.reader(BlockRange::new(2, 3));
+            let fill = w.fill();
+            let b = r
+                .await
+                .unwrap()
+                .expect("no fault: the reader gets its bytes");
+            w.expect_bytes(BlockRange::new(2, 3), &b);
+            fill.await.unwrap();
+            w.settle().await;
+        });
+        let served = w.source.served.lock().unwrap().clone();
+        assert!(
+            served.iter().all(|&n| n <= 1),
+            "a block was fetched more than once: {served:?}"
+        );
+    });
+}
+
+/// Piece digests of the image in pieces of 4 blocks, as a verified copy gives them.
+fn digests(data: &[u8]) -> Arc<PieceDigests> {
+    use sha2::Digest;
+    let piece = 4 * BS;
+    let mut wire = piece.to_le_bytes().to_vec();
+    wire.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    for p in data.chunks(piece as usize) {
+        wire.extend_from_slice(&sha2::Sha256::digest(p));
+    }
+    Arc::new(PieceDigests::from_bytes(&wire, data.len() as u64).expect("digests"))
+}
+
+/// Piece digests arriving while a job planned without them is in flight: a job planned
+/// after them (whole pieces) is not laid over that one; it waits for it to end. (Whole
+/// pieces fetch their present blocks again, by design: no served-once check here.)
+/// No reader starts on a piece boundary before the digests: such a job fails its piece
+/// check (a partial piece), a finding left to `stream_job` (see the report).
+#[test]
+fn model_digests_arriving_mid_flight_lay_no_job_over_another() {
+    check(|| {
+        let w = world(false);
+        block_on(async {
+            let early = w.reader(BlockRange::new(2, 3));
+            let set = {
+                let (f, d) = (w.fetcher.clone(), digests(&w.want));
+                spawn(async move {
+                    arrive_late().await;
+                    f.set_pieces(d);
+                })
+            };
+            let late = w.reader(BlockRange::new(1, 2));
+            let watcher = {
+                let f = w.fetcher.clone();
+                spawn(async move {
+                    for _ in 0..8 {
+                        assert_disjoint(f.jobs());
+                        yield_now().await;
+                    }
+                })
+            };
+            for (r, blocks) in [
+                (early, BlockRange::new(2, 3)),
+                (late, BlockRange::new(1, 2)),
+            ] {
+                let b = r
+                    .await
+                    .unwrap()
+                    .expect("no fault: the reader gets its bytes");
+                w.expect_bytes(blocks, &b);
+            }
+            set.await.unwrap();
+            watcher.await.unwrap();
+            w.settle().await;
+        });
     });
 }
 
