@@ -343,8 +343,9 @@ fn digests(data: &[u8]) -> Arc<PieceDigests> {
 /// Piece digests arriving while a job planned without them is in flight: a job planned
 /// after them (whole pieces) is not laid over that one; it waits for it to end. (Whole
 /// pieces fetch their present blocks again, by design: no served-once check here.)
-/// No reader starts on a piece boundary before the digests: such a job fails its piece
-/// check (a partial piece), a finding left to `stream_job` (see the report).
+/// No reader here starts a job on a piece boundary before the digests: `stream_job` checks
+/// such a job as whole pieces once the digests are in, and its trailing partial piece
+/// fails as corrupt (the source is blamed, the job retried); that is `stream_job`'s to fix.
 #[test]
 fn model_digests_arriving_mid_flight_lay_no_job_over_another() {
     check(|| {
