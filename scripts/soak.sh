@@ -8,7 +8,7 @@
 #   PARSER_CASES=20000   generated inputs per parser property
 #   LOAD_SECS=120        seconds per round of the load test (4 rounds)
 #   POWER_CUTS=50        power cuts of the ext4 loop disk during a fill
-#   MODEL_ITERATIONS=10000  schedules per scheduler in the model tests (CI: 100)
+#   MODEL_ITERATIONS=10000  schedules per scheduler in the model tests (CI: 100; this: ~25 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests mount FUSE" >&2; exit 1; }
