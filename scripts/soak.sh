@@ -8,14 +8,17 @@
 #   PARSER_CASES=20000   generated inputs per parser property
 #   LOAD_SECS=120        seconds per round of the load test (4 rounds)
 #   POWER_CUTS=50        power cuts of the ext4 loop disk during a fill
+#   MODEL_ITERATIONS=10000  schedules per scheduler in the model tests (CI: 100; this: ~25 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests mount FUSE" >&2; exit 1; }
 : "${SOAK_ROUNDS:=10}" "${CRASH_KILLS:=300}" "${PARSER_CASES:=20000}" "${LOAD_SECS:=120}" "${POWER_CUTS:=50}"
-export CRASH_KILLS PARSER_CASES LOAD_SECS POWER_CUTS
+: "${MODEL_ITERATIONS:=10000}"
+export CRASH_KILLS PARSER_CASES LOAD_SECS POWER_CUTS MODEL_ITERATIONS
 cargo build --tests --bins --quiet --features failpoints
 run() { cargo test --quiet --features failpoints --test "$@" -- --test-threads=2 --nocapture; }
 start=$(date +%s)
+cargo test --quiet --features shuttle --lib model_ -- --test-threads=2 --nocapture
 run crash
 run powerloss
 run parsers

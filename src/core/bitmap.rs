@@ -9,9 +9,9 @@
 //! 800 KiB of bitmap in memory and on disk.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::range::BlockRange;
+use super::sync::atomic::{AtomicU64, Ordering};
 
 pub struct BlockMap {
     words: Vec<AtomicU64>,

@@ -28,24 +28,26 @@
 //!   request needs: a cold random 4 KiB read took 8-50 ms with the fill running against
 //!   0.5 ms without.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result, SourceError};
+use super::jobs::{Claims, Job, JobGuard, JobTable};
 use super::metrics::Metrics;
 use super::pieces::PieceDigests;
 use super::range::{BlockRange, ByteRange, Geometry};
 use super::source::{Identity, Priority, Source, Sources};
 use super::store::{page_io, BufPool, ImageFiles};
+use super::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use super::sync::{spawn, Mutex, RwLock};
 
 /// How many times a job retries a retryable error without making progress.
 const MAX_ATTEMPTS: u32 = 6;
@@ -96,22 +98,6 @@ pub trait FetchObserver: Send + Sync {
     fn reader_active(&self);
 }
 
-#[derive(Debug, Clone, Default)]
-struct JobProgress {
-    /// Blocks before this index have landed.
-    landed_to: u64,
-    done: bool,
-    error: Option<Error>,
-}
-
-struct Job {
-    blocks: BlockRange,
-    prio: Priority,
-    progress: watch::Sender<JobProgress>,
-    /// Readers waiting on this job now: a fill job with waiters never pauses for readers.
-    waiters: AtomicUsize,
-}
-
 /// Counts a waiting reader (on the fetcher, and on the job it waits on) while it lives.
 struct Waiting<'a> {
     count: &'a AtomicUsize,
@@ -135,63 +121,6 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl Job {
-    /// Waits until block `upto - 1` of this job has landed (or the job ended).
-    async fn wait_landed(&self, upto: u64) -> Result<()> {
-        let mut rx = self.progress.subscribe();
-        loop {
-            {
-                let p = rx.borrow_and_update();
-                if p.landed_to >= upto {
-                    return Ok(());
-                }
-                if let Some(e) = &p.error {
-                    return Err(e.clone());
-                }
-                if p.done {
-                    return Ok(()); // ended short without error: the caller re-plans
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// Ends a job however its task ends: normally, by error, by panic or dropped. Waiters
-/// are woken with the job's error (or a "task ended" one) and the job leaves the table.
-struct JobGuard<'a> {
-    fetcher: &'a Fetcher,
-    job: Arc<Job>,
-    result: Option<Result<()>>,
-}
-
-impl Drop for JobGuard<'_> {
-    fn drop(&mut self) {
-        let result = self.result.take().unwrap_or_else(|| {
-            Err(Error::Io {
-                path: self.fetcher.files.dir.join("data"),
-                msg: format!(
-                    "the fetch of {:?} ended unexpectedly (its task panicked or was dropped)",
-                    self.job.blocks
-                ),
-                errno: libc::EIO,
-            })
-        });
-        self.fetcher
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.job.blocks.start);
-        self.job.progress.send_modify(|p| {
-            p.done = true;
-            p.error = result.err();
-        });
-        self.fetcher.landed.notify_waiters();
-    }
-}
-
 pub struct Fetcher {
     /// The image's name, for logs and errors.
     name: String,
@@ -203,7 +132,7 @@ pub struct Fetcher {
     cfg: FetchConfig,
     buffers: Arc<BufPool>,
     metrics: Arc<Metrics>,
-    inflight: Mutex<BTreeMap<u64, Arc<Job>>>,
+    inflight: Arc<JobTable>,
     /// One write into the data file at a time: concurrent pwritevs of one file serialise
     /// on its inode lock in the kernel anyway, spinning there (13% of the daemon's CPU
     /// on a cold read); waiting here frees the worker for other streams instead.
@@ -257,7 +186,7 @@ impl Fetcher {
             cfg,
             buffers,
             metrics,
-            inflight: Mutex::new(BTreeMap::new()),
+            inflight: Arc::default(),
             writer: tokio::sync::Mutex::new(()),
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
@@ -312,6 +241,12 @@ impl Fetcher {
         self.fetched_bytes.load(Ordering::Relaxed)
     }
 
+    /// The single-flight table (the model tests look into it).
+    #[cfg(all(test, feature = "shuttle"))]
+    pub(crate) fn jobs(&self) -> &JobTable {
+        &self.inflight
+    }
+
     /// The sources, first asked first.
     pub fn sources(&self) -> Arc<Sources> {
         self.sources.read().unwrap().clone()
@@ -333,8 +268,9 @@ impl Fetcher {
 
     /// Stops all fetching and landing: jobs end with `err`, readers get it.
     pub fn halt(&self, err: Error) {
-        *self.halted.write().unwrap() = Some(err);
+        *self.halted.write().unwrap() = Some(err.clone());
         self.is_halted.store(true, Ordering::Release);
+        self.inflight.fail_all(&err);
         self.landed.notify_waiters();
     }
 
@@ -342,6 +278,7 @@ impl Fetcher {
     pub fn resume(&self) {
         *self.halted.write().unwrap() = None;
         self.is_halted.store(false, Ordering::Release);
+        self.inflight.clear_errors();
         self.fill_error.lock().unwrap().take();
     }
 
@@ -374,14 +311,6 @@ impl Fetcher {
         page_io(bytes.len() as usize, move || me.read_present(bytes)).await
     }
 
-    fn covering(inflight: &BTreeMap<u64, Arc<Job>>, block: u64) -> Option<Arc<Job>> {
-        inflight
-            .range(..=block)
-            .next_back()
-            .filter(|(_, j)| j.blocks.end > block)
-            .map(|(_, j)| j.clone())
-    }
-
     /// Plans jobs for the absent, uncovered blocks of `range`, returning those to wait
     /// on when `wait` is set. `permit`: the first new job takes it (the fill's limit),
     /// and then only one job is started.
@@ -398,13 +327,13 @@ impl Fetcher {
         let sources = self.sources();
         let ranged = sources.ranged();
         let max_blocks = self.max_blocks();
-        let mut inflight = self.inflight.lock().unwrap();
+        let mut inflight = self.inflight.lock();
         let mut b = range.start;
         while b < range.end {
             let Some(m) = self.map.first_missing(BlockRange::new(b, range.end)) else {
                 break;
             };
-            if let Some(job) = Self::covering(&inflight, m) {
+            if let Some(job) = inflight.covering(m) {
                 b = job.blocks.end;
                 if wait {
                     waits.push((job.clone(), job.blocks.end.min(range.end)));
@@ -420,20 +349,14 @@ impl Fetcher {
                 let unit = (unit_bytes / self.geo.block_size).max(1);
                 let start = m / unit * unit;
                 let run = BlockRange::new(start, (start + unit).min(self.geo.blocks()));
-                if policy.defer(self.geo.bytes_of(run))
-                    || Self::covering(&inflight, start).is_some()
-                {
+                // A unit that a reader's job covers in part waits: fetching it whole
+                // would fetch that job's blocks twice.
+                if policy.defer(self.geo.bytes_of(run)) || inflight.in_the_way(run).is_some() {
                     b = run.end;
                     continue;
                 }
-                let job = Arc::new(Job {
-                    blocks: run,
-                    prio,
-                    progress: watch::channel(JobProgress::default()).0,
-                    waiters: AtomicUsize::new(0),
-                });
-                inflight.insert(run.start, job.clone());
-                self.spawn_job(job, permit.take());
+                let job = inflight.claim(run, prio);
+                self.spawn_job(self.guard(job), permit.take());
                 started = Some(run);
                 break;
             }
@@ -441,23 +364,29 @@ impl Fetcher {
                 // Without range support the one stream covers the whole image.
                 BlockRange::new(0, self.geo.blocks())
             } else if let Some(pieces) = self.pieces() {
-                self.piece_run(&pieces, m, range, &inflight)
+                let run = self.piece_run(&pieces, m, range, &inflight);
+                // A job planned before the digests arrived may lie in these pieces: wait
+                // for it to end (not only land: its blocks are not the reader's), then plan
+                // the pieces whole, rather than fetch its blocks twice. Its error is the
+                // reader's: the pieces the reader needs hold its blocks.
+                if let Some(job) = inflight.in_the_way(run) {
+                    if wait {
+                        waits.push((job, u64::MAX));
+                    }
+                    b = run.end;
+                    continue;
+                }
+                run
             } else {
-                let next_job = inflight.range(m..).next().map_or(u64::MAX, |(s, _)| *s);
+                let next_job = inflight.next_start(m);
                 let present = self
                     .map
                     .first_present(BlockRange::new(m, range.end))
                     .unwrap_or(range.end);
                 BlockRange::new(m, range.end.min(next_job).min(present).min(m + max_blocks))
             };
-            let job = Arc::new(Job {
-                blocks: run,
-                prio,
-                progress: watch::channel(JobProgress::default()).0,
-                waiters: AtomicUsize::new(0),
-            });
-            inflight.insert(run.start, job.clone());
-            self.spawn_job(job.clone(), permit.take());
+            let job = inflight.claim(run, prio);
+            self.spawn_job(self.guard(job.clone()), permit.take());
             started = Some(run);
             b = run.end;
             if wait {
@@ -478,15 +407,12 @@ impl Fetcher {
         pieces: &PieceDigests,
         m: u64,
         range: BlockRange,
-        inflight: &BTreeMap<u64, Arc<Job>>,
+        inflight: &Claims,
     ) -> BlockRange {
         let blocks = self.geo.blocks();
         let unit = (pieces.piece_size / self.geo.block_size).max(1);
         let start = m / unit * unit;
-        let next_job = inflight
-            .range(start + 1..)
-            .next()
-            .map_or(u64::MAX, |(s, _)| *s);
+        let next_job = inflight.next_start(start + 1);
         let limit = (range.end.div_ceil(unit) * unit)
             .min(start + self.max_blocks().div_ceil(unit).max(1) * unit)
             .min(blocks);
@@ -539,7 +465,7 @@ impl Fetcher {
                         // A source that cannot serve for now: try again (a new job) after
                         // a pause, until the deadline; anything else is the reader's error.
                         Err(e) if self.worth_waiting(&e) => {
-                            let pause = tokio::time::sleep(READER_RETRY_PAUSE);
+                            let pause = super::sync::sleep(READER_RETRY_PAUSE);
                             tokio::select! {
                                 _ = pause => {}
                                 _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
@@ -609,7 +535,7 @@ impl Fetcher {
             }
             tokio::select! {
                 _ = gone => {}
-                _ = tokio::time::sleep_until(deadline) => return,
+                _ = super::sync::sleep_until(deadline) => return,
                 _ = self.cancel.cancelled() => return,
             }
         }
@@ -632,25 +558,27 @@ impl Fetcher {
         self.plan(range, false, Some(permit), Priority::Fill).1
     }
 
+    /// The guard that ends `job` however its task ends; made before the task is spawned,
+    /// so that a task dropped before its first poll ends the job too.
+    fn guard(&self, job: Arc<Job>) -> JobGuard {
+        JobGuard::new(&self.inflight, job, &self.landed, &self.files.dir)
+    }
+
     /// Runs a job as a task of its own: a fill job on the fill runtime when there is one.
-    fn spawn_job(self: &Arc<Self>, job: Arc<Job>, permit: Option<OwnedSemaphorePermit>) {
-        let fill_rt = match job.prio {
+    fn spawn_job(self: &Arc<Self>, guard: JobGuard, permit: Option<OwnedSemaphorePermit>) {
+        let fill_rt = match guard.job().prio {
             Priority::Fill => self.cfg.fill_runtime.clone(),
             Priority::Reader => None,
         };
-        let task = self.clone().run_job(job, permit);
+        let task = self.clone().run_job(guard, permit);
         match fill_rt {
             Some(rt) => drop(rt.spawn(task)),
-            None => drop(tokio::spawn(task)),
+            None => spawn(task),
         }
     }
 
-    async fn run_job(self: Arc<Self>, job: Arc<Job>, permit: Option<OwnedSemaphorePermit>) {
-        let mut guard = JobGuard {
-            fetcher: &self,
-            job: job.clone(),
-            result: None,
-        };
+    async fn run_job(self: Arc<Self>, guard: JobGuard, permit: Option<OwnedSemaphorePermit>) {
+        let job = guard.job().clone();
         let result = self.fetch_job(&job).await;
         if let Err(e) = &result {
             if !matches!(e, Error::ShuttingDown) && self.halted().is_none() {
@@ -662,8 +590,7 @@ impl Fetcher {
                 }
             }
         }
-        guard.result = Some(result);
-        drop(guard);
+        guard.finish(result);
         drop(permit);
     }
 
@@ -688,7 +615,7 @@ impl Fetcher {
                     let pause = Duration::from_millis(100 << attempt.min(6));
                     warn!(image = %self.name, block = next, attempt, error = %e, "range read failed, retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = super::sync::sleep(pause) => {}
                         _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
                     }
                 }
@@ -750,12 +677,13 @@ impl Fetcher {
             ByteRange::new(0, self.geo.size)
         };
         let mut skip = (want.start - ask.start) as usize;
-        // Pieces are checked when digests are known and the job starts on a piece (a job
-        // planned before the digests arrived does not; its source is the origin, whose
+        // Pieces are checked when digests are known and the job covers whole pieces (a job
+        // planned before the digests arrived may not; its source is the origin, whose
         // version is pinned, and the whole-image checksum still holds it).
-        let pieces = self
-            .pieces()
-            .filter(|p| want.start.is_multiple_of(p.piece_size));
+        let pieces = self.pieces().filter(|p| {
+            want.start.is_multiple_of(p.piece_size)
+                && (want.end.is_multiple_of(p.piece_size) || want.end == self.geo.size)
+        });
         if pieces.is_none() && source.needs_digests() {
             return Err(SourceError::Absent {
                 url: source.describe(),

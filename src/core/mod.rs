@@ -2,11 +2,11 @@
 //!
 //! Imports go one way (checked by `core_imports_form_no_cycle` in `tests.rs`); by layer:
 //! ```text
-//!  0 error range format metrics view
+//!  0 error range format metrics view sync
 //!  1 bitmap disk volume decompress yaml
 //!  2 spec_sources qcow2_export          3 spec          4 credentials manifest
 //!  5 source                             6 store compressed volume_source
-//!  7 state verify pieces lifecycle zeros
+//!  7 state verify pieces lifecycle zeros jobs
 //!  8 fetch peer                         9 fill readahead peer_source status
 //! 10 qcow2  11 image  12 upload  13 sources  14 node  -> shells (fs, server, cli)
 //! ```
@@ -26,6 +26,7 @@ pub mod fetch;
 pub mod fill;
 pub mod format;
 pub mod image;
+mod jobs;
 pub mod lifecycle;
 pub mod manifest;
 pub mod mem_source;
@@ -45,6 +46,7 @@ pub mod spec_sources;
 pub mod state;
 pub mod status;
 pub mod store;
+pub(crate) mod sync;
 pub mod upload;
 pub mod verify;
 pub mod view;
@@ -61,5 +63,7 @@ pub use status::Status;
 pub use store::State;
 pub use view::View;
 
+#[cfg(all(test, feature = "shuttle"))]
+mod model_tests;
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +24,7 @@ use super::error::{Error, FailureKind, Result};
 use super::range::BlockRange;
 use super::source::Identity;
 use super::spec::ImageSpec;
+use super::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub use super::disk::{write_json_atomic, Disk};
 
@@ -128,6 +128,20 @@ pub struct ImageFiles {
     dirty_from: AtomicUsize,
     /// Bytes written since writeback of the data file was last started.
     unstarted: AtomicU64,
+    /// What reached the files, in order: the model tests check the durability rule on it.
+    #[cfg(feature = "shuttle")]
+    pub journal: super::sync::Mutex<Vec<DiskEvent>>,
+}
+
+/// A write or sync of an image's files, as the model tests see it (`ImageFiles::journal`).
+/// Noted conservatively: data after its write returned, a sync after it returned, bits
+/// before their write starts.
+#[cfg(feature = "shuttle")]
+#[derive(Debug, Clone)]
+pub enum DiskEvent {
+    DataWritten { offset: u64, len: u64 },
+    DataSynced,
+    BitsWritten { from_word: usize, bits: Vec<u8> },
 }
 
 /// Every this many bytes written, writeback of the data file starts (`start_writeback`).
@@ -200,6 +214,8 @@ impl ImageFiles {
             dirty: AtomicBool::new(false),
             dirty_from: AtomicUsize::new(usize::MAX),
             unstarted: AtomicU64::new(0),
+            #[cfg(feature = "shuttle")]
+            journal: Default::default(),
         })
     }
 
@@ -254,9 +270,20 @@ impl ImageFiles {
         Ok((Arc::new(files), stored, state, map))
     }
 
+    /// Notes `event` for the model tests.
+    #[cfg(feature = "shuttle")]
+    pub(crate) fn note(&self, event: DiskEvent) {
+        self.journal.lock().unwrap().push(event);
+    }
+
     /// Writes `chunks` back to back from `offset` with as few syscalls as it takes.
     pub fn write_chunks(&self, mut offset: u64, chunks: &[bytes::Bytes]) -> Result<()> {
         self.check_writable()?;
+        // A write takes time: the model lets other tasks run before it.
+        #[cfg(feature = "shuttle")]
+        shuttle::thread::yield_now();
+        #[cfg(feature = "shuttle")]
+        let first = offset;
         use std::os::fd::AsRawFd;
         let mut idx = 0;
         let mut skip = 0; // bytes of chunks[idx] already written
@@ -309,6 +336,11 @@ impl ImageFiles {
                 }
             }
         }
+        #[cfg(feature = "shuttle")]
+        self.note(DiskEvent::DataWritten {
+            offset: first,
+            len: offset - first,
+        });
         Ok(())
     }
 
@@ -394,9 +426,16 @@ impl ImageFiles {
         self.data
             .sync_data()
             .map_err(|e| restore(Error::io(self.dir.join("data"), e)))?;
+        #[cfg(feature = "shuttle")]
+        self.note(DiskEvent::DataSynced);
         // Tests crash here (tests/crash.rs): the data is durable, its bits are not.
         #[cfg(feature = "failpoints")]
         super::failpoint::hit("flush-before-bitmap");
+        #[cfg(feature = "shuttle")]
+        self.note(DiskEvent::BitsWritten {
+            from_word: from,
+            bits: snapshot.clone(),
+        });
         self.bitmap
             .write_all_at(&snapshot, from as u64 * 8)
             .and_then(|_| self.bitmap.sync_data())

@@ -357,6 +357,47 @@ fn a_panicking_source_strands_no_reader() {
     });
 }
 
+/// An image that fails while a reader waits on a stalled source answers that reader with
+/// the failure at once, not when its read times out (never, with `--read-timeout 0`).
+/// Found by the model (`model_a_failure_racing_a_read_answers_the_reader`).
+#[test]
+fn a_failure_answers_a_reader_waiting_on_a_stalled_source() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let src = Arc::new(MemSource::new(data(16 * BS as usize, 9)));
+    let reg = Arc::new(Mutex::new(vec![("s".to_string(), src.clone())]));
+    rt.block_on(async {
+        let node = start(dir.path(), &reg).await;
+        let image = create(&node, "s", src.clone(), false).await;
+        let before = src.requests.load(Ordering::Relaxed);
+        src.fault_next(MemFault::Stall);
+        let reader = {
+            let image = image.clone();
+            tokio::spawn(async move { image.read(4 * BS, 4096, None).await })
+        };
+        // Once the reader's request is out (and stalls), the image fails.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while src.requests.load(Ordering::Relaxed) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the read asked nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        image.fail(&Error::Checksum {
+            want: "0".repeat(128),
+            got: "1".repeat(128),
+        });
+        let e = reader.await.unwrap().unwrap_err();
+        assert!(
+            !matches!(e, Error::ReadTimeout { .. }),
+            "the reader waited for its timeout: {e}"
+        );
+        assert!(e.to_string().contains("checksum"), "{e}");
+        node.shutdown().await;
+    });
+}
+
 #[tokio::test(start_paused = true)]
 async fn retries_back_off_and_a_stalled_source_times_the_reader_out() {
     let dir = tempfile::tempdir().unwrap();

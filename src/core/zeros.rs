@@ -115,6 +115,8 @@ fn punch(files: &ImageFiles, offset: u64, len: u64) -> Result<()> {
         )
     };
     if r == 0 {
+        #[cfg(feature = "shuttle")]
+        files.note(super::store::DiskEvent::DataWritten { offset, len });
         return Ok(());
     }
     let e = std::io::Error::last_os_error();
