@@ -174,11 +174,14 @@ fn sixty_four_readers_across_eight_filling_images_read_right_and_the_daemon_does
         c.max_ms.load(Ordering::Relaxed)
     );
     assert_eq!(filling_at_start, IMAGES, "the fills ran during the load");
-    // Readers closed their files: the daemon holds no more descriptors than before the
-    // load (a little slack for connections to the origin). Once an image is ready its
-    // reads go through passthrough, so the first round (all images filling) is the one
-    // the daemon serves itself.
-    assert!(fds1 <= fds0 + 8, "descriptors grew: {fds0} -> {fds1}");
+    // Readers closed their files: after the warm-up round the daemon's descriptors stay
+    // flat (a little slack for connections to the origin coming and going). The warm-up
+    // may leave idle connections in the HTTP pools (readers' and fill's, at most 64 idle
+    // per origin each), so against the start the bound is the pools'. Once an image is
+    // ready its reads go through passthrough, so the first round (all images filling) is
+    // the one the daemon serves itself.
+    assert!(fds1 <= fds_mid + 8, "descriptors grew: {fds0} -> {fds_mid} -> {fds1}");
+    assert!(fds1 <= fds0 + 2 * 64, "descriptors grew: {fds0} -> {fds_mid} -> {fds1}");
     assert!(
         rss1 <= rss0 + 64 * 1024,
         "resident memory grew by more than 64 MiB: {rss0} -> {rss1} KiB"
