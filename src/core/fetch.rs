@@ -22,9 +22,11 @@
 //!   an error (`JobGuard`), and a reader gives up after `read_timeout` with the reason.
 //! - Readers first: while a reader waits on a fetch, fill jobs no reader waits on stop
 //!   taking bytes off their streams (and the fill starts no new job), for at most
-//!   `FILL_YIELD_MAX` at a time; while readers come and go (`readers_recent`), the fill
-//!   keeps one stream instead of several. On two cores a fill at full speed (receive, write, hash)
-//!   otherwise holds the CPU, the writer and the origin that the reader's one small
+//!   `FILL_YIELD_MAX` at a time and then for at least `FILL_RUN_MIN` bytes not; while
+//!   readers come and go (`readers_recent`) the fill keeps one stream instead of several;
+//!   and fill jobs may run on a runtime of their own at a lower CPU priority
+//!   (`FetchConfig::fill_runtime`). On two cores a fill at full speed (receive, write,
+//!   hash) otherwise held the CPU, the workers and the origin that a reader's one small
 //!   request needs: a cold random 4 KiB read took 8-50 ms with the fill running against
 //!   0.5 ms without.
 
@@ -58,9 +60,12 @@ const READER_RETRY_PAUSE: Duration = Duration::from_secs(1);
 const WRITE_BATCH: usize = 256 * 1024;
 /// How long after a reader last waited the fill stays shrunk to one stream.
 const READERS_RECENT: Duration = Duration::from_millis(500);
-/// The longest a fill stream pauses for waiting readers before it takes one more chunk:
-/// a reader that waits long (a stalled source) slows the fill, it does not stop it.
-const FILL_YIELD_MAX: Duration = Duration::from_millis(100);
+/// The longest a fill stream (or the start of a fill job) pauses for waiting readers; a
+/// stream that paused then takes at least `FILL_RUN_MIN` before it pauses again. So a
+/// reader that waits long (a stalled source) and readers that never stop waiting (a busy
+/// VM) slow the fill, they do not stop it: it keeps at least a few MiB/s per stream.
+const FILL_YIELD_MAX: Duration = Duration::from_millis(20);
+const FILL_RUN_MIN: usize = 1024 * 1024;
 
 /// Tunables of the fetch path.
 #[derive(Debug, Clone)]
@@ -704,9 +709,11 @@ impl Fetcher {
         // Received chunks wait here, uncopied, until whole blocks can be written with one pwritev.
         let mut pending: VecDeque<Bytes> = VecDeque::new();
         let mut pending_len = 0usize;
+        let mut run = FILL_RUN_MIN; // bytes taken since the last pause
         loop {
-            if job.prio == Priority::Fill {
+            if job.prio == Priority::Fill && run >= FILL_RUN_MIN {
                 self.yield_for(Some(job)).await;
+                run = 0;
             }
             let chunk = tokio::select! {
                 c = stream.next() => c,
@@ -734,6 +741,7 @@ impl Fetcher {
                         // A whole-image stream past the job's end: keep what the job wants.
                         c.truncate(c.len() - (have - end_byte) as usize);
                     }
+                    run += c.len();
                     pending_len += c.len();
                     pending.push_back(c);
                     at_end = have >= end_byte;

@@ -449,13 +449,13 @@ async fn the_fill_yields_to_a_waiting_reader_and_goes_on_when_it_is_served() {
     };
     tokio::time::sleep(Duration::from_millis(10)).await;
     // ... while the fill starts. In paused time an unhindered fill of 32 jobs of 16
-    // blocks lands at once; yielding, it takes one job per pause of up to 100 ms.
+    // blocks lands at once; yielding, it starts one job per pause of up to 20 ms.
     node.fill("y").unwrap();
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let during = image.fetcher().map().present_count();
     assert!(
         during <= 128,
-        "the fill held back while a reader waited: {during} of 512 blocks after 350 ms"
+        "the fill held back while a reader waited: {during} of 512 blocks after 100 ms"
     );
     assert!(!reader.is_finished());
     let e = reader.await.unwrap().unwrap_err();
