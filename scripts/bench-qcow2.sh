@@ -22,9 +22,10 @@
 #               figure the issue compares with `qemu http` (target >= 0.8x)
 #   bifs cold, no fill   the same after `bifs create --no-fill`: the raw view's path alone
 #   bifs cold, cat       as bifs cold, read by cat (128 KiB reads)
-#   after ready: FUSE cache cold (dd bs=1M, the .raw inode's page cache dropped first,
-#               the data file warm: the decode path), O_DIRECT (every request reaches the
-#               daemon), page cache warm (the kernel's cache of the raw view)
+#   after ready: first read (dd bs=1M, the .raw inode's page cache, if the view keeps
+#               one, dropped first; the data file warm: the decode path), O_DIRECT (every
+#               request reaches the daemon), again (dd bs=1M: from the kernel's cache of
+#               the raw view, if its opens keep one)
 # Each ratio is the baseline's median time over the row's median time (higher is better);
 # the range beside it uses the row's min and max. "reqs" and "MiB" count what the origin
 # served during the row's median run (nginx's access log).
@@ -212,9 +213,9 @@ for img in half full; do
     line "$img" bifs_cold "bifs cold .raw, dd bs=1M" qemu_http "[target >= 0.80x]"
     line "$img" bifs_nofill "bifs cold .raw, --no-fill, dd bs=1M" qemu_http ""
     line "$img" bifs_cat "bifs cold .raw, cat" qemu_http ""
-    line "$img" ready_cold "ready: FUSE cache cold, dd bs=1M" qemu_local ""
+    line "$img" ready_cold "ready: first read, dd bs=1M" qemu_local ""
     line "$img" ready_direct "ready: O_DIRECT, dd bs=1M" qemu_local ""
-    line "$img" ready_warm "ready: page cache warm, dd bs=1M" qemu_local ""
+    line "$img" ready_warm "ready: again, dd bs=1M" qemu_local ""
 done
 stamp=$(date +%Y%m%d-%H%M%S)
 {

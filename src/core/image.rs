@@ -980,7 +980,11 @@ impl StoredBytes for Image {
         if self.is_failed() || !present || !self.verified_enough() {
             return None;
         }
-        // A hit keeps a sequential reader's readahead going, as in `read_present`.
+        // A hit keeps a sequential reader's readahead going and hashing in the
+        // background, as in `read_present`.
+        if self.state() != State::Ready {
+            self.shared.hasher.reader_active();
+        }
         self.read_ahead(bytes, ra);
         if let Err(e) = self.fetcher.files().read_data(offset, buf) {
             return Some(Err(e));
