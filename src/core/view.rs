@@ -42,10 +42,10 @@ pub enum OpenMode {
 /// - A qcow2 raw view is decoded from the stored bytes, which sit in the data file's
 ///   page cache already: a decode of present bytes is a `pread` (zeros cost nothing),
 ///   so it is served the same way, FOPEN_DIRECT_IO, ready or not. Through the FUSE
-///   page cache a cold read of the raw view cost more than the decode itself (1 GiB
-///   qcow2, half unallocated, after ready: 0.78-1.59 s page-cached against 0.58-1.26 s
-///   with O_DIRECT), held every byte twice, and read ahead by the kernel's window
-///   (a small window meant small requests); the daemon's own readahead follows the
+///   page cache the first read of a raw view cost more than the decode itself and
+///   hung on the kernel's readahead window (1 GiB qcow2, half unallocated, ready:
+///   0.42-0.52 s with a 1 MiB window, 0.61-4.46 s with 64 KiB; direct: 0.24-0.38 s
+///   with either), and held every byte twice; the daemon's own readahead follows the
 ///   decoder's stored reads instead.
 /// - Everything else (a ready image without passthrough, any view on kernels that
 ///   cannot mmap FOPEN_DIRECT_IO files) keeps the page cache across opens: the bytes
