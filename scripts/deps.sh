@@ -13,6 +13,25 @@ if [ ${#need[@]} -gt 0 ]; then
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get install -y -q "${need[@]}" >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "${need[@]}" >/dev/null; }
 fi
+# qemu's curl driver (qemu-img over HTTP, scripts/bench-qcow2.sh) lives in qemu-block-extra,
+# which must be qemu-utils' own version (apt would otherwise pick the release's and
+# downgrade qemu-utils). A backports qemu-utils needs backports for it.
+if [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]; then
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  qv=$(dpkg-query -W -f='${Version}' qemu-utils)
+  if ! $SUDO apt-get install -y -q "qemu-block-extra=$qv" >/dev/null 2>&1; then
+    bpo=$(mktemp -d)
+    mkdir -p "$bpo/lists/partial" "$bpo/archives/partial"
+    . /etc/os-release
+    echo "deb http://deb.debian.org/debian ${VERSION_CODENAME}-backports main" >"$bpo/sources.list"
+    o=(-o "Dir::Etc::sourcelist=$bpo/sources.list" -o "Dir::State::lists=$bpo/lists" -o "Dir::Cache::archives=$bpo/archives")
+    $SUDO apt-get "${o[@]}" update -q >/dev/null
+    $SUDO apt-get "${o[@]}" install -y -q --no-install-recommends "qemu-block-extra=$qv" >/dev/null ||
+      echo "qemu-block-extra $qv is not installable: qemu-img cannot read over HTTP (bench-qcow2.sh needs it)" >&2
+    $SUDO rm -rf "$bpo"
+  fi
+fi
 if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
   command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

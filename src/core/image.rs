@@ -734,12 +734,29 @@ impl Image {
         len: u32,
         ra: Option<&Mutex<ReadState>>,
     ) -> Result<Bytes> {
+        let bytes = self.make_present(offset, len, ra).await?;
+        if bytes.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let me = self.clone();
+        page_io(bytes.len() as usize, move || me.read_landed(bytes)).await
+    }
+
+    /// A read up to the data file: clamps `len` bytes at `offset` to the image, starts
+    /// the readahead `ra` calls for, fetches what is absent and waits for verification
+    /// where that is required. Returns the clamped bytes, now readable.
+    async fn make_present(
+        &self,
+        offset: u64,
+        len: u32,
+        ra: Option<&Mutex<ReadState>>,
+    ) -> Result<ByteRange> {
         if self.is_failed() {
             return Err(self.failure());
         }
         let bytes = self.geometry().clamp(offset, u64::from(len));
         if bytes.is_empty() {
-            return Ok(Bytes::new());
+            return Ok(bytes);
         }
         self.read_ahead(bytes, ra);
         let waited = self
@@ -765,8 +782,7 @@ impl Image {
             }
             self.wait_ready().await?;
         }
-        let me = self.clone();
-        page_io(bytes.len() as usize, move || me.read_landed(bytes)).await
+        Ok(bytes)
     }
 
     /// Waits until the image is ready (verified) or failed.
@@ -953,12 +969,23 @@ impl StoredBytes for Image {
         self.cancel.clone()
     }
 
-    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+    fn read_now(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        ra: Option<&Mutex<ReadState>>,
+    ) -> Option<Result<()>> {
         let bytes = ByteRange::new(offset, offset + buf.len() as u64);
         let present = self.fetcher.map().all_set(self.geometry().blocks_of(bytes));
         if self.is_failed() || !present || !self.verified_enough() {
             return None;
         }
+        // A hit keeps a sequential reader's readahead going and hashing in the
+        // background, as in `read_present`.
+        if self.state() != State::Ready {
+            self.shared.hasher.reader_active();
+        }
+        self.read_ahead(bytes, ra);
         if let Err(e) = self.fetcher.files().read_data(offset, buf) {
             return Some(Err(e));
         }
@@ -968,8 +995,15 @@ impl StoredBytes for Image {
         Some(Ok(()))
     }
 
-    async fn read(&self, offset: u64, len: u32, ra: &Mutex<ReadState>) -> Result<Bytes> {
+    async fn fetch(&self, offset: u64, len: u32, ra: Option<&Mutex<ReadState>>) -> Result<()> {
+        self.make_present(offset, len, ra)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.explain(e))
+    }
+
+    async fn read(&self, offset: u64, len: u32, ra: Option<&Mutex<ReadState>>) -> Result<Bytes> {
         let me = self.me.upgrade().ok_or(Error::ShuttingDown)?;
-        Image::read(&me, offset, len, Some(ra)).await
+        Image::read(&me, offset, len, ra).await
     }
 }

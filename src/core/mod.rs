@@ -8,7 +8,7 @@
 //!  5 source                             6 store compressed volume_source
 //!  7 state verify pieces lifecycle zeros jobs
 //!  8 fetch peer                         9 fill readahead peer_source status
-//! 10 qcow2  11 image  12 upload  13 sources  14 node  -> shells (fs, server, cli)
+//! 10 qcow2_read qcow2  11 image  12 upload  13 sources  14 node  -> shells (fs, server, cli)
 //! ```
 //! `fetch` owns blocks, files, sources and in-flight jobs and reports events; `verify`
 //! hashes a prefix; `fill` drives a fetcher; `qcow2` decodes any `StoredBytes`; only
@@ -37,6 +37,7 @@ pub mod peer_source;
 pub mod pieces;
 pub mod qcow2;
 pub mod qcow2_export;
+pub mod qcow2_read;
 pub mod range;
 pub mod readahead;
 pub mod source;

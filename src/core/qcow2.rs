@@ -7,12 +7,9 @@
 //!   started by the first raw read and ended with the image (delete, shutdown). Readers
 //!   send it requests over a channel and wait on a oneshot; every request runs as a
 //!   local task, so a read waiting on the network does not hold up the others.
-//! - I/O engine (`LazyIo`): blocks already present are read from the data file on the
-//!   decoder thread (a page-cache `pread`, cheaper than a hop to another thread);
-//!   absent ones go through `StoredBytes::read` on the node's runtime, with the decoder's own
-//!   readahead state, by `Handle::spawn` and awaiting the `JoinHandle` (awaitable from
-//!   any runtime, so nothing `!Send` crosses over). Bytes past the end of the stored
-//!   image read as zeros, as qcow2 defines them.
+//! - Reads (`qcow2_read`): qcow2-rs maps guest clusters to stored bytes; allocated
+//!   clusters are read from the lazy store straight into the reply, unallocated ones are
+//!   zeros that fetch nothing, compressed ones are inflated by qcow2-rs.
 //! - Caches: qcow2-rs keeps the whole L1 table and refcount table (read at open), L2
 //!   tables in slices of 4 KiB (or one smaller cluster) in its own LRU bounded to 32 MiB
 //!   per image (less when that maps the whole disk), and up to 256 KiB of refcount
@@ -32,15 +29,13 @@
 
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use futures::FutureExt;
 use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
-use qcow2_rs::error::Qcow2Result;
-use qcow2_rs::ops::Qcow2IoOps;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -48,30 +43,9 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use super::error::{Error, Result};
 use super::format::Qcow2Header;
-use super::readahead::ReadState;
+pub use super::qcow2_read::StoredBytes;
+use super::qcow2_read::{decoder_error, Engine, Guest, LazyIo};
 use super::store::BufPool;
-
-/// What the decoder needs of an image: its stored bytes.
-#[async_trait::async_trait]
-pub trait StoredBytes: Send + Sync + 'static {
-    fn name(&self) -> &str;
-    /// The first 8 characters of the disk's uuid, for logs.
-    fn disk8(&self) -> &str;
-    /// The stored image's size in bytes.
-    fn size(&self) -> u64;
-    /// Cancelled when the image goes away or the daemon stops.
-    fn cancel_token(&self) -> CancellationToken;
-    /// Reads `buf.len()` bytes at `offset` if they can be served without waiting
-    /// (present, and verified where that is required); None: use `read`.
-    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<Result<()>>;
-    /// Reads `len` bytes at `offset`, fetching what is absent.
-    async fn read(&self, offset: u64, len: u32, ra: &Mutex<ReadState>) -> Result<Bytes>;
-}
-
-/// qcow2-rs's I/O unit: offsets and lengths of guest reads are multiples of it.
-const SECTOR: u64 = 512;
-/// The largest single `StoredBytes::read` (its length is a u32).
-const MAX_STORED_READ: u64 = 64 * 1024 * 1024;
 
 struct Request {
     offset: u64,
@@ -168,14 +142,6 @@ impl RawViewSlot {
     }
 }
 
-fn decoder_error(name: &str, msg: String) -> Error {
-    Error::Io {
-        path: PathBuf::from(".raw").join(name),
-        msg,
-        errno: libc::EIO,
-    }
-}
-
 fn start_decoder(
     image: Arc<dyn StoredBytes>,
     slot: Arc<Mutex<Decoder>>,
@@ -260,12 +226,13 @@ impl DecoderCtx {
 
     async fn serve(self, mut rx: mpsc::UnboundedReceiver<Request>) {
         let last_io_error = Rc::new(RefCell::new(None));
-        let io = LazyIo {
+        let engine = Rc::new(Engine {
             image: self.image.clone(),
             rt: self.rt.clone(),
-            ra: Default::default(),
+            data_ra: Default::default(),
             last_error: last_io_error.clone(),
-        };
+        });
+        let io = LazyIo(engine.clone());
         let dev = match AssertUnwindSafe(open(io, &self.name, &self.header))
             .catch_unwind()
             .await
@@ -321,7 +288,7 @@ impl DecoderCtx {
             let span = tracing::Span::current();
             let task = me
                 .clone()
-                .answer(dev.clone(), req, stop.clone(), last_io_error.clone());
+                .answer(dev.clone(), engine.clone(), req, stop.clone());
             tokio::task::spawn_local(task.instrument(span));
         }
         // Requests still queued or in flight drop their replies: their readers find the
@@ -333,19 +300,17 @@ impl DecoderCtx {
     async fn answer(
         self: Rc<Self>,
         dev: Rc<Qcow2Dev<LazyIo>>,
+        engine: Rc<Engine>,
         req: Request,
         stop: CancellationToken,
-        last_io_error: Rc<RefCell<Option<Error>>>,
     ) {
-        let read = read_guest(
-            &dev,
-            req.offset,
-            req.len,
-            self.header.virtual_size,
-            &self.name,
-            &last_io_error,
-            &self.pool,
-        );
+        let guest = Guest {
+            dev: &dev,
+            engine: &engine,
+            virtual_size: self.header.virtual_size,
+            name: &self.name,
+        };
+        let read = guest.read(req.offset, req.len, &self.pool);
         let r = match AssertUnwindSafe(read).catch_unwind().await {
             Ok(r) => r,
             Err(panic) => {
@@ -402,125 +367,4 @@ async fn open(
     }
     dev.qcow2_prep_io().await.map_err(|e| e.to_string())?;
     Ok(dev)
-}
-
-/// Reads guest bytes `offset..offset+len`, clamped to the virtual size, working around
-/// qcow2-rs's alignment rules and its miscounted reads at the end of the disk.
-async fn read_guest(
-    dev: &Qcow2Dev<LazyIo>,
-    offset: u64,
-    len: u64,
-    virtual_size: u64,
-    name: &str,
-    last_io_error: &RefCell<Option<Error>>,
-    pool: &Arc<BufPool>,
-) -> Result<Bytes> {
-    let end = (offset + len).min(virtual_size);
-    if offset >= end {
-        return Ok(Bytes::new());
-    }
-    let start = offset / SECTOR * SECTOR;
-    let aligned_end = end.div_ceil(SECTOR) * SECTOR;
-    // A read must not cross the virtual size: the whole sectors before it in one read,
-    // then (for a size that is not a multiple of 512) the last partial sector alone.
-    let whole_end = aligned_end.min(virtual_size / SECTOR * SECTOR);
-    let mut buf = pool.take((aligned_end - start) as usize);
-    let mut at = start;
-    for part_end in [whole_end, aligned_end] {
-        if part_end <= at {
-            continue;
-        }
-        let part = &mut buf.as_mut_slice()[(at - start) as usize..(part_end - start) as usize];
-        let want = part.len();
-        let got = dev.read_at(part, at).await;
-        if !matches!(got, Ok(n) if n == want) {
-            // An engine error is the real cause (and may be worth a retry); qcow2-rs
-            // reports it as a plain message, or only as a short count.
-            if let Some(e) = last_io_error.take() {
-                return Err(e);
-            }
-            let what = match got {
-                Ok(n) => format!("short read: {n} of {want} bytes"),
-                Err(e) => e.to_string(),
-            };
-            warn!(offset = at, len = want, error = %what, "qcow2 decode failed");
-            return Err(decoder_error(
-                name,
-                format!("qcow2 decode of guest bytes {at}+{want} failed: {what}"),
-            ));
-        }
-        at = part_end;
-    }
-    Ok(Bytes::from_owner(buf).slice((offset - start) as usize..(end - start) as usize))
-}
-
-/// qcow2-rs's I/O engine: reads of the stored image through the lazy store.
-struct LazyIo {
-    image: Weak<dyn StoredBytes>,
-    rt: Handle,
-    /// Sequential detection over the stored bytes the decoder reads.
-    ra: Arc<Mutex<ReadState>>,
-    /// The last error of a read, for the reply (qcow2-rs keeps only its text).
-    last_error: Rc<RefCell<Option<Error>>>,
-}
-
-impl LazyIo {
-    async fn read_stored(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let image = self.image.upgrade().ok_or(Error::ShuttingDown)?;
-        let end = (offset + buf.len() as u64).min(image.size());
-        let have = end.saturating_sub(offset) as usize;
-        buf[have..].fill(0);
-        if have == 0 {
-            return Ok(());
-        }
-        // Present blocks: read the data file right here (see the module comment).
-        if let Some(r) = image.read_now(offset, &mut buf[..have]) {
-            return r;
-        }
-        let mut at = offset;
-        while at < end {
-            let n = (end - at).min(MAX_STORED_READ);
-            let (reader, ra) = (image.clone(), self.ra.clone());
-            let bytes = self
-                .rt
-                .spawn(async move { reader.read(at, n as u32, &ra).await })
-                .await
-                .map_err(|_| Error::ShuttingDown)??;
-            if bytes.len() as u64 != n {
-                return Err(decoder_error(
-                    image.name(),
-                    format!("stored bytes {at}+{n}: read returned {} bytes", bytes.len()),
-                ));
-            }
-            let from = (at - offset) as usize;
-            buf[from..from + n as usize].copy_from_slice(&bytes);
-            at += n;
-        }
-        Ok(())
-    }
-}
-
-impl Qcow2IoOps for LazyIo {
-    async fn read_to(&self, offset: u64, buf: &mut [u8]) -> Qcow2Result<usize> {
-        match self.read_stored(offset, buf).await {
-            Ok(()) => Ok(buf.len()),
-            Err(e) => {
-                let msg = e.to_string();
-                *self.last_error.borrow_mut() = Some(e);
-                Err(msg.into())
-            }
-        }
-    }
-
-    async fn write_from(&self, _offset: u64, _buf: &[u8]) -> Qcow2Result<()> {
-        Err("the raw view is read-only".into())
-    }
-
-    async fn fallocate(&self, _offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
-        Err("the raw view is read-only".into())
-    }
-
-    async fn fsync(&self, _offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
-        Ok(())
-    }
 }
