@@ -16,21 +16,27 @@ fi
 # qemu's curl driver (qemu-img over HTTP, scripts/bench-qcow2.sh) lives in qemu-block-extra,
 # which must be qemu-utils' own version (apt would otherwise pick the release's and
 # downgrade qemu-utils). A backports qemu-utils needs backports for it.
-if [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]; then
-  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+# Only the benchmark needs it: a failure here warns and the tests go on.
+curl_driver() {
+  local SUDO= qv bpo o
+  [ "$(id -u)" = 0 ] || SUDO=sudo
   export DEBIAN_FRONTEND=noninteractive
-  qv=$(dpkg-query -W -f='${Version}' qemu-utils)
-  if ! $SUDO apt-get install -y -q "qemu-block-extra=$qv" >/dev/null 2>&1; then
-    bpo=$(mktemp -d)
-    mkdir -p "$bpo/lists/partial" "$bpo/archives/partial"
-    . /etc/os-release
-    echo "deb http://deb.debian.org/debian ${VERSION_CODENAME}-backports main" >"$bpo/sources.list"
-    o=(-o "Dir::Etc::sourcelist=$bpo/sources.list" -o "Dir::State::lists=$bpo/lists" -o "Dir::Cache::archives=$bpo/archives")
-    $SUDO apt-get "${o[@]}" update -q >/dev/null
-    $SUDO apt-get "${o[@]}" install -y -q --no-install-recommends "qemu-block-extra=$qv" >/dev/null ||
-      echo "qemu-block-extra $qv is not installable: qemu-img cannot read over HTTP (bench-qcow2.sh needs it)" >&2
-    $SUDO rm -rf "$bpo"
-  fi
+  qv=$(dpkg-query -W -f='${Version}' qemu-utils) || return 1
+  $SUDO apt-get install -y -q "qemu-block-extra=$qv" >/dev/null 2>&1 && return 0
+  bpo=$(mktemp -d)
+  mkdir -p "$bpo/lists/partial" "$bpo/archives/partial"
+  # shellcheck disable=SC1091
+  . /etc/os-release
+  echo "deb http://deb.debian.org/debian ${VERSION_CODENAME}-backports main" >"$bpo/sources.list"
+  o=(-o "Dir::Etc::sourcelist=$bpo/sources.list" -o "Dir::State::lists=$bpo/lists" -o "Dir::Cache::archives=$bpo/archives")
+  $SUDO apt-get "${o[@]}" update -q >/dev/null 2>&1 &&
+    $SUDO apt-get "${o[@]}" install -y -q --no-install-recommends "qemu-block-extra=$qv" >/dev/null 2>&1
+  local rc=$?
+  $SUDO rm -rf "$bpo"
+  return $rc
+}
+if [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]; then
+  curl_driver || echo "qemu-block-extra (qemu-utils' version) is not installable: qemu-img cannot read over HTTP (bench-qcow2.sh needs it; the tests do not)" >&2
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
