@@ -147,6 +147,18 @@ fn kill_pending(status: &str) -> bool {
         .any(|mask| u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & sigkill != 0))
 }
 
+/// How long the kernel may keep an image's attributes. The raw view's size is the stored
+/// size until the first block tells the format (a qcow2's virtual size is in its header),
+/// so until then its attributes are not kept: a `stat` right after `bifs create` must not
+/// hold on to the wrong size for a second.
+fn ttl_of(image: &Image, view: View) -> Duration {
+    if view == View::Raw && image.format().is_none() {
+        Duration::ZERO
+    } else {
+        TTL
+    }
+}
+
 fn errno(e: &crate::core::Error) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -301,7 +313,11 @@ impl fuser::Filesystem for BifsFs {
             _ => None,
         };
         match found {
-            Some((image, view)) => reply.entry(&TTL, &self.file_attr(&image, view), Generation(0)),
+            Some((image, view)) => reply.entry(
+                &ttl_of(&image, view),
+                &self.file_attr(&image, view),
+                Generation(0),
+            ),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -310,7 +326,7 @@ impl fuser::Filesystem for BifsFs {
         match ino.0 {
             1 | RAW_DIR => reply.attr(&TTL, &self.dir_attr(ino.0)),
             n => match self.image_of(n) {
-                Some((image, view)) => reply.attr(&TTL, &self.file_attr(&image, view)),
+                Some((image, view)) => reply.attr(&ttl_of(&image, view), &self.file_attr(&image, view)),
                 None => reply.error(Errno::ENOENT),
             },
         }
@@ -495,7 +511,10 @@ impl fuser::Filesystem for BifsFs {
             return reply.error(Errno::ENOTDIR);
         };
         for (i, (attr, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(attr.ino, (i + 1) as u64, name, &TTL, &attr, Generation(0)) {
+            let ttl = self
+                .image_of(attr.ino.0)
+                .map_or(TTL, |(image, view)| ttl_of(&image, view));
+            if reply.add(attr.ino, (i + 1) as u64, name, &ttl, &attr, Generation(0)) {
                 break;
             }
         }

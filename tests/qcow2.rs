@@ -463,3 +463,32 @@ fn decoder_threads(pid: u32) -> usize {
         .filter(|comm| comm.trim() == "bifs-qcow2")
         .count()
 }
+
+/// A `stat` of the raw view while `bifs create` still fetches the first block sees the
+/// stored size (the format is not known yet); the kernel must not keep that size, so a
+/// `stat` right after create returns shows the virtual size.
+#[test]
+fn the_raw_view_shows_the_virtual_size_as_soon_as_create_returns() {
+    let origin = Origin::start();
+    let d = Daemon::start();
+    let work = work_dir(&d);
+    let qcow = work.join("small.qcow2");
+    sh_ok(&format!("qemu-img create -q -f qcow2 {} 64M", qcow.display()));
+    let data = std::fs::read(&qcow).unwrap();
+    origin.put("small.qcow2", data.clone());
+    origin.set_chunk_delay(Duration::from_millis(700));
+    let raw = d.raw_path("small");
+    let early = std::thread::scope(|s| {
+        let create = s.spawn(|| {
+            d.bifs_ok(&["create", "small", "--url", &origin.url("small.qcow2"), "--no-fill"])
+        });
+        let early = common::wait_for("the raw view to appear", Duration::from_secs(10), || {
+            std::fs::metadata(&raw).ok().map(|m| m.len())
+        });
+        create.join().unwrap();
+        early
+    });
+    assert_eq!(early, data.len() as u64, "before the first block: the stored size");
+    let size = std::fs::metadata(&raw).unwrap().len();
+    assert_eq!(size, 64 * MIB, "right after create: the virtual size");
+}
