@@ -132,12 +132,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         args.volumes_dir.clone(),
         args.secrets_dir.clone(),
     );
-    let node = rt.block_on(Node::start_with(
-        &args.disks,
-        cfg,
-        mp_str.clone(),
-        sources,
-    ))?;
+    let node = rt.block_on(Node::start_with(&args.disks, cfg, mp_str.clone(), sources))?;
     {
         let _rt = rt.enter();
         if let Some(p) = peers {

@@ -143,7 +143,10 @@ fn kill_pending(status: &str) -> bool {
     let sigkill = 1u64 << (libc::SIGKILL - 1);
     status
         .lines()
-        .filter_map(|l| l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")))
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
         .any(|mask| u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & sigkill != 0))
 }
 
@@ -326,7 +329,9 @@ impl fuser::Filesystem for BifsFs {
         match ino.0 {
             1 | RAW_DIR => reply.attr(&TTL, &self.dir_attr(ino.0)),
             n => match self.image_of(n) {
-                Some((image, view)) => reply.attr(&ttl_of(&image, view), &self.file_attr(&image, view)),
+                Some((image, view)) => {
+                    reply.attr(&ttl_of(&image, view), &self.file_attr(&image, view))
+                }
                 None => reply.error(Errno::ENOENT),
             },
         }
@@ -608,12 +613,24 @@ mod tests {
         let status = |sig: &str, shd: &str| {
             format!("Name:\tdd\nState:\tD (disk sleep)\nSigQ:\t1/94\nSigPnd:\t{sig}\nShdPnd:\t{shd}\nSigBlk:\t0000000000000000\n")
         };
-        assert!(!kill_pending(&status("0000000000000000", "0000000000000000")));
-        assert!(kill_pending(&status("0000000000000100", "0000000000000000")));
-        assert!(kill_pending(&status("0000000000000000", "0000000000000100")));
+        assert!(!kill_pending(&status(
+            "0000000000000000",
+            "0000000000000000"
+        )));
+        assert!(kill_pending(&status(
+            "0000000000000100",
+            "0000000000000000"
+        )));
+        assert!(kill_pending(&status(
+            "0000000000000000",
+            "0000000000000100"
+        )));
         // SIGINT (bit 2) and SIGTERM (bit 15) pending alone are not a kill: the caller
         // may handle them, and its read must still be answered with the bytes.
-        assert!(!kill_pending(&status("0000000000004002", "0000000000000000")));
+        assert!(!kill_pending(&status(
+            "0000000000004002",
+            "0000000000000000"
+        )));
         assert!(!kill_pending("Name:\tdd\n"));
     }
 }

@@ -180,8 +180,14 @@ fn sixty_four_readers_across_eight_filling_images_read_right_and_the_daemon_does
     // per origin each), so against the start the bound is the pools'. Once an image is
     // ready its reads go through passthrough, so the first round (all images filling) is
     // the one the daemon serves itself.
-    assert!(fds1 <= fds_mid + 8, "descriptors grew: {fds0} -> {fds_mid} -> {fds1}");
-    assert!(fds1 <= fds0 + 2 * 64, "descriptors grew: {fds0} -> {fds_mid} -> {fds1}");
+    assert!(
+        fds1 <= fds_mid + 8,
+        "descriptors grew: {fds0} -> {fds_mid} -> {fds1}"
+    );
+    assert!(
+        fds1 <= fds0 + 2 * 64,
+        "descriptors grew: {fds0} -> {fds_mid} -> {fds1}"
+    );
     assert!(
         rss1 <= rss0 + 64 * 1024,
         "resident memory grew by more than 64 MiB: {rss0} -> {rss1} KiB"

@@ -473,14 +473,23 @@ fn the_raw_view_shows_the_virtual_size_as_soon_as_create_returns() {
     let d = Daemon::start();
     let work = work_dir(&d);
     let qcow = work.join("small.qcow2");
-    sh_ok(&format!("qemu-img create -q -f qcow2 {} 64M", qcow.display()));
+    sh_ok(&format!(
+        "qemu-img create -q -f qcow2 {} 64M",
+        qcow.display()
+    ));
     let data = std::fs::read(&qcow).unwrap();
     origin.put("small.qcow2", data.clone());
     origin.set_chunk_delay(Duration::from_millis(700));
     let raw = d.raw_path("small");
     let early = std::thread::scope(|s| {
         let create = s.spawn(|| {
-            d.bifs_ok(&["create", "small", "--url", &origin.url("small.qcow2"), "--no-fill"])
+            d.bifs_ok(&[
+                "create",
+                "small",
+                "--url",
+                &origin.url("small.qcow2"),
+                "--no-fill",
+            ])
         });
         let early = common::wait_for("the raw view to appear", Duration::from_secs(10), || {
             std::fs::metadata(&raw).ok().map(|m| m.len())
@@ -488,7 +497,11 @@ fn the_raw_view_shows_the_virtual_size_as_soon_as_create_returns() {
         create.join().unwrap();
         early
     });
-    assert_eq!(early, data.len() as u64, "before the first block: the stored size");
+    assert_eq!(
+        early,
+        data.len() as u64,
+        "before the first block: the stored size"
+    );
     let size = std::fs::metadata(&raw).unwrap().len();
     assert_eq!(size, 64 * MIB, "right after create: the virtual size");
 }

@@ -22,10 +22,12 @@
 //!   an error (`JobGuard`), and a reader gives up after `read_timeout` with the reason.
 //! - Readers first: while a reader waits on a fetch, fill jobs no reader waits on stop
 //!   taking bytes off their streams (and the fill starts no new job), for at most
-//!   `FILL_YIELD_MAX` at a time and then for at least `FILL_RUN_MIN` bytes not; while
-//!   readers come and go (`readers_recent`) the fill keeps one stream instead of several;
-//!   and fill jobs may run on a runtime of their own at a lower CPU priority
-//!   (`FetchConfig::fill_runtime`). On two cores a fill at full speed (receive, write,
+//!   `FILL_YIELD_MAX` at a time and then for at least `FILL_RUN_MIN` bytes not; and fill
+//!   jobs may run on a runtime of their own at a lower CPU priority
+//!   (`FetchConfig::fill_runtime`). The fill keeps all its streams: when readers read
+//!   where it is about to be (a VM's boot files near the start of the image), the fill
+//!   running ahead at full speed serves them best (keeping to one stream while readers
+//!   were about made a boot-like pattern 4x slower). On two cores a fill at full speed (receive, write,
 //!   hash) otherwise held the CPU, the workers and the origin that a reader's one small
 //!   request needs: a cold random 4 KiB read took 8-50 ms with the fill running against
 //!   0.5 ms without.
@@ -58,8 +60,6 @@ const MAX_ATTEMPTS: u32 = 6;
 const READER_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Whole blocks buffered before they are written (a job smaller than this writes once).
 const WRITE_BATCH: usize = 256 * 1024;
-/// How long after a reader last waited the fill stays shrunk to one stream.
-const READERS_RECENT: Duration = Duration::from_millis(500);
 /// The longest a fill stream (or the start of a fill job) pauses for waiting readers; a
 /// stream that paused then takes at least `FILL_RUN_MIN` before it pauses again. So a
 /// reader that waits long (a stalled source) and readers that never stop waiting (a busy
@@ -148,9 +148,6 @@ pub struct Fetcher {
     /// last of them is served.
     readers_waiting: AtomicUsize,
     readers_gone: Notify,
-    /// When a reader last began to wait on a fetch, in ms since `epoch` (0: never).
-    reader_waited_ms: AtomicU64,
-    epoch: std::time::Instant,
     fetched_bytes: AtomicU64,
     /// Set by the owner when the image failed: nothing more is fetched or landed.
     halted: RwLock<Option<Error>>,
@@ -196,8 +193,6 @@ impl Fetcher {
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
             readers_gone: Notify::new(),
-            reader_waited_ms: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
             fetched_bytes: AtomicU64::new(0),
             halted: RwLock::new(None),
             is_halted: AtomicBool::new(false),
@@ -448,8 +443,6 @@ impl Fetcher {
                 return Ok(waiting.is_some());
             }
             waiting.get_or_insert_with(|| {
-                let now = self.epoch.elapsed().as_millis() as u64;
-                self.reader_waited_ms.store(now.max(1), Ordering::Relaxed);
                 Waiting::new(&self.readers_waiting, Some(&self.readers_gone))
             });
             let (waits, _) = self.plan(range, true, None, Priority::Reader);
@@ -509,14 +502,6 @@ impl Fetcher {
             Error::NoSource { .. } => !self.sources().list.is_empty(),
             _ => false,
         }
-    }
-
-    /// Whether a reader waited on a fetch within `READERS_RECENT` (the fill then runs
-    /// one stream at a time).
-    pub fn readers_recent(&self) -> bool {
-        let at = self.reader_waited_ms.load(Ordering::Relaxed);
-        let now = self.epoch.elapsed().as_millis() as u64;
-        at != 0 && now.saturating_sub(at) < READERS_RECENT.as_millis() as u64
     }
 
     /// Waits while readers wait on fetches, for at most `FILL_YIELD_MAX` (the fill calls

@@ -15,8 +15,6 @@ use super::error::Error;
 use super::fetch::Fetcher;
 use super::range::BlockRange;
 
-/// How often a shrunk fill (readers about) looks whether it may start its next job.
-const SHRUNK_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 /// How often a fill with nothing to start looks again (work left to other nodes).
 const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -63,18 +61,8 @@ pub async fn run(
             p = sem.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = cancel.cancelled() => return FillEnd::Stopped,
         };
-        // A reader waiting on a fetch goes first, and while readers are about the fill
-        // keeps to one stream (fetch.rs: readers first).
+        // A reader waiting on a fetch goes first (fetch.rs: readers first).
         fetcher.yield_to_readers().await;
-        let parallel = parallel.max(1);
-        while parallel > 1 && fetcher.readers_recent() && sem.available_permits() < parallel - 1 {
-            let job_ended = landed.notified();
-            tokio::select! {
-                _ = job_ended => {}
-                _ = tokio::time::sleep(SHRUNK_RECHECK) => {}
-                _ = cancel.cancelled() => return FillEnd::Stopped,
-            }
-        }
         let notified = landed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();

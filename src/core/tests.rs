@@ -464,7 +464,10 @@ async fn the_fill_yields_to_a_waiting_reader_and_goes_on_when_it_is_served() {
     // has every block but those of the stalled request (which never ends here).
     tokio::time::sleep(Duration::from_millis(100)).await;
     let after = image.fetcher().map().present_count();
-    assert!(after >= 512 - 16, "{after} of 512 blocks once the reader was gone");
+    assert!(
+        after >= 512 - 16,
+        "{after} of 512 blocks once the reader was gone"
+    );
     let b = image.read(200 * BS, 4096, None).await.unwrap();
     assert_eq!(&b[..], &want[(200 * BS) as usize..(201 * BS) as usize]);
     node.cancel.cancel();
