@@ -385,7 +385,7 @@ fn a_body_larger_than_announced_is_never_landed() {
     c.d.bifs_ok(&["fill", "img"]);
     let mut s = c.settle();
     // Each oversized reply fails the image, naming it; how many of them one failure
-    // consumes depends on how many fill streams run at once (one while readers are about).
+    // consumes depends on how many fill requests were in flight when it came.
     while s["state"] == "failed" && c.origin.faults_left() > 0 {
         c.assert_failed_naming("body larger than announced", &["longer than asked"]);
         c.d.bifs_ok(&["fill", "img"]);
