@@ -20,17 +20,17 @@
 //!   yet landed.
 //! - No stranded waiters: a job whose task panics or is dropped wakes its waiters with
 //!   an error (`JobGuard`), and a reader gives up after `read_timeout` with the reason.
-//! - Readers first: while a reader waits on a fetch, fill jobs no reader waits on stop
-//!   taking bytes off their streams (and the fill starts no new job), for at most
-//!   `FILL_YIELD_MAX` at a time and then for at least `FILL_RUN_MIN` bytes not; and fill
-//!   jobs may run on a runtime of their own at a lower CPU priority
-//!   (`FetchConfig::fill_runtime`). The fill keeps all its streams: when readers read
-//!   where it is about to be (a VM's boot files near the start of the image), the fill
-//!   running ahead at full speed serves them best (keeping to one stream while readers
-//!   were about made a boot-like pattern 4x slower). On two cores a fill at full speed (receive, write,
-//!   hash) otherwise held the CPU, the workers and the origin that a reader's one small
-//!   request needs: a cold random 4 KiB read took 8-50 ms with the fill running against
-//!   0.5 ms without.
+//! - Readers first. On two cores a fill at full speed (receive, write, hash) held the
+//!   CPU, the async workers and the origin that a reader's one small request needs: a
+//!   cold random 4 KiB read took 8-75 ms with the fill running against 0.5 ms without.
+//!   So while a reader waits on a fetch, fill jobs no reader waits on stop taking bytes
+//!   off their streams (and the fill starts no new job) for at most `FILL_YIELD_MAX`,
+//!   and then take at least `FILL_RUN_MIN` before they pause again; fill jobs may run on
+//!   a runtime of their own at a lower CPU priority (`FetchConfig::fill_runtime`); and
+//!   the data file is written behind (`ImageFiles::note_written`). The fill keeps all
+//!   its streams: readers that read where it is about to be (a VM's boot files near the
+//!   start of the image) are served best by it running ahead at full speed (one stream
+//!   while readers were about made a boot-like pattern several times slower).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock, Weak};
