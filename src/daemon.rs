@@ -45,9 +45,9 @@ pub fn check_listen(listen: SocketAddr, has_token: bool, insecure: bool) -> Resu
     ))
 }
 
-/// Sets the mount's readahead window (`fs::KERNEL_READAHEAD`, which says why). The
-/// kernel keeps its own default for FUSE mounts here whatever FUSE_INIT answers, so the
-/// window is set through the mount's bdi in sysfs.
+/// Sets the mount's readahead window (`fs::KERNEL_READAHEAD`, which says why) through
+/// its bdi in sysfs, besides the FUSE_INIT answer (`fs.rs`), so the window holds whatever
+/// the kernel made of that answer.
 fn set_kernel_readahead(mp: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = std::fs::metadata(mp) else { return };
