@@ -45,8 +45,14 @@ pub struct Identity {
 impl Identity {
     /// A placeholder before the origin was asked (only to build sources that probe).
     pub fn unknown() -> Self {
+        Self::of_size(0)
+    }
+
+    /// The identity of bytes that carry no version tag (a local volume, an upload): the
+    /// size alone, served in ranges.
+    pub fn of_size(size: u64) -> Self {
         Self {
-            size: 0,
+            size,
             etag: None,
             last_modified: None,
             ranges: true,

@@ -460,12 +460,7 @@ mod tests {
         let name = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "b".repeat(61));
         let stored = StoredSpec {
             spec: ImageSpec::download(&name, "http://h/x", ""),
-            identity: Identity {
-                size: 4096,
-                etag: None,
-                last_modified: None,
-                ranges: true,
-            },
+            identity: Identity::of_size(4096),
             block_size: 4096,
             fill: true,
             created_unix: 0,
@@ -484,12 +479,7 @@ mod tests {
         let disk = Disk::open(t.path()).unwrap();
         let stored = StoredSpec {
             spec: ImageSpec::download("img", "http://h/x", ""),
-            identity: Identity {
-                size: 100_000,
-                etag: None,
-                last_modified: None,
-                ranges: true,
-            },
+            identity: Identity::of_size(100_000),
             block_size: 4096,
             fill: true,
             created_unix: 0,

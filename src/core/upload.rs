@@ -124,12 +124,7 @@ impl Source for UploadSource {
     }
 
     async fn probe(&self) -> Result<Identity, SourceError> {
-        Ok(Identity {
-            size: self.size,
-            etag: None,
-            last_modified: None,
-            ranges: true,
-        })
+        Ok(Identity::of_size(self.size))
     }
 
     /// Waits for the upload to land `range`'s blocks, streaming each run as it is there.

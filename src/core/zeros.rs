@@ -179,12 +179,7 @@ mod tests {
         let size = 64 * bs;
         let stored = super::super::store::StoredSpec {
             spec: super::super::spec::ImageSpec::download("z", "http://h/z", ""),
-            identity: super::super::source::Identity {
-                size,
-                etag: None,
-                last_modified: None,
-                ranges: true,
-            },
+            identity: super::super::source::Identity::of_size(size),
             block_size: bs,
             fill: true,
             created_unix: 0,
