@@ -11,16 +11,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::origin::{Fault, Origin};
-use common::{random_bytes, sh, sha512_hex, Daemon};
+use common::{assert_same, random_bytes, sh, sh_ok, sha512_hex, Daemon};
 
 const MIB: u64 = 1024 * 1024;
-
-/// Runs a shell command that must succeed; returns its stdout.
-fn sh_ok(cmd: &str) -> String {
-    let (rc, out, err) = sh(cmd);
-    assert_eq!(rc, 0, "`{cmd}` failed: {err}{out}");
-    out
-}
 
 fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let f = File::open(path)?;
@@ -35,18 +28,6 @@ fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     }
     buf.truncate(n);
     Ok(buf)
-}
-
-/// Compares two files with cmp, failing with its message.
-fn assert_same(a: &Path, b: &Path) {
-    let (rc, out, err) = sh(&format!("cmp {} {}", a.display(), b.display()));
-    assert_eq!(
-        rc,
-        0,
-        "{} differs from {}: {out}{err}",
-        a.display(),
-        b.display()
-    );
 }
 
 /// A loop mount of a file, unmounted on drop (also when the test fails half-way).

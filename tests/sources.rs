@@ -11,26 +11,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::origin::Origin;
-use common::{random_bytes, sh, sha512_hex, stamped_image, tail, wait_for, Daemon, BIN};
+use common::{
+    assert_same, random_bytes, sh, sh_ok, sha512_hex, stamped_image, tail, wait_for, Daemon, BIN,
+};
 
 const MIB: u64 = 1024 * 1024;
-
-fn sh_ok(cmd: &str) -> String {
-    let (rc, out, err) = sh(cmd);
-    assert_eq!(rc, 0, "`{cmd}` failed: {err}{out}");
-    out
-}
-
-fn assert_same(a: &Path, b: &Path) {
-    let (rc, out, err) = sh(&format!("cmp {} {}", a.display(), b.display()));
-    assert_eq!(
-        rc,
-        0,
-        "{} differs from {}: {out}{err}",
-        a.display(),
-        b.display()
-    );
-}
 
 fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let f = File::open(path)?;

@@ -341,6 +341,25 @@ pub fn sh(cmd: &str) -> (i32, String, String) {
     )
 }
 
+/// Runs a shell command that must succeed; returns its stdout.
+pub fn sh_ok(cmd: &str) -> String {
+    let (rc, out, err) = sh(cmd);
+    assert_eq!(rc, 0, "`{cmd}` failed: {err}{out}");
+    out
+}
+
+/// Compares two files with cmp, failing with its message.
+pub fn assert_same(a: &std::path::Path, b: &std::path::Path) {
+    let (rc, out, err) = sh(&format!("cmp {} {}", a.display(), b.display()));
+    assert_eq!(
+        rc,
+        0,
+        "{} differs from {}: {out}{err}",
+        a.display(),
+        b.display()
+    );
+}
+
 /// `curl` with `args`; returns (HTTP status, body).
 pub fn curl(args: &str) -> (u16, String) {
     let (rc, out, err) = sh(&format!("curl -s -w '\\n%{{http_code}}' {args}"));
