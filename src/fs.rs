@@ -124,7 +124,10 @@ const KILLED_POLL: Duration = Duration::from_millis(200);
 /// Never resolves when it cannot tell: pid 0 (a caller outside the daemon's pid
 /// namespace, or the kernel itself) or no /proc.
 async fn caller_killed(tid: u32) {
-    if tid == 0 || !std::path::Path::new("/proc/self/status").exists() {
+    // Looked at once: a stat of /proc per cold read would be on the read path.
+    static HAVE_PROC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let have_proc = *HAVE_PROC.get_or_init(|| std::path::Path::new("/proc/self/status").exists());
+    if tid == 0 || !have_proc {
         return futures::future::pending().await;
     }
     loop {

@@ -103,25 +103,21 @@ pub trait FetchObserver: Send + Sync {
     fn reader_active(&self);
 }
 
-/// Counts a waiting reader (on the fetcher, and on the job it waits on) while it lives.
-struct Waiting<'a> {
-    count: &'a AtomicUsize,
-    gone: Option<&'a Notify>,
-}
+/// Counts a reader waiting on a fetch while it lives; the last one gone wakes the fill
+/// streams paused for readers.
+struct Waiting<'a>(&'a Fetcher);
 
 impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize, gone: Option<&'a Notify>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self { count, gone }
+    fn new(fetcher: &'a Fetcher) -> Self {
+        fetcher.readers_waiting.fetch_add(1, Ordering::AcqRel);
+        Self(fetcher)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Some(gone) = self.gone {
-                gone.notify_waiters();
-            }
+        if self.0.readers_waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.readers_changed.notify_waiters();
         }
     }
 }
@@ -145,9 +141,9 @@ pub struct Fetcher {
     /// Woken whenever blocks land or a job ends.
     landed: Arc<Notify>,
     /// Readers waiting on a fetch now, and a wake-up for paused fill streams when the
-    /// last of them is served.
+    /// last of them is served or a reader starts waiting on a job (which may be theirs).
     readers_waiting: AtomicUsize,
-    readers_gone: Notify,
+    readers_changed: Notify,
     fetched_bytes: AtomicU64,
     /// Set by the owner when the image failed: nothing more is fetched or landed.
     halted: RwLock<Option<Error>>,
@@ -192,7 +188,7 @@ impl Fetcher {
             writer: tokio::sync::Mutex::new(()),
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
-            readers_gone: Notify::new(),
+            readers_changed: Notify::new(),
             fetched_bytes: AtomicU64::new(0),
             halted: RwLock::new(None),
             is_halted: AtomicBool::new(false),
@@ -442,15 +438,16 @@ impl Fetcher {
             if self.map.all_set(range) {
                 return Ok(waiting.is_some());
             }
-            waiting.get_or_insert_with(|| {
-                Waiting::new(&self.readers_waiting, Some(&self.readers_gone))
-            });
+            waiting.get_or_insert_with(|| Waiting::new(self));
             let (waits, _) = self.plan(range, true, None, Priority::Reader);
             if let Some(o) = self.observer() {
                 o.reader_active();
             }
             for (job, upto) in waits {
-                let _on_job = Waiting::new(&job.waiters, None);
+                // Subscribed now, and said: a fill stream paused for readers looks again,
+                // and does not keep one that waits on it waiting.
+                let mut rx = job.progress.subscribe();
+                self.readers_changed.notify_waiters();
                 let timeout = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -458,7 +455,7 @@ impl Fetcher {
                     }
                 };
                 tokio::select! {
-                    r = job.wait_landed(upto) => match r {
+                    r = Job::wait_landed(&mut rx, upto) => match r {
                         Ok(()) => {}
                         // A source that cannot serve for now: try again (a new job) after
                         // a pause, until the deadline; anything else is the reader's error.
@@ -515,11 +512,11 @@ impl Fetcher {
     async fn yield_for(&self, job: Option<&Job>) {
         let deadline = tokio::time::Instant::now() + FILL_YIELD_MAX;
         loop {
-            let gone = self.readers_gone.notified();
+            let gone = self.readers_changed.notified();
             tokio::pin!(gone);
             gone.as_mut().enable();
             if self.readers_waiting.load(Ordering::Acquire) == 0
-                || job.is_some_and(|j| j.waiters.load(Ordering::Acquire) > 0)
+                || job.is_some_and(|j| j.has_waiters())
             {
                 return;
             }

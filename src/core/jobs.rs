@@ -15,7 +15,6 @@ use tokio::sync::{watch, Notify};
 use super::error::{Error, Result};
 use super::range::BlockRange;
 use super::source::Priority;
-use super::sync::atomic::AtomicUsize;
 use super::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, Clone, Default)]
@@ -32,14 +31,19 @@ pub(crate) struct Job {
     /// `send_modify`, never `send`: `send` drops the value when no one listens yet, and
     /// a reader that subscribes later would wait for an end it never sees.
     pub progress: watch::Sender<JobProgress>,
-    /// Readers waiting on this job now: a fill job with waiters never pauses for readers.
-    pub waiters: AtomicUsize,
 }
 
 impl Job {
-    /// Waits until block `upto - 1` of this job has landed (or the job ended).
-    pub async fn wait_landed(&self, upto: u64) -> Result<()> {
-        let mut rx = self.progress.subscribe();
+    /// Whether a reader waits on this job now: each waiter holds a receiver of its
+    /// progress (a fill job with waiters never pauses for readers).
+    pub fn has_waiters(&self) -> bool {
+        self.progress.receiver_count() > 0
+    }
+
+    /// Waits until block `upto - 1` of this job has landed (or the job ended), on a
+    /// receiver of `progress` the waiter subscribed (the wait counts in `has_waiters`
+    /// from the subscription on, not from the first poll).
+    pub async fn wait_landed(rx: &mut watch::Receiver<JobProgress>, upto: u64) -> Result<()> {
         loop {
             {
                 let p = rx.borrow_and_update();
@@ -130,7 +134,6 @@ impl Claims<'_> {
             blocks: run,
             prio,
             progress: watch::channel(JobProgress::default()).0,
-            waiters: AtomicUsize::new(0),
         });
         self.0.insert(run.start, job.clone());
         job

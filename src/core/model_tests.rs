@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::bitmap::BlockMap;
 use super::error::{Error, SourceError};
 use super::fetch::{FetchConfig, Fetcher};
-use super::jobs::{JobGuard, JobTable};
+use super::jobs::{Job, JobGuard, JobTable};
 use super::metrics::Metrics;
 use super::pieces::PieceDigests;
 use super::range::{BlockRange, ByteRange, Geometry};
@@ -474,7 +474,9 @@ fn model_a_dropped_job_wakes_every_waiter() {
                     // its waiter subscribes.
                     yield_now().await;
                     match job {
-                        Some(job) => Some(job.wait_landed(upto).await),
+                        Some(job) => {
+                            Some(Job::wait_landed(&mut job.progress.subscribe(), upto).await)
+                        }
                         None => None, // the job had ended: a reader re-plans
                     }
                 })
