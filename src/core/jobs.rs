@@ -5,6 +5,11 @@
 //! its task ends (`JobGuard`). The fetcher decides what to claim and runs the jobs; this
 //! module only keeps the table, so that the model tests (`model_tests.rs`, shuttle) and
 //! the daemon run the same code.
+//!
+//! A job's end can be cut short (`Claims::cut`), so that a reader far ahead of a fill
+//! stream fetches its blocks itself rather than wait for the stream to get there. Both
+//! the cut and the job's landings (`Claims::reserve`) happen under the table's lock, and
+//! a cut never goes below what the job has reserved: no block is landed by two jobs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +20,7 @@ use tokio::sync::{watch, Notify};
 use super::error::{Error, Result};
 use super::range::BlockRange;
 use super::source::Priority;
+use super::sync::atomic::{AtomicU64, Ordering};
 use super::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, Clone, Default)]
@@ -26,14 +32,29 @@ pub(crate) struct JobProgress {
 }
 
 pub(crate) struct Job {
+    /// The blocks asked for when the job was claimed; it covers `blocks.start..end()`.
     pub blocks: BlockRange,
     pub prio: Priority,
+    /// Where the job ends now: `blocks.end` unless a reader cut it short.
+    end: AtomicU64,
+    /// Blocks before this one the job has landed or is landing (no cut goes below it).
+    reserved: AtomicU64,
     /// `send_modify`, never `send`: `send` drops the value when no one listens yet, and
     /// a reader that subscribes later would wait for an end it never sees.
     pub progress: watch::Sender<JobProgress>,
 }
 
 impl Job {
+    /// The end of the blocks this job covers (`blocks.end`, or where a reader cut it).
+    pub fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
+    }
+
+    /// Blocks before this one are landed or being landed by the job.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
+    }
+
     /// Whether a reader waits on this job now: each waiter holds a receiver of its
     /// progress (a fill job with waiters never pauses for readers).
     pub fn has_waiters(&self) -> bool {
@@ -103,7 +124,7 @@ impl Claims<'_> {
         self.0
             .range(..=block)
             .next_back()
-            .filter(|(_, j)| j.blocks.end > block)
+            .filter(|(_, j)| j.end() > block)
             .map(|(_, j)| j.clone())
     }
 
@@ -133,10 +154,32 @@ impl Claims<'_> {
         let job = Arc::new(Job {
             blocks: run,
             prio,
+            end: AtomicU64::new(run.end),
+            reserved: AtomicU64::new(run.start),
             progress: watch::channel(JobProgress::default()).0,
         });
         self.0.insert(run.start, job.clone());
         job
+    }
+
+    /// Cuts `job` (in flight) short at block `at`: from there on its blocks are no one's,
+    /// for the caller to claim. Never below what the job has reserved for landing; false
+    /// if nothing is left to cut.
+    pub fn cut(&mut self, job: &Job, at: u64) -> bool {
+        let at = at.max(job.reserved());
+        if at >= job.end() {
+            return false;
+        }
+        job.end.store(at, Ordering::Release);
+        true
+    }
+
+    /// The job's task is about to land blocks up to `upto`: reserves them and returns how
+    /// far it may land (less than `upto` if a reader cut the job meanwhile).
+    pub fn reserve(&mut self, job: &Job, upto: u64) -> u64 {
+        let upto = upto.min(job.end());
+        job.reserved.fetch_max(upto, Ordering::AcqRel);
+        upto
     }
 
     /// The jobs in flight, in block order.

@@ -25,6 +25,8 @@ pub enum MemFault {
     Panic,
     /// Never answer (a stalled origin).
     Stall,
+    /// Send each chunk of the body this long after the last (a slow stream).
+    Slow(std::time::Duration),
 }
 
 /// An in-memory source with fault injection, for tests and benches.
@@ -123,11 +125,13 @@ impl Source for MemSource {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let fault = self.faults.lock().unwrap().pop_front();
         let mut keep = usize::MAX;
+        let mut pace = None;
         match fault {
             Some(MemFault::Error(e)) => return Err(e),
             Some(MemFault::Panic) => panic!("MemSource: injected panic"),
             Some(MemFault::Stall) => futures::future::pending::<()>().await,
             Some(MemFault::Truncate(n)) => keep = n,
+            Some(MemFault::Slow(d)) => pace = Some(d),
             None => {}
         }
         let overlaps = |h: &ByteRange| h.start < range.end && range.start < h.end;
@@ -167,6 +171,15 @@ impl Source for MemSource {
                 reason: "injected: body cut short".into(),
             }));
         }
-        Ok(futures::stream::iter(chunks).boxed())
+        let stream = futures::stream::iter(chunks);
+        Ok(match pace {
+            None => stream.boxed(),
+            Some(d) => stream
+                .then(move |c| async move {
+                    tokio::time::sleep(d).await;
+                    c
+                })
+                .boxed(),
+        })
     }
 }

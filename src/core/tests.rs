@@ -78,14 +78,13 @@ fn factory(sources: Registry) -> SourceFactory {
 }
 
 async fn start(dir: &Path, reg: &Registry) -> Arc<Node> {
-    Node::start_with(
-        &[dir.to_path_buf()],
-        cfg(),
-        "/t".into(),
-        factory(reg.clone()),
-    )
-    .await
-    .expect("node starts")
+    start_cfg(dir, reg, cfg()).await
+}
+
+async fn start_cfg(dir: &Path, reg: &Registry, cfg: ImageConfig) -> Arc<Node> {
+    Node::start_with(&[dir.to_path_buf()], cfg, "/t".into(), factory(reg.clone()))
+        .await
+        .expect("node starts")
 }
 
 async fn create(node: &Arc<Node>, name: &str, src: Arc<MemSource>, fill: bool) -> Arc<Image> {
@@ -470,6 +469,39 @@ async fn the_fill_yields_to_a_waiting_reader_and_goes_on_when_it_is_served() {
     );
     let b = image.read(200 * BS, 4096, None).await.unwrap();
     assert_eq!(&b[..], &want[(200 * BS) as usize..(201 * BS) as usize]);
+    node.cancel.cancel();
+}
+
+/// A reader far ahead of a slow fill stream does not wait for the stream to get there:
+/// it cuts the fill job short and fetches its blocks itself (`Claims::cut`). Every block
+/// still lands once with the right bytes, and the image verifies.
+#[tokio::test(start_paused = true)]
+async fn a_reader_far_ahead_of_a_slow_fill_stream_fetches_its_blocks_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(256 * BS as usize, 12);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("c".to_string(), src.clone())]));
+    let mut c = cfg();
+    c.fetch.max_request = 256 * BS; // the fill asks for the whole image at once
+    c.fill_parallel = 1;
+    let node = start_cfg(dir.path(), &reg, c).await;
+    let image = create(&node, "c", src.clone(), false).await;
+    // The fill's request streams 64 KiB (16 blocks) every 50 ms: it would reach block
+    // 200 after about 600 ms.
+    src.fault_next(MemFault::Slow(Duration::from_millis(50)));
+    node.fill("c").unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let t0 = tokio::time::Instant::now();
+    let b = image.read(200 * BS, 4096, None).await.unwrap();
+    let took = t0.elapsed();
+    assert_eq!(&b[..], &want[(200 * BS) as usize..(201 * BS) as usize]);
+    assert!(
+        took < Duration::from_millis(100),
+        "the reader waited {took:?} for the fill stream"
+    );
+    image.wait_ready().await.unwrap();
+    let all = image.read(0, 256 * BS as u32, None).await.unwrap();
+    assert!(all[..] == want[..], "the image's bytes");
     node.cancel.cancel();
 }
 
