@@ -13,7 +13,9 @@
 //!   into requests of at most `max_request` (4 MiB) so several are in flight.
 //! - Bytes land progressively through one path (`land`: write, set bits, mark dirty,
 //!   notify), shared by every source and by uploads: a reader waits for its own blocks,
-//!   not the whole request.
+//!   not the whole request, and when they come in one job it is answered from the
+//!   received bytes before they are written (`Fetcher::ensure_read`): the write of a
+//!   reader's 16 KiB could wait 5-10 ms behind the fill's writes and the journal.
 //! - Several sources, asked in order: one that answers `Absent` or fails with an error
 //!   that may pass moves the request to the next; a permanent error (the version is gone)
 //!   ends the job. Retryable errors are retried with backoff from the first block not
@@ -46,7 +48,7 @@ use tracing::{debug, warn};
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result, SourceError};
-use super::jobs::{Claims, Job, JobGuard, JobTable};
+use super::jobs::{Arriving, Claims, Job, JobGuard, JobTable};
 use super::metrics::Metrics;
 use super::pieces::PieceDigests;
 use super::range::{BlockRange, ByteRange, Geometry};
@@ -459,6 +461,17 @@ impl Fetcher {
     /// Makes every block of `range` present, fetching what is absent (a reader).
     /// True if it had to wait for a fetch (a cache miss), false if all was present.
     pub async fn ensure(self: &Arc<Self>, range: BlockRange) -> Result<bool> {
+        Ok(self.ensure_read(range, None).await?.0)
+    }
+
+    /// As `ensure`; and when `want` (bytes within `range`) arrives in one job, its bytes
+    /// as soon as they arrived, before they are written (then they may not be present
+    /// yet: the caller answers with them rather than read the file).
+    pub async fn ensure_read(
+        self: &Arc<Self>,
+        range: BlockRange,
+        want: Option<ByteRange>,
+    ) -> Result<(bool, Option<Bytes>)> {
         let deadline = self
             .cfg
             .read_timeout
@@ -469,18 +482,20 @@ impl Fetcher {
                 return Err(e);
             }
             if self.map.all_set(range) {
-                return Ok(waiting.is_some());
+                return Ok((waiting.is_some(), None));
             }
             waiting.get_or_insert_with(|| Waiting::new(self));
             let (waits, _) = self.plan(range, true, None, Priority::Reader);
             if let Some(o) = self.observer() {
                 o.reader_active();
             }
+            let one_job = waits.len() == 1;
             for (job, upto) in waits {
                 // Subscribed now, and said: a fill stream paused for readers looks again,
                 // and does not keep one that waits on it waiting.
                 let mut rx = job.progress.subscribe();
                 self.readers_changed.notify_waiters();
+                let early = want.filter(|_| one_job);
                 let timeout = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -488,20 +503,12 @@ impl Fetcher {
                     }
                 };
                 tokio::select! {
-                    r = Job::wait_landed(&mut rx, upto) => match r {
-                        Ok(()) => {}
+                    r = Job::wait_arrived(&mut rx, upto, early) => match r {
+                        Ok(Some(bytes)) => return Ok((true, Some(bytes))),
+                        Ok(None) => {}
                         // A source that cannot serve for now: try again (a new job) after
                         // a pause, until the deadline; anything else is the reader's error.
-                        Err(e) if self.worth_waiting(&e) => {
-                            let pause = super::sync::sleep(READER_RETRY_PAUSE);
-                            tokio::select! {
-                                _ = pause => {}
-                                _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
-                            }
-                            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                                return Err(e);
-                            }
-                        }
+                        Err(e) if self.worth_waiting(&e) => self.retry_pause(e, deadline).await?,
                         Err(e) => return Err(e),
                     },
                     _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
@@ -521,6 +528,19 @@ impl Fetcher {
                 }
             }
         }
+    }
+
+    /// A reader's pause after its job failed with `e`, a cause that may pass: Ok to plan
+    /// again, or `e` once the deadline has passed.
+    async fn retry_pause(&self, e: Error, deadline: Option<tokio::time::Instant>) -> Result<()> {
+        tokio::select! {
+            _ = super::sync::sleep(READER_RETRY_PAUSE) => {}
+            _ = self.cancel.cancelled() => return Err(Error::ShuttingDown),
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Whether a reader whose job ended with `e` should wait and try again: the source
@@ -818,9 +838,21 @@ impl Fetcher {
                         .into());
                     }
                 }
-                let landed = self.land(*next * bs, batch).await?;
-                *next = landed.end;
-                job.progress.send_modify(|p| p.landed_to = landed.end);
+                if job.has_waiters() {
+                    let arriving = Arriving {
+                        offset: *next * bs,
+                        chunks: batch.clone(),
+                    };
+                    job.progress.send_modify(|p| p.arriving = Some(arriving));
+                }
+                let landed = self.land(*next * bs, batch).await;
+                job.progress.send_modify(|p| {
+                    p.arriving = None;
+                    if let Ok(l) = &landed {
+                        p.landed_to = l.end;
+                    }
+                });
+                *next = landed?.end;
                 if cut {
                     return Ok(());
                 }

@@ -734,9 +734,15 @@ impl Image {
         len: u32,
         ra: Option<&Mutex<ReadState>>,
     ) -> Result<Bytes> {
-        let bytes = self.make_present(offset, len, ra).await?;
+        let (bytes, arrived) = self.make_present(offset, len, ra).await?;
         if bytes.is_empty() {
             return Ok(Bytes::new());
+        }
+        if let Some(b) = arrived {
+            if self.is_failed() {
+                return Err(self.failure());
+            }
+            return Ok(b);
         }
         let me = self.clone();
         page_io(bytes.len() as usize, move || me.read_landed(bytes)).await
@@ -744,24 +750,25 @@ impl Image {
 
     /// A read up to the data file: clamps `len` bytes at `offset` to the image, starts
     /// the readahead `ra` calls for, fetches what is absent and waits for verification
-    /// where that is required. Returns the clamped bytes, now readable.
+    /// where that is required. Returns the clamped bytes, now readable, and their content
+    /// when it arrived in one fetch (`Fetcher::ensure_read`): they may not be written yet.
     async fn make_present(
         &self,
         offset: u64,
         len: u32,
         ra: Option<&Mutex<ReadState>>,
-    ) -> Result<ByteRange> {
+    ) -> Result<(ByteRange, Option<Bytes>)> {
         if self.is_failed() {
             return Err(self.failure());
         }
         let bytes = self.geometry().clamp(offset, u64::from(len));
         if bytes.is_empty() {
-            return Ok(bytes);
+            return Ok((bytes, None));
         }
         self.read_ahead(bytes, ra);
-        let waited = self
+        let (waited, arrived) = self
             .fetcher
-            .ensure(self.geometry().blocks_of(bytes))
+            .ensure_read(self.geometry().blocks_of(bytes), Some(bytes))
             .await?;
         let m = &self.shared.metrics;
         Metrics::add(if waited {
@@ -782,7 +789,7 @@ impl Image {
             }
             self.wait_ready().await?;
         }
-        Ok(bytes)
+        Ok((bytes, arrived))
     }
 
     /// Waits until the image is ready (verified) or failed.

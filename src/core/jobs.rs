@@ -1,7 +1,7 @@
 //! The single-flight table of one image's fetcher: which runs of blocks are being
 //! fetched, by which job, and how far each has landed. A block is covered by at most one
 //! job at a time (`Claims::claim` asserts it); every reader that needs it waits on that
-//! job's progress (`Job::wait_landed`), and a job wakes its waiters with an error however
+//! job's progress (`Job::wait_arrived`), and a job wakes its waiters with an error however
 //! its task ends (`JobGuard`). The fetcher decides what to claim and runs the jobs; this
 //! module only keeps the table, so that the model tests (`model_tests.rs`, shuttle) and
 //! the daemon run the same code.
@@ -15,10 +15,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
 use super::error::{Error, Result};
-use super::range::BlockRange;
+use super::range::{BlockRange, ByteRange};
 use super::source::Priority;
 use super::sync::atomic::{AtomicU64, Ordering};
 use super::sync::{Mutex, MutexGuard};
@@ -29,6 +30,43 @@ pub(crate) struct JobProgress {
     pub landed_to: u64,
     pub done: bool,
     pub error: Option<Error>,
+    /// Bytes the job received and is writing now, when readers wait on it: they are
+    /// answered from here, not after the write (which can wait behind the fill's writes
+    /// and the file system's journal for milliseconds).
+    pub arriving: Option<Arriving>,
+}
+
+/// Received bytes on their way into the data file: `chunks` back to back from `offset`.
+#[derive(Debug, Clone)]
+pub(crate) struct Arriving {
+    pub offset: u64,
+    pub chunks: Vec<Bytes>,
+}
+
+impl Arriving {
+    /// The bytes of `want`, if they all arrived here (no copy when one chunk holds them).
+    pub fn get(&self, want: ByteRange) -> Option<Bytes> {
+        let len: u64 = self.chunks.iter().map(|c| c.len() as u64).sum();
+        if want.start < self.offset || want.end > self.offset + len || want.is_empty() {
+            return None;
+        }
+        let mut at = self.offset;
+        let mut out: Option<Vec<u8>> = None;
+        for c in &self.chunks {
+            let end = at + c.len() as u64;
+            if end > want.start && at < want.end {
+                let from = (want.start.max(at) - at) as usize;
+                let to = (want.end.min(end) - at) as usize;
+                if out.is_none() && at <= want.start && want.end <= end {
+                    return Some(c.slice(from..to));
+                }
+                out.get_or_insert_with(|| Vec::with_capacity(want.len() as usize))
+                    .extend_from_slice(&c[from..to]);
+            }
+            at = end;
+        }
+        out.map(Bytes::from)
+    }
 }
 
 pub(crate) struct Job {
@@ -63,23 +101,33 @@ impl Job {
 
     /// Waits until block `upto - 1` of this job has landed (or the job ended), on a
     /// receiver of `progress` the waiter subscribed (the wait counts in `has_waiters`
-    /// from the subscription on, not from the first poll).
-    pub async fn wait_landed(rx: &mut watch::Receiver<JobProgress>, upto: u64) -> Result<()> {
+    /// from the subscription on, not from the first poll). With `want` (bytes in the
+    /// job's blocks before `upto`), answers with them as soon as they arrived, before
+    /// they are written. `None`: they landed, or the job ended short without an error
+    /// (read the file, or plan again).
+    pub async fn wait_arrived(
+        rx: &mut watch::Receiver<JobProgress>,
+        upto: u64,
+        want: Option<ByteRange>,
+    ) -> Result<Option<Bytes>> {
         loop {
             {
                 let p = rx.borrow_and_update();
                 if p.landed_to >= upto {
-                    return Ok(());
+                    return Ok(None);
+                }
+                if let Some(b) = want.and_then(|w| p.arriving.as_ref()?.get(w)) {
+                    return Ok(Some(b));
                 }
                 if let Some(e) = &p.error {
                     return Err(e.clone());
                 }
                 if p.done {
-                    return Ok(()); // ended short without error: the caller re-plans
+                    return Ok(None);
                 }
             }
             if rx.changed().await.is_err() {
-                return Ok(());
+                return Ok(None);
             }
         }
     }
@@ -243,5 +291,37 @@ impl Drop for JobGuard {
             p.error = result.err();
         });
         self.ended.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arriving() -> Arriving {
+        // 30 bytes from offset 100, in chunks of 10, 5 and 15: byte i holds i.
+        let all: Vec<u8> = (100u8..130).collect();
+        Arriving {
+            offset: 100,
+            chunks: vec![
+                Bytes::copy_from_slice(&all[..10]),
+                Bytes::copy_from_slice(&all[10..15]),
+                Bytes::copy_from_slice(&all[15..]),
+            ],
+        }
+    }
+
+    #[test]
+    fn arrived_bytes_are_sliced_within_and_across_chunks() {
+        let a = arriving();
+        let get = |s: u64, e: u64| a.get(ByteRange::new(s, e)).map(|b| b.to_vec());
+        let want = |s: u8, e: u8| Some((s..e).collect::<Vec<u8>>());
+        assert_eq!(get(100, 130), want(100, 130), "all of it");
+        assert_eq!(get(102, 108), want(102, 108), "inside the first chunk");
+        assert_eq!(get(110, 115), want(110, 115), "the second chunk exactly");
+        assert_eq!(get(108, 121), want(108, 121), "across three chunks");
+        assert_eq!(get(99, 105), None, "starts before");
+        assert_eq!(get(125, 131), None, "ends after");
+        assert_eq!(get(110, 110), None, "empty");
     }
 }

@@ -211,8 +211,12 @@ impl World {
         let f = self.fetcher.clone();
         spawn(async move {
             arrive_late().await;
-            f.ensure(blocks).await?;
-            f.read_present(f.geometry().bytes_of(blocks))
+            // As a FUSE read: answered from the bytes as they arrived, or from the file.
+            let want = f.geometry().bytes_of(blocks);
+            match f.ensure_read(blocks, Some(want)).await? {
+                (_, Some(arrived)) => Ok(arrived),
+                (_, None) => f.read_present(want),
+            }
         })
     }
 
@@ -496,7 +500,8 @@ fn model_a_dropped_job_wakes_every_waiter() {
                     yield_now().await;
                     match job {
                         Some(job) => {
-                            Some(Job::wait_landed(&mut job.progress.subscribe(), upto).await)
+                            let mut rx = job.progress.subscribe();
+                            Some(Job::wait_arrived(&mut rx, upto, None).await.map(|_| ()))
                         }
                         None => None, // the job had ended: a reader re-plans
                     }
