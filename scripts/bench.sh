@@ -56,7 +56,7 @@ loop_attach() { local d; d=$(losetup -r -f --show "$1") || die "losetup $1 faile
 loop_detach() { losetup -d "$1"; }
 trap 'rc=$?; for d in "${LOOPS[@]}"; do losetup -d "$d" 2>/dev/null; done; (exit $rc); bench_cleanup' EXIT
 
-declare -a fp50 fp99 fcount nfp99 bhp99 mp99 mampl lp99 lampl bp99 bampl remount datafile
+declare -a fp50 fp99 fcount nfp99 bhp99 ohp99 mp99 mampl lp99 lampl bp99 bampl remount datafile
 declare -a dl_t dlf_t base_durable warm2 cold curl_t warm local_t ready sha_t base_ready p50 p99 hp50 hp99 ampl fetched_ampl \
     cold_cpu cold_reqs cold_req_med ready_cpu rss1 rss4
 n=0
@@ -144,6 +144,14 @@ for ((r = 1; r <= RUNS; r++)); do
     read -r _ nfp99[n] _ < <(python3 "$TMP/randread.py" "$TMP/mnt-e$r/big" "$BIG" "${fcount[n]}" "$SEED" 4096)
     bifs_stop; rm -rf "$TMP/disk-e$r"
     read -r _ bhp99[n] _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /big.img "$BIG" "${fcount[n]}" "$SEED" 4096)
+    # The origin's own tail while a fill streams from it: the same Range GETs from outside
+    # the daemon (one nginx worker serves the fill's streams and these).
+    drop_caches; warm_origin big.img
+    bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
+    bifs create big --url "$ORIGIN/big.img" --checksum "$BIGSUM" >/dev/null
+    wait_fetching big
+    read -r _ ohp99[n] _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /big.img "$BIG" "${fcount[n]}" "$SEED" 4096)
+    bifs_stop; rm -rf "$TMP/disk-e$r"
     fi
 
     if on F; then
@@ -252,6 +260,9 @@ row "4 KiB random read p99 while the fill runs" "$(fmt "$b" 3)" ms "4 KiB Range 
 c=$(m "${nfp99[@]}"); ra=$(calc "$b / $c")
 row "  the same reads, no fill running" "$(fmt "$c" 3)" ms "(fill on / fill off)" "-" "$(fmt "$ra")" "info" "-" \
     "no fill: $(raw "${nfp99[@]}"); p50 with fill: $(raw "${fp50[@]}")"
+c=$(m "${ohp99[@]}"); ra=$(calc "$b / $c")
+row "  Range GET p99 from outside while a fill streams" "$(fmt "$c" 3)" ms "(bifs with fill / this)" "-" "$(fmt "$ra")" "info" "-" \
+    "Range GET during a fill: $(raw "${ohp99[@]}")"
 fi
 
 if on F; then
