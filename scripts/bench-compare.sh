@@ -147,7 +147,7 @@ for ((r = 1; r <= RUNS; r++)); do
         fresh "$cache" img
         sys_mount "$sys" "$mnt" "$cache" img --no-fill
         mark=$(log_mark)
-        read -r p50 p99 _ < <(python3 "$TMP/randread.py" "$FILE" $((SIZE_MIB * MIB)) "$NREAD" "$SEED" 4096)
+        read -r p50 p99 _ < <(python3 "$TMP/randio.py" pread "$FILE" $((SIZE_MIB * MIB)) "$NREAD" "$SEED" 4096)
         add p50 "$sys" "$p50"; add p99 "$sys" "$p99"
         sys_umount "$sys" "$mnt"
         add rand_origin "$sys" "$(calc "$(log_bytes "$mark") / $MIB")"
@@ -176,7 +176,7 @@ for ((r = 1; r <= RUNS; r++)); do
     add cold curl "$(timed curl -fsS -o /dev/null "$ORIGIN/img.img")"
     add warm local "$(timed dd_read "$DATA/img.img")"
     add sha local "$(timed sha512sum "$DATA/img.img")"
-    read -r p50 p99 _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /img.img $((SIZE_MIB * MIB)) "$NREAD" "$SEED" 4096)
+    read -r p50 p99 _ < <(python3 "$TMP/randio.py" rangeget "$NGINX_PORT" /img.img $((SIZE_MIB * MIB)) "$NREAD" "$SEED" 4096)
     add p50 http "$p50"; add p99 http "$p99"
     read -r t bytes < <(python3 "$TMP/bootpattern.py" "$DATA/img.img" $((SIZE_MIB * MIB)) "$SEED")
     add boot local "$t"; add boot_read mib "$(calc "$bytes / $MIB")"

@@ -224,105 +224,89 @@ dd_read() { dd if="$1" of=/dev/null bs=1M status=none; }
 # --- python tools ---------------------------------------------------------------------
 
 write_tools() {
-    cat >"$TMP/randread.py" <<'EOF'
-# randread.py FILE SIZE COUNT SEED BS: timed preads at seeded aligned offsets.
-# Prints "p50_ms p99_ms total_s".
-import os, random, sys, time
-path, size, n, seed, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    cat >"$TMP/randio.py" <<'EOF'
+# randio.py MODE ...: timed reads of BS bytes at COUNT seeded aligned offsets (the same
+# offsets for the same SIZE, COUNT, SEED and BS in every mode; "far": only in the image's
+# second half, where a fill from block 0 has not been yet). Prints "p50_ms p99_ms X".
+#   pread FILE SIZE COUNT SEED BS [far]   os.pread; X = total seconds
+#   fill FILE SIZE COUNT SEED BS          pread of the far offsets while a bifs fill is in the
+#                                         first half: stops at the first look, every 10 reads,
+#                                         that finds user.bifs.progress >= 45 or the state not
+#                                         in-progress; X = reads done
+#   mmap FILE SIZE COUNT SEED BS          slices of a shared read-only mapping (page faults,
+#                                         the kernel's read-around); X = total seconds
+#   direct FILE SIZE COUNT SEED BS        pread with O_DIRECT into an aligned buffer (a block
+#                                         device such as a loop device); X = total seconds
+#   rangeget PORT PATH SIZE COUNT SEED BS [far]
+#                                         Range GETs on one keep-alive connection to nginx on
+#                                         127.0.0.1; X = total seconds
+import http.client, mmap, os, random, sys, time
+
+mode, args = sys.argv[1], sys.argv[2:]
+if mode == "rangeget":
+    port, path, args = int(args[0]), args[1], args[2:]
+else:
+    path, args = args[0], args[1:]
+size, n, seed, bs = (int(a) for a in args[:4])
+far = mode == "fill" or args[4:5] == ["far"]
 rng = random.Random(seed)
-offs = [rng.randrange(0, size // bs) * bs for _ in range(n)]
-fd = os.open(path, os.O_RDONLY)
-lat = []
-t0 = time.perf_counter()
-for o in offs:
-    t = time.perf_counter()
-    b = os.pread(fd, bs, o)
-    lat.append(time.perf_counter() - t)
-    assert len(b) == bs, (o, len(b))
-total = time.perf_counter() - t0
-os.close(fd)
-lat.sort()
-print(f"{lat[len(lat)//2]*1e3:.4f} {lat[min(len(lat)-1, int(len(lat)*0.99))]*1e3:.4f} {total:.4f}")
-EOF
-    cat >"$TMP/randfill.py" <<'EOF'
-# randfill.py FILE SIZE COUNT SEED BS: as randread.py, but of blocks the fill has not
-# reached: offsets in the image's second half, read only while the fill is in the first
-# (stops at the first look, every 10 reads, that finds user.bifs.progress >= 45 or the
-# state not in-progress). Prints "p50_ms p99_ms reads_done".
-import os, random, sys, time
-path, size, n, seed, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-rng = random.Random(seed)
-half = size // 2 // bs * bs
-offs = [half + rng.randrange(0, (size - half) // bs) * bs for _ in range(n)]
-fd = os.open(path, os.O_RDONLY)
-lat = []
-for i, o in enumerate(offs):
-    if i % 10 == 0 and (os.getxattr(path, "user.bifs.state") != b"in-progress"
-                        or float(os.getxattr(path, "user.bifs.progress")) >= 45):
-        break
-    t = time.perf_counter()
-    b = os.pread(fd, bs, o)
-    lat.append(time.perf_counter() - t)
-    assert len(b) == bs, (o, len(b))
-os.close(fd)
-if not lat:
-    print("nan nan 0"); sys.exit()
-lat.sort()
-print(f"{lat[len(lat)//2]*1e3:.4f} {lat[min(len(lat)-1, int(len(lat)*0.99))]*1e3:.4f} {len(lat)}")
-EOF
-    cat >"$TMP/randmap.py" <<'EOF'
-# randmap.py FILE SIZE COUNT SEED BS MODE: the offsets of randread.py, read through
-# MODE "mmap" (a slice of a shared read-only mapping: page faults, the kernel's
-# read-around) or "direct" (pread with O_DIRECT into an aligned buffer: for a block
-# device such as a loop device). Prints "p50_ms p99_ms total_s".
-import mmap, os, random, sys, time
-path, size, n, seed, bs, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-rng = random.Random(seed)
-offs = [rng.randrange(0, size // bs) * bs for _ in range(n)]
-lat = []
-t0 = time.perf_counter()
-if mode == "mmap":
+if far:
+    half = size // 2 // bs * bs
+    offs = [half + rng.randrange(0, (size - half) // bs) * bs for _ in range(n)]
+else:
+    offs = [rng.randrange(0, size // bs) * bs for _ in range(n)]
+
+if mode == "rangeget":
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+
+    def read(o):
+        conn.request("GET", path, headers={"Range": f"bytes={o}-{o + bs - 1}"})
+        r = conn.getresponse()
+        b = r.read()
+        assert r.status == 206 and len(b) == bs, (r.status, len(b))
+elif mode == "mmap":
     fd = os.open(path, os.O_RDONLY)
     m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-    for o in offs:
-        t = time.perf_counter()
-        b = m[o:o + bs]
-        lat.append(time.perf_counter() - t)
-        assert len(b) == bs
-    m.close()
-else:
+
+    def read(o):
+        assert len(m[o:o + bs]) == bs
+elif mode == "direct":
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, bs)
-    for o in offs:
-        t = time.perf_counter()
+
+    def read(o):
         got = os.preadv(fd, [buf], o)
-        lat.append(time.perf_counter() - t)
         assert got == bs, (o, got)
-os.close(fd)
-total = time.perf_counter() - t0
-lat.sort()
-print(f"{lat[len(lat)//2]*1e3:.4f} {lat[min(len(lat)-1, int(len(lat)*0.99))]*1e3:.4f} {total:.4f}")
-EOF
-    cat >"$TMP/rangeget.py" <<'EOF'
-# rangeget.py PORT PATH SIZE COUNT SEED BS: the same offsets as randread.py, as Range GETs
-# on one keep-alive connection. Prints "p50_ms p99_ms total_s".
-import http.client, random, sys, time
-port, path, size, n, seed, bs = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-rng = random.Random(seed)
-offs = [rng.randrange(0, size // bs) * bs for _ in range(n)]
-c = http.client.HTTPConnection("127.0.0.1", port)
+elif mode in ("pread", "fill"):
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(o):
+        b = os.pread(fd, bs, o)
+        assert len(b) == bs, (o, len(b))
+else:
+    sys.exit(f"randio.py: unknown mode {mode}")
+
+
+def fill_moved_on():
+    return (os.getxattr(path, "user.bifs.state") != b"in-progress"
+            or float(os.getxattr(path, "user.bifs.progress")) >= 45)
+
+
 lat = []
 t0 = time.perf_counter()
-for o in offs:
+for i, o in enumerate(offs):
+    if mode == "fill" and i % 10 == 0 and fill_moved_on():
+        break
     t = time.perf_counter()
-    c.request("GET", path, headers={"Range": f"bytes={o}-{o+bs-1}"})
-    r = c.getresponse()
-    b = r.read()
+    read(o)
     lat.append(time.perf_counter() - t)
-    assert r.status == 206 and len(b) == bs, (r.status, len(b))
 total = time.perf_counter() - t0
+if not lat:
+    print("nan nan 0")
+    sys.exit()
 lat.sort()
-print(f"{lat[len(lat)//2]*1e3:.4f} {lat[min(len(lat)-1, int(len(lat)*0.99))]*1e3:.4f} {total:.4f}")
+x = len(lat) if mode == "fill" else f"{total:.4f}"
+print(f"{lat[len(lat) // 2] * 1e3:.4f} {lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3:.4f} {x}")
 EOF
     cat >"$TMP/bootpattern.py" <<'EOF'
 # bootpattern.py FILE SIZE SEED: a VM-boot-like pattern confined to the first 10% of the

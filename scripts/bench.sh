@@ -106,12 +106,12 @@ for ((r = 1; r <= RUNS; r++)); do
     bifs_start "$TMP/mnt-c$r" "$TMP/disk-c$r"
     bifs create img --url "$URL" --no-fill >/dev/null
     f0=$(bifs_field img bytesFetched); mark=$(log_mark)
-    read -r p50[n] p99[n] _ < <(python3 "$TMP/randread.py" "$TMP/mnt-c$r/img" "$SIZE" "$NREAD" "$SEED" 4096)
+    read -r p50[n] p99[n] _ < <(python3 "$TMP/randio.py" pread "$TMP/mnt-c$r/img" "$SIZE" "$NREAD" "$SEED" 4096)
     sent=$(log_bytes "$mark")
     ampl[n]=$(calc "$sent / ($NREAD * 4096)")
     fetched_ampl[n]=$(calc "($(bifs_field img bytesFetched) - $f0) / ($NREAD * 4096)")
     bifs_stop; rm -rf "$TMP/disk-c$r"
-    read -r hp50[n] hp99[n] _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /img.img "$SIZE" "$NREAD" "$SEED" 4096)
+    read -r hp50[n] hp99[n] _ < <(python3 "$TMP/randio.py" rangeget "$NGINX_PORT" /img.img "$SIZE" "$NREAD" "$SEED" 4096)
     fi
 
     if on D; then
@@ -136,21 +136,21 @@ for ((r = 1; r <= RUNS; r++)); do
     bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
     bifs create big --url "$ORIGIN/big.img" --checksum "$BIGSUM" >/dev/null
     wait_fetching big
-    read -r fp50[n] fp99[n] fcount[n] < <(python3 "$TMP/randfill.py" "$TMP/mnt-e$r/big" "$BIG" "$NREAD" "$SEED" 4096)
+    read -r fp50[n] fp99[n] fcount[n] < <(python3 "$TMP/randio.py" fill "$TMP/mnt-e$r/big" "$BIG" "$NREAD" "$SEED" 4096)
     bifs_stop; rm -rf "$TMP/disk-e$r"
     drop_caches; warm_origin big.img
     bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
     bifs create big --url "$ORIGIN/big.img" --no-fill >/dev/null
-    read -r _ nfp99[n] _ < <(python3 "$TMP/randread.py" "$TMP/mnt-e$r/big" "$BIG" "${fcount[n]}" "$SEED" 4096)
+    read -r _ nfp99[n] _ < <(python3 "$TMP/randio.py" pread "$TMP/mnt-e$r/big" "$BIG" "${fcount[n]}" "$SEED" 4096 far)
     bifs_stop; rm -rf "$TMP/disk-e$r"
-    read -r _ bhp99[n] _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /big.img "$BIG" "${fcount[n]}" "$SEED" 4096)
+    read -r _ bhp99[n] _ < <(python3 "$TMP/randio.py" rangeget "$NGINX_PORT" /big.img "$BIG" "${fcount[n]}" "$SEED" 4096 far)
     # The origin's own tail while a fill streams from it: the same Range GETs from outside
     # the daemon (one nginx worker serves the fill's streams and these).
     drop_caches; warm_origin big.img
     bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
     bifs create big --url "$ORIGIN/big.img" --checksum "$BIGSUM" >/dev/null
     wait_fetching big
-    read -r _ ohp99[n] _ < <(python3 "$TMP/rangeget.py" "$NGINX_PORT" /big.img "$BIG" "${fcount[n]}" "$SEED" 4096)
+    read -r _ ohp99[n] _ < <(python3 "$TMP/randio.py" rangeget "$NGINX_PORT" /big.img "$BIG" "${fcount[n]}" "$SEED" 4096 far)
     bifs_stop; rm -rf "$TMP/disk-e$r"
     fi
 
@@ -163,14 +163,14 @@ for ((r = 1; r <= RUNS; r++)); do
     bifs_start "$TMP/mnt-f$r" "$TMP/disk-f$r"
     for im in m l b; do bifs create "$im" --url "$URL" --no-fill >/dev/null; done
     mark=$(log_mark)
-    read -r _ mp99[n] _ < <(python3 "$TMP/randmap.py" "$TMP/mnt-f$r/m" "$SIZE" "$NREAD" "$((SEED + 1))" 4096 mmap)
+    read -r _ mp99[n] _ < <(python3 "$TMP/randio.py" mmap "$TMP/mnt-f$r/m" "$SIZE" "$NREAD" "$((SEED + 1))" 4096)
     mampl[n]=$(calc "$(log_bytes "$mark") / $NREAD")
     dev=$(loop_attach "$TMP/mnt-f$r/l"); mark=$(log_mark)
-    read -r _ lp99[n] _ < <(python3 "$TMP/randmap.py" "$dev" "$SIZE" "$NREAD" "$((SEED + 2))" 4096 direct)
+    read -r _ lp99[n] _ < <(python3 "$TMP/randio.py" direct "$dev" "$SIZE" "$NREAD" "$((SEED + 2))" 4096)
     lampl[n]=$(calc "$(log_bytes "$mark") / $NREAD")
     loop_detach "$dev"
     dev=$(loop_attach "$TMP/mnt-f$r/b"); mark=$(log_mark)
-    read -r _ bp99[n] _ < <(python3 "$TMP/randread.py" "$dev" "$SIZE" "$NREAD" "$((SEED + 3))" 4096)
+    read -r _ bp99[n] _ < <(python3 "$TMP/randio.py" pread "$dev" "$SIZE" "$NREAD" "$((SEED + 3))" 4096)
     bampl[n]=$(calc "$(log_bytes "$mark") / $NREAD")
     loop_detach "$dev"
     bifs_stop; rm -rf "$TMP/disk-f$r"
@@ -261,7 +261,7 @@ c=$(m "${nfp99[@]}"); ra=$(calc "$b / $c")
 row "  the same reads, no fill running" "$(fmt "$c" 3)" ms "(fill on / fill off)" "-" "$(fmt "$ra")" "info" "-" \
     "no fill: $(raw "${nfp99[@]}"); p50 with fill: $(raw "${fp50[@]}")"
 c=$(m "${ohp99[@]}"); ra=$(calc "$b / $c")
-row "  Range GET p99 from outside while a fill streams" "$(fmt "$c" 3)" ms "(bifs with fill / this)" "-" "$(fmt "$ra")" "info" "-" \
+row "  Range GET p99 from outside during a fill" "$(fmt "$c" 3)" ms "(bifs with fill / this)" "-" "$(fmt "$ra")" "info" "-" \
     "Range GET during a fill: $(raw "${ohp99[@]}")"
 fi
 
