@@ -437,7 +437,7 @@ impl fuser::Filesystem for BifsFs {
         self.rt.spawn(
             async move {
                 tokio::select! {
-                    r = image.read_view(view, offset, size, ra.as_deref()) => match r {
+                    r = image.read_view(view, offset, size, ra.as_ref()) => match r {
                         Ok(bytes) => reply.data(&bytes),
                         Err(e) => {
                             warn!(error = %e, "read failed");

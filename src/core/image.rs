@@ -841,17 +841,19 @@ impl Image {
         view: View,
         offset: u64,
         len: u32,
-        ra: Option<&Mutex<ReadState>>,
+        ra: Option<&Arc<Mutex<ReadState>>>,
     ) -> Result<Bytes> {
         match (view, self.format()) {
-            (View::Stored, _) | (View::Raw, Some(Format::Raw)) => self.read(offset, len, ra).await,
+            (View::Stored, _) | (View::Raw, Some(Format::Raw)) => {
+                self.read(offset, len, ra.map(|r| &**r)).await
+            }
             (View::Raw, Some(Format::Qcow2(h))) => {
                 if self.is_failed() {
                     return Err(self.failure());
                 }
                 let stored: Arc<dyn StoredBytes> = self.clone();
                 self.raw_view
-                    .read(stored, &self.shared.buffers, &h, offset, len)
+                    .read(stored, &self.shared.buffers, &h, offset, len, ra.cloned())
                     .await
                     .map_err(|e| self.explain(e))
             }

@@ -45,11 +45,15 @@ use super::error::{Error, Result};
 use super::format::Qcow2Header;
 pub use super::qcow2_read::StoredBytes;
 use super::qcow2_read::{decoder_error, Engine, Guest, LazyIo};
+use super::readahead::ReadState;
 use super::store::BufPool;
 
 struct Request {
     offset: u64,
     len: u64,
+    /// The reader's sequential detection over the stored bytes its guest reads cover
+    /// (its open file's); None: the decoder's own.
+    ra: Option<Arc<Mutex<ReadState>>>,
     reply: oneshot::Sender<Result<Bytes>>,
 }
 
@@ -89,6 +93,7 @@ impl RawViewSlot {
         header: &Qcow2Header,
         offset: u64,
         len: u32,
+        ra: Option<Arc<Mutex<ReadState>>>,
     ) -> Result<Bytes> {
         if offset >= header.virtual_size || len == 0 {
             return Ok(Bytes::new());
@@ -97,6 +102,7 @@ impl RawViewSlot {
         let req = Request {
             offset,
             len: u64::from(len),
+            ra,
             reply,
         };
         self.send(image, pool, header, req)?;
@@ -310,7 +316,7 @@ impl DecoderCtx {
             virtual_size: self.header.virtual_size,
             name: &self.name,
         };
-        let read = guest.read(req.offset, req.len, &self.pool);
+        let read = guest.read(req.offset, req.len, &self.pool, req.ra.as_ref());
         let r = match AssertUnwindSafe(read).catch_unwind().await {
             Ok(r) => r,
             Err(panic) => {

@@ -16,8 +16,9 @@
 //!   defines them.
 //! - Readahead: the allocated clusters of a sequential guest read are a sequential read
 //!   of the stored image (unallocated ones skipped), with their own `ReadState`, hits
-//!   included; the metadata and compressed clusters qcow2-rs reads have another, so an
-//!   L2 slice read does not reset the data stream's window.
+//!   included: the reader's open file's, so two readers of one view do not reset each
+//!   other's window. The metadata and compressed clusters qcow2-rs reads are read
+//!   without readahead, so an L2 slice read does not reset the data stream's window.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -151,7 +152,17 @@ impl Guest<'_> {
     /// 1 MiB guest read is one request to the store, not one per cluster (16 with
     /// 64 KiB clusters, each a hop to the node's runtime and a copy when absent).
     /// Compressed clusters still go through qcow2-rs, which inflates them.
-    pub(super) async fn read(&self, offset: u64, len: u64, pool: &Arc<BufPool>) -> Result<Bytes> {
+    ///
+    /// `ra`: the reader's own sequential detection over the stored bytes (two readers of
+    /// one view do not reset each other's window); None: the decoder's.
+    pub(super) async fn read(
+        &self,
+        offset: u64,
+        len: u64,
+        pool: &Arc<BufPool>,
+        ra: Option<&Arc<Mutex<ReadState>>>,
+    ) -> Result<Bytes> {
+        let ra = ra.unwrap_or(&self.engine.data_ra);
         let end = (offset + len).min(self.virtual_size);
         if offset >= end {
             return Ok(Bytes::new());
@@ -169,12 +180,7 @@ impl Guest<'_> {
             match run.piece {
                 Piece::Zeros => part.fill(0),
                 Piece::Stored(at) => reads.push(
-                    async move {
-                        self.engine
-                            .read_stored(at, part, Some(&self.engine.data_ra))
-                            .await
-                    }
-                    .boxed_local(),
+                    async move { self.engine.read_stored(at, part, Some(ra)).await }.boxed_local(),
                 ),
                 Piece::Decoded => reads.push(self.decode(run.start, part).boxed_local()),
             }
@@ -263,8 +269,9 @@ pub(super) struct Engine {
     pub(super) image: Weak<dyn StoredBytes>,
     /// The node's runtime, where fetches run.
     pub(super) rt: Handle,
-    /// Sequential detection over the allocated clusters guest reads cover: a sequential
-    /// guest read is a sequential read of the stored image, unallocated clusters skipped.
+    /// Sequential detection over the allocated clusters guest reads cover, for readers
+    /// without one of their own (a sequential guest read is a sequential read of the
+    /// stored image, unallocated clusters skipped).
     /// The metadata and compressed clusters qcow2-rs reads itself are read without
     /// readahead: the header and tables sit at the start of the stored image, where
     /// reads look like the start of a sequential stream (a 4 KiB guest read fetched
@@ -466,6 +473,68 @@ mod tests {
             assert!(
                 requests <= 10,
                 "a sequential read of 16 MiB of allocated clusters took {requests} requests"
+            );
+            node.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn two_sequential_readers_of_one_view_each_keep_their_readahead() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 MiB virtual, 16 MiB of data in every other MiB of the first 32.
+        let (guest, qcow) = qcow2_with_holes(dir.path(), 64, 32);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let disk = dir.path().join("disk");
+            std::fs::create_dir(&disk).unwrap();
+            let node = Node::start_with(
+                &[disk],
+                ImageConfig::default(),
+                "/t".into(),
+                Arc::new(|_: &ImageSpec, _: &_| Sources::none("the test gives its source")),
+            )
+            .await
+            .unwrap();
+            let src = Arc::new(MemSource::new(qcow.clone()));
+            let image = node
+                .create_with_source(
+                    ImageSpec::download("q", "http://127.0.0.1:1/q.qcow2", ""),
+                    CreateOptions {
+                        disk: None,
+                        no_fill: true,
+                    },
+                    src.clone(),
+                )
+                .await
+                .unwrap();
+            let want = |offset: u64, len: u64| &guest[offset as usize..(offset + len) as usize];
+            image.read_view(View::Raw, 0, 4096, None).await.unwrap();
+            // Two open files read guest MiBs 0-16 and 16-32 in 128 KiB reads, taking
+            // turns: one shared window would reset at every turn (128 requests).
+            let (a, b): (Arc<Mutex<ReadState>>, Arc<Mutex<ReadState>>) = Default::default();
+            let requests = src.requests.load(Ordering::Relaxed);
+            const CHUNK: u64 = 128 * 1024;
+            for k in 0..(16 * MIB / CHUNK) {
+                for (base, ra) in [(0, &a), (16 * MIB, &b)] {
+                    let offset = base + k * CHUNK;
+                    let got = image
+                        .read_view(View::Raw, offset, CHUNK as u32, Some(ra))
+                        .await
+                        .unwrap();
+                    assert_eq!(&got[..], want(offset, CHUNK), "at {offset}");
+                }
+            }
+            let requests = src.requests.load(Ordering::Relaxed) - requests;
+            eprintln!(
+                "two interleaved sequential readers of 8 MiB of data each: {requests} requests"
+            );
+            assert!(
+                requests <= 32,
+                "two interleaved sequential readers took {requests} requests"
             );
             node.shutdown().await;
         });
