@@ -413,10 +413,20 @@ mod tests {
         (guest, std::fs::read(&qcow).unwrap())
     }
 
-    #[test]
-    fn unallocated_clusters_fetch_nothing_and_allocated_ones_arrive_in_large_requests() {
+    /// A node holding image "q": the qcow2 of a 64 MiB guest with 16 MiB of data in every
+    /// other MiB of the first 32 (`qcow2_with_holes`), over a `MemSource`, without fill.
+    struct QcowImage {
+        image: Arc<crate::core::image::Image>,
+        src: Arc<MemSource>,
+        guest: Vec<u8>,
+        qcow: Vec<u8>,
+    }
+
+    /// Runs `test` on a fresh `QcowImage` on a 2-worker runtime, then shuts the node down.
+    fn with_qcow_image<F: std::future::Future<Output = ()>>(
+        test: impl FnOnce(Arc<QcowImage>) -> F,
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        // 64 MiB virtual, 16 MiB of data in every other MiB of the first 32.
         let (guest, qcow) = qcow2_with_holes(dir.path(), 64, 32);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -446,14 +456,36 @@ mod tests {
                 )
                 .await
                 .unwrap();
+            let q = Arc::new(QcowImage {
+                image,
+                src,
+                guest,
+                qcow,
+            });
+            test(q).await;
+            node.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn unallocated_clusters_fetch_nothing_and_allocated_ones_arrive_in_large_requests() {
+        with_qcow_image(|q| async move {
+            let (image, src, guest, qcow) = (&q.image, &q.src, &q.guest, &q.qcow);
             let read = |offset: u64, len: u64| image.read_view(View::Raw, offset, len as u32, None);
             let want = |offset: u64, len: u64| &guest[offset as usize..(offset + len) as usize];
             // The first read brings in the header, the tables and one cluster.
             assert_eq!(&read(0, 4096).await.unwrap()[..], want(0, 4096));
             let served = src.served.load(Ordering::Relaxed);
-            for (offset, len) in [(MIB, MIB), (40 * MIB, 24 * MIB - 4096), (33 * MIB + 512, 4096)] {
+            for (offset, len) in [
+                (MIB, MIB),
+                (40 * MIB, 24 * MIB - 4096),
+                (33 * MIB + 512, 4096),
+            ] {
                 let got = read(offset, len).await.unwrap();
-                assert!(got.len() as u64 == len && got.iter().all(|b| *b == 0), "{offset}+{len}");
+                assert!(
+                    got.len() as u64 == len && got.iter().all(|b| *b == 0),
+                    "{offset}+{len}"
+                );
             }
             assert_eq!(
                 src.served.load(Ordering::Relaxed),
@@ -464,53 +496,31 @@ mod tests {
             // fetched once, in requests that grow with the readahead window.
             let requests = src.requests.load(Ordering::Relaxed);
             for offset in (0..64 * MIB).step_by(MIB as usize) {
-                assert_eq!(&read(offset, MIB).await.unwrap()[..], want(offset, MIB), "at {offset}");
+                assert_eq!(
+                    &read(offset, MIB).await.unwrap()[..],
+                    want(offset, MIB),
+                    "at {offset}"
+                );
             }
             let requests = src.requests.load(Ordering::Relaxed) - requests;
             let served = src.served.load(Ordering::Relaxed);
             eprintln!("sequential read of 16 MiB of data: {requests} requests, {served} of {} bytes served", qcow.len());
-            assert!(served <= qcow.len() as u64, "{served} bytes served of {}", qcow.len());
+            assert!(
+                served <= qcow.len() as u64,
+                "{served} bytes served of {}",
+                qcow.len()
+            );
             assert!(
                 requests <= 10,
                 "a sequential read of 16 MiB of allocated clusters took {requests} requests"
             );
-            node.shutdown().await;
         });
     }
 
     #[test]
     fn two_sequential_readers_of_one_view_each_keep_their_readahead() {
-        let dir = tempfile::tempdir().unwrap();
-        // 64 MiB virtual, 16 MiB of data in every other MiB of the first 32.
-        let (guest, qcow) = qcow2_with_holes(dir.path(), 64, 32);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let disk = dir.path().join("disk");
-            std::fs::create_dir(&disk).unwrap();
-            let node = Node::start_with(
-                &[disk],
-                ImageConfig::default(),
-                "/t".into(),
-                Arc::new(|_: &ImageSpec, _: &_| Sources::none("the test gives its source")),
-            )
-            .await
-            .unwrap();
-            let src = Arc::new(MemSource::new(qcow.clone()));
-            let image = node
-                .create_with_source(
-                    ImageSpec::download("q", "http://127.0.0.1:1/q.qcow2", ""),
-                    CreateOptions {
-                        disk: None,
-                        no_fill: true,
-                    },
-                    src.clone(),
-                )
-                .await
-                .unwrap();
+        with_qcow_image(|q| async move {
+            let (image, src, guest) = (&q.image, &q.src, &q.guest);
             let want = |offset: u64, len: u64| &guest[offset as usize..(offset + len) as usize];
             image.read_view(View::Raw, 0, 4096, None).await.unwrap();
             // Two open files read guest MiBs 0-16 and 16-32 in 128 KiB reads, taking
@@ -536,7 +546,6 @@ mod tests {
                 requests <= 32,
                 "two interleaved sequential readers took {requests} requests"
             );
-            node.shutdown().await;
         });
     }
 
