@@ -734,7 +734,7 @@ impl Image {
         len: u32,
         ra: Option<&Mutex<ReadState>>,
     ) -> Result<Bytes> {
-        let (bytes, arrived) = self.make_present(offset, len, ra).await?;
+        let (bytes, arrived) = self.make_present(offset, len, ra, true).await?;
         if bytes.is_empty() {
             return Ok(Bytes::new());
         }
@@ -750,13 +750,15 @@ impl Image {
 
     /// A read up to the data file: clamps `len` bytes at `offset` to the image, starts
     /// the readahead `ra` calls for, fetches what is absent and waits for verification
-    /// where that is required. Returns the clamped bytes, now readable, and their content
-    /// when it arrived in one fetch (`Fetcher::ensure_read`): they may not be written yet.
+    /// where that is required. Returns the clamped bytes, readable; with `early`, their
+    /// content instead when it arrived in one fetch (`Fetcher::ensure_read`): then they
+    /// may not be written yet.
     async fn make_present(
         &self,
         offset: u64,
         len: u32,
         ra: Option<&Mutex<ReadState>>,
+        early: bool,
     ) -> Result<(ByteRange, Option<Bytes>)> {
         if self.is_failed() {
             return Err(self.failure());
@@ -768,7 +770,7 @@ impl Image {
         self.read_ahead(bytes, ra);
         let (waited, arrived) = self
             .fetcher
-            .ensure_read(self.geometry().blocks_of(bytes), Some(bytes))
+            .ensure_read(self.geometry().blocks_of(bytes), early.then_some(bytes))
             .await?;
         let m = &self.shared.metrics;
         Metrics::add(if waited {
@@ -1005,7 +1007,7 @@ impl StoredBytes for Image {
     }
 
     async fn fetch(&self, offset: u64, len: u32, ra: Option<&Mutex<ReadState>>) -> Result<()> {
-        self.make_present(offset, len, ra)
+        self.make_present(offset, len, ra, false)
             .await
             .map(|_| ())
             .map_err(|e| self.explain(e))

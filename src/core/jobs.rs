@@ -116,11 +116,12 @@ impl Job {
                 if p.landed_to >= upto {
                     return Ok(None);
                 }
-                if let Some(b) = want.and_then(|w| p.arriving.as_ref()?.get(w)) {
-                    return Ok(Some(b));
-                }
+                // A halt's error wins over bytes still on their way.
                 if let Some(e) = &p.error {
                     return Err(e.clone());
+                }
+                if let Some(b) = want.and_then(|w| p.arriving.as_ref()?.get(w)) {
+                    return Ok(Some(b));
                 }
                 if p.done {
                     return Ok(None);

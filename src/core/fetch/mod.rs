@@ -31,10 +31,10 @@
 //!   a runtime of their own at a lower CPU priority (`FetchConfig::fill_runtime`); the
 //!   data file is written behind (`ImageFiles::note_written`); and a reader whose blocks
 //!   lie far ahead of a fill stream (`CUT_AHEAD`) cuts the fill job short there and
-//!   fetches the rest itself rather than wait for the stream to get there. The fill keeps all
-//!   its streams: readers that read where it is about to be (a VM's boot files near the
-//!   start of the image) are served best by it running ahead at full speed (one stream
-//!   while readers were about made a boot-like pattern several times slower).
+//!   fetches the rest itself rather than wait for the stream to get there. The fill
+//!   keeps all its streams: readers that read where it is about to be (a VM's boot
+//!   files near the start of the image) are served best by it running ahead at full
+//!   speed (one stream while readers were about made a boot-like pattern 4x slower).
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
