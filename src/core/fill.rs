@@ -61,7 +61,7 @@ pub async fn run(
             p = sem.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = cancel.cancelled() => return FillEnd::Stopped,
         };
-        // A reader waiting on a fetch goes first (fetch.rs: readers first).
+        // A reader waiting on a fetch goes first (fetch/mod.rs: readers first).
         fetcher.yield_to_readers().await;
         let notified = landed.notified();
         tokio::pin!(notified);

@@ -237,8 +237,8 @@ impl World {
         })
     }
 
-    /// No block landed twice, and none came from the source at most twice: twice
-    /// only when a reader cut short the fill job whose stream held it, unlanded.
+    /// No block landed twice, and none came from the source more than twice (twice only
+    /// when a reader cut short the fill job whose stream held it, not yet landed).
     fn assert_fetched_once(&self) {
         let journal = self.fetcher.files().journal.lock().unwrap().clone();
         let mut landed = vec![0u32; BLOCKS as usize];

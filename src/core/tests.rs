@@ -473,8 +473,8 @@ async fn the_fill_yields_to_a_waiting_reader_and_goes_on_when_it_is_served() {
 }
 
 /// A reader far ahead of a slow fill stream does not wait for the stream to get there:
-/// it cuts the fill job short and fetches its blocks itself (`Claims::cut`). Every block
-/// still lands once with the right bytes, and the image verifies.
+/// it cuts the fill job short and fetches its blocks itself (`Claims::cut`). The image
+/// still verifies with the right bytes (that no block lands twice, the model checks).
 #[tokio::test(start_paused = true)]
 async fn a_reader_far_ahead_of_a_slow_fill_stream_fetches_its_blocks_itself() {
     let dir = tempfile::tempdir().unwrap();
