@@ -293,7 +293,7 @@ for sys in "${SYSTEMS[@]}"; do
     printf '  %-10s %s\n' "$sys" "${CHANGED[$sys]}"
     CSV_ROWS+=("\"origin changed\",-,\"$sys\",\"${CHANGED[$sys]//\"/\'}\"")
 done
-printf '\nnotes: bifs hashes with the sha2 crate in-process (about 1.4x sha512sum on this CPU, see benches/core.rs);\n'
+printf '\nnotes: bifs hashes SHA-512 in-process with OpenSSL (about 1.5x sha512sum on this CPU, see src/core/verify.rs);\n'
 printf 'httpdirfs runs with --cache --no-range-check; rclone with --vfs-cache-mode full; raw runs in the CSV.\n'
 for k in "${!R[@]}"; do CSV_ROWS+=("\"raw $k\",-,\"${R[$k]# }\""); done
 write_csv bench-compare
