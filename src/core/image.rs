@@ -708,7 +708,11 @@ impl Image {
 
     /// Reads `bytes`, all present, from the data file; a failure meanwhile wins.
     fn read_landed(&self, bytes: ByteRange) -> Result<Bytes> {
-        let out = self.fetcher.read_present(bytes)?;
+        self.unless_failed(self.fetcher.read_present(bytes)?)
+    }
+
+    /// `out`, read or arrived, unless the image failed meanwhile (its failure wins).
+    fn unless_failed(&self, out: Bytes) -> Result<Bytes> {
         if self.is_failed() {
             return Err(self.failure());
         }
@@ -738,14 +742,13 @@ impl Image {
         if bytes.is_empty() {
             return Ok(Bytes::new());
         }
-        if let Some(b) = arrived {
-            if self.is_failed() {
-                return Err(self.failure());
+        match arrived {
+            Some(b) => self.unless_failed(b),
+            None => {
+                let me = self.clone();
+                page_io(bytes.len() as usize, move || me.read_landed(bytes)).await
             }
-            return Ok(b);
         }
-        let me = self.clone();
-        page_io(bytes.len() as usize, move || me.read_landed(bytes)).await
     }
 
     /// A read up to the data file: clamps `len` bytes at `offset` to the image, starts
@@ -768,10 +771,7 @@ impl Image {
             return Ok((bytes, None));
         }
         self.read_ahead(bytes, ra);
-        let (waited, arrived) = self
-            .fetcher
-            .ensure_read(self.geometry().blocks_of(bytes), early.then_some(bytes))
-            .await?;
+        let (waited, arrived) = self.fetcher.ensure_read(bytes, early).await?;
         let m = &self.shared.metrics;
         Metrics::add(if waited {
             &m.cache_misses

@@ -213,7 +213,7 @@ impl World {
             arrive_late().await;
             // As a FUSE read: answered from the bytes as they arrived, or from the file.
             let want = f.geometry().bytes_of(blocks);
-            match f.ensure_read(blocks, Some(want)).await? {
+            match f.ensure_read(want, true).await? {
                 (_, Some(arrived)) => Ok(arrived),
                 (_, None) => f.read_present(want),
             }

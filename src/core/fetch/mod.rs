@@ -461,13 +461,22 @@ impl Fetcher {
     /// Makes every block of `range` present, fetching what is absent (a reader).
     /// True if it had to wait for a fetch (a cache miss), false if all was present.
     pub async fn ensure(self: &Arc<Self>, range: BlockRange) -> Result<bool> {
-        Ok(self.ensure_read(range, None).await?.0)
+        Ok(self.wait_present(range, None).await?.0)
     }
 
-    /// As `ensure`; and when `want` (bytes within `range`) arrives in one job, its bytes
-    /// as soon as they arrived, before they are written (then they may not be present
-    /// yet: the caller answers with them rather than read the file).
+    /// As `ensure` for the blocks of `bytes`; with `early`, when those bytes arrive in
+    /// one job, also their content as soon as it arrived, before it is written (then the
+    /// blocks may not be present yet: the caller answers with it, not from the file).
     pub async fn ensure_read(
+        self: &Arc<Self>,
+        bytes: ByteRange,
+        early: bool,
+    ) -> Result<(bool, Option<Bytes>)> {
+        let want = early.then_some(bytes);
+        self.wait_present(self.geo.blocks_of(bytes), want).await
+    }
+
+    async fn wait_present(
         self: &Arc<Self>,
         range: BlockRange,
         want: Option<ByteRange>,
