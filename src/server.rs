@@ -582,6 +582,22 @@ fn node_metrics(node: &Node, out: &mut String) {
         "bifs_reads_total{{result=\"miss\"}} {}",
         m.cache_misses.load(Relaxed)
     );
+    family(
+        out,
+        "bifs_hashed_bytes_total",
+        "counter",
+        "bytes verification hashed, from the buffers they arrived in or read back from the data file",
+    );
+    let _ = writeln!(
+        out,
+        "bifs_hashed_bytes_total{{from=\"received\"}} {}",
+        m.hashed_received.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "bifs_hashed_bytes_total{{from=\"data_file\"}} {}",
+        m.hashed_read_back.load(Relaxed)
+    );
     for (name, help, v) in [
         (
             "bifs_verify_failures_total",

@@ -489,6 +489,8 @@ impl Image {
             landed: self.fetcher.landed_notify(),
             algo,
             hasher: self.shared.hasher.clone(),
+            feed: self.fetcher.hash_feed(),
+            metrics: self.shared.metrics.clone(),
             cancel: self.cancel.clone(),
         };
         let me = self.clone();

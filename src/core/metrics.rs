@@ -36,6 +36,10 @@ pub struct Metrics {
     pub copies_removed: AtomicU64,
     /// Copies evicted to make room for a new image (held elsewhere, unused).
     pub evictions: AtomicU64,
+    /// Bytes verification hashed from the buffers they arrived in.
+    pub hashed_received: AtomicU64,
+    /// Bytes verification read back from the data file to hash them.
+    pub hashed_read_back: AtomicU64,
 }
 
 fn index(kind: &str) -> usize {

@@ -505,6 +505,45 @@ async fn a_reader_far_ahead_of_a_slow_fill_stream_fetches_its_blocks_itself() {
     node.cancel.cancel();
 }
 
+/// Verification hashes bytes as they arrive, from the fetch's buffers, when the fill
+/// is no faster than hashing: nothing is read back from the data file, and the image
+/// still verifies against its checksum (so the bytes hashed were the image's, in order).
+#[tokio::test(start_paused = true)]
+async fn verification_hashes_a_slow_fill_from_the_received_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(256 * BS as usize, 13);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("h".to_string(), src.clone())]));
+    let mut c = cfg();
+    c.fetch.max_request = 256 * BS;
+    c.fill_parallel = 1;
+    let node = start_cfg(dir.path(), &reg, c).await;
+    let image = node
+        .create_with_source(
+            ImageSpec::download("h", "http://127.0.0.1:1/x", &sha512(&want)),
+            CreateOptions {
+                disk: None,
+                no_fill: true,
+            },
+            src.clone(),
+        )
+        .await
+        .unwrap();
+    src.fault_next(MemFault::Slow(Duration::from_millis(20)));
+    node.fill("h").unwrap();
+    image.wait_ready().await.unwrap();
+    let m = node.metrics();
+    assert_eq!(
+        (
+            m.hashed_received.load(Ordering::Relaxed),
+            m.hashed_read_back.load(Ordering::Relaxed)
+        ),
+        (want.len() as u64, 0),
+        "bytes hashed from the received buffers, and read back"
+    );
+    node.cancel.cancel();
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unreachable_source_is_ridden_out_and_the_fill_resumes_by_itself() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,10 +6,12 @@
 //! `hash_prefix` knows no `Image`: the image compares the digest with its spec and
 //! alone decides ready or failed.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +19,7 @@ use tracing::debug;
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result};
+use super::metrics::Metrics;
 use super::range::Geometry;
 use super::spec::ChecksumAlgorithm as Algo;
 use super::store::ImageFiles;
@@ -35,6 +38,8 @@ type HashJob = Box<dyn FnOnce() + Send>;
 pub struct HashWorker {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>,
     pressure: Arc<ReaderPressure>,
+    /// Landed bytes the node's feeds hold for hashing (`FEED_BUDGET`).
+    feed_held: Arc<AtomicU64>,
 }
 
 /// How long after the last such read hashing stays in the background.
@@ -105,6 +110,7 @@ impl HashWorker {
         Self {
             tx: std::sync::Mutex::new(tx),
             pressure,
+            feed_held: Arc::default(),
         }
     }
 
@@ -162,6 +168,136 @@ impl Hasher {
     }
 }
 
+/// How far past the hashed prefix landed bytes are kept for the hasher (`HashFeed`): four
+/// fill streams of 4 MiB requests. Bytes that land further ahead (a fill faster than
+/// hashing, as from a loopback origin) are read back from the data file when their turn
+/// comes.
+const FEED_WINDOW: u64 = 16 * 1024 * 1024;
+/// The most landed bytes the feeds of a node hold at once: images filling at the same
+/// time share it, so memory does not grow with their number (eight slow fills held
+/// 16 MiB each and the daemon grew by 75 MiB).
+const FEED_BUDGET: u64 = 16 * 1024 * 1024;
+
+/// Bytes that landed just past the hashed prefix, handed to the hasher as received, so it
+/// hashes them without reading them back from the data file (a copy through the page
+/// cache, and a read from disk if they were written back meanwhile). The fetcher offers
+/// every batch it lands; the feed keeps those that start within `FEED_WINDOW` of where the
+/// hasher is, as far as the node's `FEED_BUDGET` allows, and nothing while no hasher runs.
+#[derive(Default)]
+pub struct HashFeed {
+    inner: Mutex<Feed>,
+}
+
+#[derive(Default)]
+struct Feed {
+    /// The end of the hashed prefix as the hasher last said; None while no hasher runs.
+    at: Option<u64>,
+    /// Landed batches by offset: chunks back to back.
+    held: BTreeMap<u64, (u64, Vec<Bytes>)>,
+    held_bytes: u64,
+    /// The node's count of bytes held by every feed (the hashing thread's).
+    budget: Option<Arc<AtomicU64>>,
+}
+
+impl Feed {
+    fn keeps(&self, offset: u64, len: u64) -> bool {
+        self.at
+            .is_some_and(|at| offset >= at && offset + len <= at + FEED_WINDOW)
+    }
+
+    fn release(&mut self, n: u64) {
+        self.held_bytes -= n;
+        if let Some(b) = &self.budget {
+            b.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+}
+
+impl HashFeed {
+    /// Whether bytes landing at `offset..offset + len` may be kept (so the caller need
+    /// not keep references to them otherwise).
+    pub fn wants(&self, offset: u64, len: u64) -> bool {
+        self.inner.lock().unwrap().keeps(offset, len)
+    }
+
+    /// `chunks` landed back to back from `offset`: their blocks are present.
+    pub fn offer(&self, offset: u64, chunks: Vec<Bytes>) {
+        let len = chunks.iter().map(|c| c.len() as u64).sum();
+        let mut f = self.inner.lock().unwrap();
+        if len == 0 || !f.keeps(offset, len) {
+            return;
+        }
+        let Some(budget) = f.budget.clone() else {
+            return;
+        };
+        if budget.fetch_add(len, Ordering::AcqRel) + len > FEED_BUDGET {
+            budget.fetch_sub(len, Ordering::AcqRel);
+            return;
+        }
+        f.held_bytes += len;
+        if let Some((old, _)) = f.held.insert(offset, (len, chunks)) {
+            f.release(old);
+        }
+    }
+
+    /// A hasher starts from the image's first byte, holding at most what `budget` (the
+    /// node's) allows.
+    fn start(&self, budget: Arc<AtomicU64>) {
+        self.inner.lock().unwrap().budget = Some(budget);
+        self.advance(Some(0));
+    }
+
+    /// The hasher is at `at` (None: it stopped): what lies before goes.
+    fn advance(&self, at: Option<u64>) {
+        let mut f = self.inner.lock().unwrap();
+        f.at = at;
+        let keep = match at {
+            Some(at) => f.held.split_off(&at),
+            None => BTreeMap::new(),
+        };
+        let gone: u64 = std::mem::replace(&mut f.held, keep)
+            .values()
+            .map(|(len, _)| len)
+            .sum();
+        f.release(gone);
+        if at.is_none() {
+            f.budget = None;
+        }
+    }
+
+    /// The held batches that run back to back from `at`, up to `end` at most.
+    fn take(&self, at: u64, end: u64) -> Vec<Bytes> {
+        let mut f = self.inner.lock().unwrap();
+        let mut out = Vec::new();
+        let mut next = at;
+        while let Some(entry) = f.held.first_entry() {
+            let (len, _) = *entry.get();
+            if *entry.key() != next || next + len > end {
+                break;
+            }
+            out.extend(entry.remove().1);
+            f.release(len);
+            next += len;
+        }
+        out
+    }
+
+    /// Where the first held batch at or after `at` starts.
+    fn next_held(&self, at: u64) -> Option<u64> {
+        let f = self.inner.lock().unwrap();
+        f.held.range(at..).next().map(|(k, _)| *k)
+    }
+}
+
+/// Stops the feed when the hasher ends, however it ends.
+struct FeedGuard<'a>(&'a HashFeed);
+
+impl Drop for FeedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.advance(None);
+    }
+}
+
 /// What `hash_prefix` needs of an image: no `Image`, so it runs in unit tests as is.
 pub struct VerifyInput {
     pub files: Arc<ImageFiles>,
@@ -171,6 +307,9 @@ pub struct VerifyInput {
     pub landed: Arc<Notify>,
     pub algo: Algo,
     pub hasher: Arc<HashWorker>,
+    /// Landed bytes offered to the hasher (the fetcher's).
+    pub feed: Arc<HashFeed>,
+    pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
 }
 
@@ -184,11 +323,15 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
         landed,
         algo,
         hasher: worker,
+        feed,
+        metrics,
         cancel,
     } = input;
     let mut hasher = Some(Hasher::new(algo));
-    let mut buf = Some(Vec::with_capacity(HASH_CHUNK as usize));
+    let mut buf = Some(Vec::new());
     let mut hashed: u64 = 0; // bytes
+    feed.start(worker.feed_held.clone());
+    let _stop_feed = FeedGuard(&feed);
     loop {
         let notified = landed.notified();
         tokio::pin!(notified);
@@ -211,8 +354,23 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
                 buf.take().expect("the buffer is back after each chunk"),
             );
             let start = hashed;
+            // The bytes as received where the feed holds them; else read back up to where
+            // it holds some.
+            let fed = feed.take(start, end);
+            let fed_len: u64 = fed.iter().map(|c| c.len() as u64).sum();
+            let end = if fed_len > 0 {
+                start + fed_len
+            } else {
+                feed.next_held(start + 1).map_or(end, |k| k.min(end))
+            };
             let res = worker
                 .run(move || {
+                    if fed_len > 0 {
+                        for c in &fed {
+                            h.update(c);
+                        }
+                        return (h, b, Ok(()));
+                    }
                     b.resize((end - start) as usize, 0);
                     let r = files.read_data(start, &mut b);
                     if r.is_ok() {
@@ -227,7 +385,14 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
             hasher = Some(h);
             buf = Some(b);
             r?;
+            let counter = if fed_len > 0 {
+                &metrics.hashed_received
+            } else {
+                &metrics.hashed_read_back
+            };
+            counter.fetch_add(end - start, Ordering::Relaxed);
             hashed = end;
+            feed.advance(Some(hashed));
             continue;
         }
         if hashed == geo.size {
@@ -245,6 +410,71 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn b(n: usize, fill: u8) -> Vec<Bytes> {
+        vec![Bytes::from(vec![fill; n])]
+    }
+
+    /// The feed keeps what lands within its window of the hasher and nothing while no
+    /// hasher runs, hands over only batches that run back to back from where the hasher
+    /// is, and lets go of what the hasher has passed.
+    #[test]
+    fn the_hash_feed_keeps_only_what_extends_the_hashed_prefix_within_its_window() {
+        let f = HashFeed::default();
+        f.offer(0, b(4096, 1));
+        assert!(f.take(0, 1 << 30).is_empty(), "kept while no hasher ran");
+        let budget = Arc::new(AtomicU64::new(0));
+        f.start(budget.clone());
+        assert!(f.wants(0, 4096) && !f.wants(FEED_WINDOW, 4096));
+        f.offer(8192, b(4096, 3));
+        f.offer(FEED_WINDOW, b(4096, 9)); // past the window: read back later
+        assert!(
+            f.take(0, 1 << 30).is_empty(),
+            "a gap before the first batch"
+        );
+        assert_eq!(f.next_held(1), Some(8192));
+        f.offer(0, b(4096, 1));
+        f.offer(4096, b(4096, 2));
+        let got = f.take(0, 8192);
+        assert_eq!(got.len(), 2, "two batches up to the bound, not the third");
+        assert_eq!((got[0][0], got[1][0]), (1, 2));
+        f.advance(Some(8192));
+        assert_eq!(f.take(8192, 1 << 30)[0][0], 3);
+        assert_eq!(f.next_held(8192), None, "past the window: never kept");
+        f.offer(16384, b(4096, 4));
+        f.advance(Some(20480));
+        assert_eq!(f.next_held(0), None, "what the hasher passed is let go");
+        f.offer(20480, b(4096, 5));
+        assert_eq!(
+            budget.load(Ordering::SeqCst),
+            4096,
+            "the node counts what is held"
+        );
+        f.advance(None);
+        assert_eq!(budget.load(Ordering::SeqCst), 0, "and what is let go");
+        f.offer(20480, b(4096, 5));
+        assert_eq!(f.next_held(0), None, "stopped: nothing kept");
+    }
+
+    /// The feeds of a node together hold no more than `FEED_BUDGET`: a second image
+    /// filling at the same time gets what the first leaves.
+    #[test]
+    fn the_feeds_of_a_node_share_one_budget() {
+        let budget = Arc::new(AtomicU64::new(0));
+        let (one, two) = (HashFeed::default(), HashFeed::default());
+        one.start(budget.clone());
+        two.start(budget.clone());
+        let mib = 1024 * 1024;
+        for i in 0..12 {
+            one.offer(i * mib, b(mib as usize, 1));
+        }
+        for i in 0..8 {
+            two.offer(i * mib, b(mib as usize, 2));
+        }
+        let held = |f: &HashFeed| f.take(0, u64::MAX).len();
+        assert_eq!(held(&one) + held(&two), 16, "12 + 4 MiB of 20 offered");
+        assert_eq!(budget.load(Ordering::SeqCst), 0, "all taken");
+    }
 
     #[test]
     fn hashing_stays_in_the_background_only_while_readers_are_active() {

@@ -56,6 +56,7 @@ use super::source::{Identity, Priority, Sources};
 use super::store::{page_io, BufPool, ImageFiles};
 use super::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use super::sync::{Mutex, RwLock};
+use super::verify::HashFeed;
 
 /// How many times a job retries a retryable error without making progress.
 const MAX_ATTEMPTS: u32 = 6;
@@ -154,6 +155,8 @@ pub struct Fetcher {
     readers_waiting: AtomicUsize,
     readers_changed: Notify,
     fetched_bytes: AtomicU64,
+    /// Landed bytes offered to verification, so it need not read them back.
+    feed: Arc<HashFeed>,
     /// Set by the owner when the image failed: nothing more is fetched or landed.
     halted: RwLock<Option<Error>>,
     is_halted: AtomicBool,
@@ -198,6 +201,7 @@ impl Fetcher {
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
             readers_changed: Notify::new(),
+            feed: Arc::default(),
             fetched_bytes: AtomicU64::new(0),
             halted: RwLock::new(None),
             is_halted: AtomicBool::new(false),
@@ -240,6 +244,11 @@ impl Fetcher {
     /// Woken whenever blocks land or a job ends (the verifier waits on it).
     pub fn landed_notify(&self) -> Arc<Notify> {
         self.landed.clone()
+    }
+
+    /// Where landed bytes are offered to verification.
+    pub fn hash_feed(&self) -> Arc<HashFeed> {
+        self.feed.clone()
     }
 
     pub fn fetched_bytes(&self) -> u64 {
