@@ -34,6 +34,8 @@ pub struct MemSource {
     data: Mutex<(Bytes, Identity)>,
     pub served: AtomicU64,
     pub requests: AtomicU64,
+    /// Every range asked for, with its priority, in order.
+    pub asked: Mutex<Vec<(ByteRange, Priority)>>,
     faults: Mutex<VecDeque<MemFault>>,
     /// Byte ranges this source does not have (answered with `Absent`).
     holes: Mutex<Vec<ByteRange>>,
@@ -54,6 +56,7 @@ impl MemSource {
             data: Mutex::new((data, id)),
             served: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            asked: Mutex::new(Vec::new()),
             faults: Mutex::new(VecDeque::new()),
             holes: Mutex::new(Vec::new()),
             ranges: true,
@@ -120,9 +123,10 @@ impl Source for MemSource {
         &self,
         range: ByteRange,
         id: &Identity,
-        _prio: Priority,
+        prio: Priority,
     ) -> Result<ByteStream, SourceError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.asked.lock().unwrap().push((range, prio));
         let fault = self.faults.lock().unwrap().pop_front();
         let mut keep = usize::MAX;
         let mut pace = None;

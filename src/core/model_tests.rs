@@ -191,6 +191,7 @@ fn world_with(stall: bool, shared: bool) -> World {
             readahead_max: 8 * BS,
             read_timeout: None, // a stranded reader is a deadlock shuttle reports
             fill_runtime: None,
+            ..FetchConfig::default()
         },
         Arc::new(BufPool::default()),
         Arc::new(Metrics::default()),

@@ -36,6 +36,7 @@ fn cfg() -> ImageConfig {
             readahead_max: 64 * BS,
             read_timeout: Some(Duration::from_secs(5)),
             fill_runtime: None,
+            ..FetchConfig::default()
         },
     }
 }
@@ -502,6 +503,69 @@ async fn a_reader_far_ahead_of_a_slow_fill_stream_fetches_its_blocks_itself() {
     image.wait_ready().await.unwrap();
     let all = image.read(0, 256 * BS as u32, None).await.unwrap();
     assert!(all[..] == want[..], "the image's bytes");
+    node.cancel.cancel();
+}
+
+/// While a reader far ahead of the fill has lately waited on a fetch, fill requests are
+/// short (an origin answers the reader's next request after what it is sending the fill);
+/// without such readers (none, one quiet a while, one near where the fill is) they are
+/// `max_request`. The bytes are the image's either way.
+#[tokio::test(start_paused = true)]
+async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(1024 * BS as usize, 14);
+    let mut c = cfg();
+    c.fetch.max_request = 256 * BS; // 1 MiB
+    c.fetch.far_from_fill = 512 * BS;
+    let names = ["far", "alone", "after", "near"];
+    let srcs: Vec<_> = names
+        .iter()
+        .map(|_| Arc::new(MemSource::new(want.clone())))
+        .collect();
+    let reg = Arc::new(Mutex::new(
+        names
+            .iter()
+            .zip(&srcs)
+            .map(|(n, s)| (n.to_string(), s.clone()))
+            .collect(),
+    ));
+    let node = start_cfg(dir.path(), &reg, c).await;
+    let mut largest = Vec::new();
+    for (name, src) in names.iter().zip(&srcs) {
+        let image = create(&node, name, src.clone(), false).await;
+        match *name {
+            "alone" => {}
+            "near" => drop(image.read(100 * BS, 4096, None).await.unwrap()),
+            _ => drop(image.read(1000 * BS, 4096, None).await.unwrap()),
+        }
+        if *name == "after" {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        node.fill(name).unwrap();
+        image.wait_ready().await.unwrap();
+        let all = image.read(0, 1024 * BS as u32, None).await.unwrap();
+        assert!(all[..] == want[..], "the bytes of {name}");
+        let fill_max = src
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| *p == super::source::Priority::Fill)
+            .map(|(r, _)| r.len())
+            .max();
+        largest.push(fill_max);
+    }
+    assert_eq!(
+        largest,
+        vec![
+            Some(64 * BS),
+            Some(256 * BS),
+            Some(256 * BS),
+            Some(256 * BS)
+        ],
+        "the largest fill request: a reader far ahead of the fill about, none, one quiet \
+         for 300 ms, one near the fill"
+    );
     node.cancel.cancel();
 }
 

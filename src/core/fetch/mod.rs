@@ -29,7 +29,10 @@
 //!   off their streams (and the fill starts no new job) for at most `FILL_YIELD_MAX`,
 //!   and then take at least `FILL_RUN_MIN` before they pause again; fill jobs may run on
 //!   a runtime of their own at a lower CPU priority (`FetchConfig::fill_runtime`); the
-//!   data file is written behind (`ImageFiles::note_written`); and a reader whose blocks
+//!   data file is written behind (`ImageFiles::note_written`); while readers far ahead of
+//!   the fill are about, fill requests are short (`FILL_REQUEST_NEAR_READERS`), so that the
+//!   origin has little of the fill's to send before it answers a reader's request; and a
+//!   reader whose blocks
 //!   lie far ahead of a fill stream (`CUT_AHEAD`) cuts the fill job short there and
 //!   fetches the rest itself rather than wait for the stream to get there. The fill
 //!   keeps all its streams: readers that read where it is about to be (a VM's boot
@@ -76,6 +79,17 @@ const FILL_RUN_MIN: usize = 1024 * 1024;
 /// a request of the reader's own takes 0.2-0.5 ms on a loopback origin, and up to a
 /// whole 4 MiB job later (15-20 ms) is what waiting used to cost.
 const CUT_AHEAD: u64 = 256 * 1024;
+/// The largest fill request while readers far ahead of the fill are about (one waited on
+/// a fetch at least `FetchConfig::far_from_fill` past the fill's last request, within
+/// `READERS_RECENT`). An origin answers a reader's request after what it is sending the
+/// fill: nginx sends each response in up to 2 MiB per turn of its event loop, so four fill
+/// streams of 4 MiB requests kept a reader's 16 KiB waiting 2-4 ms (p99) where the idle
+/// origin answers in 0.2 ms. Requests this short bound what the fill has asked of the
+/// origin at any time to 1 MiB (1 MiB requests did not help). Readers near the fill are
+/// served best by it running ahead at full speed (a VM's boot files near the start of
+/// the image: short requests made a boot-like pattern 3x slower), so they do not count.
+const FILL_REQUEST_NEAR_READERS: u64 = 256 * 1024;
+const READERS_RECENT: Duration = Duration::from_millis(200);
 
 /// Tunables of the fetch path.
 #[derive(Debug, Clone)]
@@ -90,6 +104,11 @@ pub struct FetchConfig {
     /// of their own at a lower CPU priority, so a reader's tasks never queue behind fill
     /// streams on the async workers and win the CPU when both want it.
     pub fill_runtime: Option<tokio::runtime::Handle>,
+    /// A reader waiting this far past the fill's last request is far ahead of it: the
+    /// fill will not reach its blocks soon, and its requests are kept short while such
+    /// readers are about (`FILL_REQUEST_NEAR_READERS`). 128 MiB: about 100 ms of the
+    /// fill's work on a fast origin.
+    pub far_from_fill: u64,
 }
 
 impl Default for FetchConfig {
@@ -99,6 +118,7 @@ impl Default for FetchConfig {
             readahead_max: 64 * 1024 * 1024,
             read_timeout: Some(Duration::from_secs(120)),
             fill_runtime: None,
+            far_from_fill: 128 * 1024 * 1024,
         }
     }
 }
@@ -118,8 +138,15 @@ pub trait FetchObserver: Send + Sync {
 struct Waiting<'a>(&'a Fetcher);
 
 impl<'a> Waiting<'a> {
-    fn new(fetcher: &'a Fetcher) -> Self {
+    /// A reader waits for blocks from `first` on.
+    fn new(fetcher: &'a Fetcher, first: u64) -> Self {
         fetcher.readers_waiting.fetch_add(1, Ordering::AcqRel);
+        let far = fetcher.cfg.far_from_fill / fetcher.geo.block_size;
+        if first >= fetcher.fill_front.load(Ordering::Relaxed) + far {
+            fetcher
+                .far_reader_waited
+                .store(fetcher.since_epoch_ms(), Ordering::Relaxed);
+        }
         Self(fetcher)
     }
 }
@@ -154,6 +181,11 @@ pub struct Fetcher {
     /// last of them is served or a reader starts waiting on a job (which may be theirs).
     readers_waiting: AtomicUsize,
     readers_changed: Notify,
+    /// When a reader far ahead of the fill last began to wait on a fetch, in ms since
+    /// `epoch` (0: never), and the end of the fill's last request (a block).
+    far_reader_waited: AtomicU64,
+    fill_front: AtomicU64,
+    epoch: tokio::time::Instant,
     fetched_bytes: AtomicU64,
     /// Landed bytes offered to verification, so it need not read them back.
     feed: Arc<HashFeed>,
@@ -200,6 +232,9 @@ impl Fetcher {
             writer: tokio::sync::Mutex::new(()),
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
+            far_reader_waited: AtomicU64::new(0),
+            fill_front: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
             readers_changed: Notify::new(),
             feed: Arc::default(),
             fetched_bytes: AtomicU64::new(0),
@@ -318,6 +353,24 @@ impl Fetcher {
         (self.cfg.max_request / self.geo.block_size).max(1)
     }
 
+    fn since_epoch_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The largest request of a job of `prio`, in blocks: fill requests are short while
+    /// readers far ahead of the fill are about (`FILL_REQUEST_NEAR_READERS`).
+    fn request_blocks(&self, prio: Priority) -> u64 {
+        let max = self.max_blocks();
+        let waited = self.far_reader_waited.load(Ordering::Relaxed);
+        let recent = waited != 0
+            && self.since_epoch_ms().saturating_sub(waited) < READERS_RECENT.as_millis() as u64;
+        if prio == Priority::Fill && recent {
+            max.min((FILL_REQUEST_NEAR_READERS / self.geo.block_size).max(1))
+        } else {
+            max
+        }
+    }
+
     /// Reads `bytes`, every block of them present, from the data file.
     pub fn read_present(&self, bytes: ByteRange) -> Result<Bytes> {
         let mut buf = self.buffers.take(bytes.len() as usize);
@@ -346,7 +399,7 @@ impl Fetcher {
         let one_job = permit.is_some();
         let sources = self.sources();
         let ranged = sources.ranged();
-        let max_blocks = self.max_blocks();
+        let max_blocks = self.request_blocks(prio);
         let mut inflight = self.inflight.lock();
         let mut b = range.start;
         while b < range.end {
@@ -427,6 +480,9 @@ impl Fetcher {
             };
             let job = inflight.claim(run, prio);
             self.spawn_job(self.guard(job.clone()), permit.take());
+            if prio == Priority::Fill {
+                self.fill_front.store(run.end, Ordering::Relaxed);
+            }
             started = Some(run);
             b = run.end;
             if wait {
@@ -502,7 +558,7 @@ impl Fetcher {
             if self.map.all_set(range) {
                 return Ok((waiting.is_some(), None));
             }
-            waiting.get_or_insert_with(|| Waiting::new(self));
+            waiting.get_or_insert_with(|| Waiting::new(self, range.start));
             let (waits, _) = self.plan(range, true, None, Priority::Reader);
             if let Some(o) = self.observer() {
                 o.reader_active();
