@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use fuser::{MountOption, SessionACL};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use crate::core::fetch::ReadersOnFill;
 use crate::core::node::sources_with;
 use crate::core::peer::Peers;
 use crate::core::source::HttpClients;
@@ -63,8 +65,67 @@ fn set_kernel_readahead(mp: &Path) {
     }
 }
 
-/// The CPU priority of the fill's threads (the hashing thread runs at 10 too).
+/// The CPU priority of the fill's threads (the hashing thread runs at 10 too), and theirs
+/// while a reader waits on a fill job.
 const FILL_NICE: libc::c_int = 10;
+const FILL_NICE_RAISED: libc::c_int = 0;
+
+/// The fill runtime's threads, at `FILL_NICE` unless readers wait on fill jobs
+/// (`FetchConfig::fill_priority`): then at `FILL_NICE_RAISED`, so that a reader waiting
+/// on a fill stream does not wait behind its niceness.
+#[derive(Debug, Default)]
+struct FillThreads {
+    /// Thread ids, and how many readers wait on fill jobs now.
+    inner: std::sync::Mutex<(Vec<libc::pid_t>, usize)>,
+}
+
+fn set_nice(tid: libc::pid_t, nice: libc::c_int) {
+    // SAFETY: setpriority reads its integer arguments only; a tid that has exited fails
+    // with ESRCH, harmlessly.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+}
+
+impl FillThreads {
+    /// The calling thread joins, at the priority of the moment.
+    fn join(&self) {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        let mut g = self.inner.lock().unwrap();
+        set_nice(tid, if g.1 > 0 { FILL_NICE_RAISED } else { FILL_NICE });
+        g.0.push(tid);
+    }
+
+    fn part(&self) {
+        // SAFETY: as in `join`.
+        let tid = unsafe { libc::gettid() };
+        self.inner.lock().unwrap().0.retain(|t| *t != tid);
+    }
+
+    /// Every thread at `nice` (under the lock: the last change wins, in order).
+    fn set_all(threads: &[libc::pid_t], nice: libc::c_int) {
+        for t in threads {
+            set_nice(*t, nice);
+        }
+    }
+}
+
+impl ReadersOnFill for FillThreads {
+    fn enter(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.1 += 1;
+        if g.1 == 1 {
+            Self::set_all(&g.0, FILL_NICE_RAISED);
+        }
+    }
+
+    fn leave(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.1 -= 1;
+        if g.1 == 0 {
+            Self::set_all(&g.0, FILL_NICE);
+        }
+    }
+}
 
 /// The API token from `--token-file` (the one reader of token files, `server::read_token_file`).
 fn read_token(f: &Path) -> anyhow::Result<String> {
@@ -86,18 +147,20 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime (threads)")?;
     // Fill jobs run apart, at nice 10 (see `FetchConfig::fill_runtime`): on two cores a
     // fill at line rate otherwise holds both workers when a reader's request arrives.
+    // Raised while a reader waits on a fill job (`FillThreads`).
+    let fill_threads = Arc::new(FillThreads::default());
+    let (joins, parts) = (fill_threads.clone(), fill_threads.clone());
     let fill_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("bifs-fill")
-        .on_thread_start(|| {
-            // SAFETY: setpriority on the calling thread (who = 0 is this thread on Linux).
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FILL_NICE) };
-        })
+        .on_thread_start(move || joins.join())
+        .on_thread_stop(move || parts.part())
         .build()
         .context("cannot start the fill's async runtime (threads)")?;
     let mut cfg = args.cfg.clone();
     cfg.fetch.fill_runtime = Some(fill_rt.handle().clone());
+    cfg.fetch.fill_priority = Some(fill_threads);
     let token = match &args.token_file {
         Some(f) => Some(read_token(f)?),
         None => None,
@@ -210,4 +273,62 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     fill_rt.shutdown_timeout(Duration::from_secs(1));
     info!("bye");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nice_of(tid: libc::pid_t) -> libc::c_int {
+        // SAFETY: getpriority reads its integer arguments only.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) }
+    }
+
+    /// The fill's threads run at nice 10 and at 0 while any reader waits on a fill job,
+    /// back at 10 when the last one is served; a thread that joins meanwhile starts raised.
+    /// Raising needs root (CAP_SYS_NICE), as the daemon runs.
+    #[test]
+    fn fill_threads_are_raised_while_readers_wait_on_fill_jobs() {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: raising a thread's priority needs root");
+            return;
+        }
+        let threads = Arc::new(FillThreads::default());
+        let spawn = |t: Arc<FillThreads>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+            let h = std::thread::spawn(move || {
+                t.join();
+                // SAFETY: as in `FillThreads::join`.
+                tx.send(unsafe { libc::gettid() }).unwrap();
+                let _ = stop_rx.recv();
+                t.part();
+            });
+            (rx.recv().unwrap(), stop_tx, h)
+        };
+        let (a, stop_a, ha) = spawn(threads.clone());
+        assert_eq!(nice_of(a), FILL_NICE);
+        threads.enter();
+        threads.enter();
+        assert_eq!(nice_of(a), FILL_NICE_RAISED, "raised while readers wait");
+        let (b, stop_b, hb) = spawn(threads.clone());
+        assert_eq!(nice_of(b), FILL_NICE_RAISED, "a thread joining meanwhile");
+        threads.leave();
+        assert_eq!(nice_of(a), FILL_NICE_RAISED, "one reader still waits");
+        threads.leave();
+        assert_eq!(
+            (nice_of(a), nice_of(b)),
+            (FILL_NICE, FILL_NICE),
+            "the last one served"
+        );
+        for (stop, h) in [(stop_a, ha), (stop_b, hb)] {
+            stop.send(()).unwrap();
+            h.join().unwrap();
+        }
+        assert!(
+            threads.inner.lock().unwrap().0.is_empty(),
+            "parted threads are forgotten"
+        );
+    }
 }

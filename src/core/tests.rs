@@ -569,6 +569,60 @@ async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
     node.cancel.cancel();
 }
 
+/// Counts readers waiting on fill jobs, as the daemon's `FillThreads` is told.
+#[derive(Debug, Default)]
+struct OnFillCount {
+    now: std::sync::atomic::AtomicUsize,
+    ever: std::sync::atomic::AtomicUsize,
+}
+
+impl super::fetch::ReadersOnFill for OnFillCount {
+    fn enter(&self) {
+        self.now.fetch_add(1, Ordering::SeqCst);
+        self.ever.fetch_add(1, Ordering::SeqCst);
+    }
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A reader waiting on a fill job says so while it waits (the daemon raises the fill's
+/// threads then, so the reader does not wait behind their low priority), and no longer
+/// once it is served; a reader on a job of its own does not.
+#[tokio::test(start_paused = true)]
+async fn a_reader_waiting_on_a_fill_job_raises_the_fill_while_it_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(256 * BS as usize, 15);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![("r".to_string(), src.clone())]));
+    let count = Arc::new(OnFillCount::default());
+    let mut c = cfg();
+    c.fetch.max_request = 256 * BS;
+    c.fill_parallel = 1;
+    c.fetch.fill_priority = Some(count.clone());
+    let node = start_cfg(dir.path(), &reg, c).await;
+    let image = create(&node, "r", src.clone(), false).await;
+    // A reader's own job first: nothing raised.
+    image.read(250 * BS, 4096, None).await.unwrap();
+    assert_eq!(count.ever.load(Ordering::SeqCst), 0, "a reader's own job");
+    // The fill's one request streams 64 KiB every 50 ms; block 20 is 5 chunks in, too
+    // near its landings for the reader to cut it: the reader waits on the fill job.
+    src.fault_next(MemFault::Slow(Duration::from_millis(50)));
+    node.fill("r").unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let reading = tokio::spawn({
+        let image = image.clone();
+        async move { image.read(20 * BS, 4096, None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(count.now.load(Ordering::SeqCst), 1, "raised while it waits");
+    let b = reading.await.unwrap().unwrap();
+    assert_eq!(&b[..], &want[(20 * BS) as usize..(21 * BS) as usize]);
+    assert_eq!(count.now.load(Ordering::SeqCst), 0, "lowered once served");
+    image.wait_ready().await.unwrap();
+    node.cancel.cancel();
+}
+
 /// Verification hashes bytes as they arrive, from the fetch's buffers, when the fill
 /// is no faster than hashing: nothing is read back from the data file, and the image
 /// still verifies against its checksum (so the bytes hashed were the image's, in order).
