@@ -558,7 +558,7 @@ async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
     assert_eq!(
         largest,
         vec![
-            Some(64 * BS),
+            Some(32 * BS),
             Some(256 * BS),
             Some(256 * BS),
             Some(256 * BS)
