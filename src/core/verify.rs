@@ -181,8 +181,10 @@ const FEED_BUDGET: u64 = 16 * 1024 * 1024;
 /// Bytes that landed just past the hashed prefix, handed to the hasher as received, so it
 /// hashes them without reading them back from the data file (a copy through the page
 /// cache, and a read from disk if they were written back meanwhile). The fetcher offers
-/// every batch it lands; the feed keeps those that start within `FEED_WINDOW` of where the
-/// hasher is, as far as the node's `FEED_BUDGET` allows, and nothing while no hasher runs.
+/// every batch it lands; the feed keeps those that extend the hashed prefix or what it
+/// holds (one run, within `FEED_WINDOW` of the hasher), as far as the node's
+/// `FEED_BUDGET` allows, and nothing while no hasher runs. A fill faster than hashing
+/// lands past the hasher and is read back, so it costs no memory here.
 #[derive(Default)]
 pub struct HashFeed {
     inner: Mutex<Feed>,
@@ -200,9 +202,15 @@ struct Feed {
 }
 
 impl Feed {
+    /// Only bytes that extend what is held (or, holding nothing, the hashed prefix): so
+    /// what is held is one run that the hasher takes as it gets there. Bytes landing
+    /// elsewhere (the fill's other streams, a fill that outran hashing) are read back.
     fn keeps(&self, offset: u64, len: u64) -> bool {
-        self.at
-            .is_some_and(|at| offset >= at && offset + len <= at + FEED_WINDOW)
+        let Some(at) = self.at else {
+            return false;
+        };
+        let tail = self.held.last_key_value().map_or(at, |(k, (l, _))| k + l);
+        offset == tail && offset + len <= at + FEED_WINDOW
     }
 
     fn release(&mut self, n: u64) {
@@ -363,6 +371,8 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
             } else {
                 feed.next_held(start + 1).map_or(end, |k| k.min(end))
             };
+            // The hasher is as good as at `end`: bytes landing there extend its feed.
+            feed.advance(Some(end));
             let res = worker
                 .run(move || {
                     if fed_len > 0 {
@@ -392,7 +402,6 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
             };
             counter.fetch_add(end - start, Ordering::Relaxed);
             hashed = end;
-            feed.advance(Some(hashed));
             continue;
         }
         if hashed == geo.size {
@@ -415,9 +424,9 @@ mod tests {
         vec![Bytes::from(vec![fill; n])]
     }
 
-    /// The feed keeps what lands within its window of the hasher and nothing while no
-    /// hasher runs, hands over only batches that run back to back from where the hasher
-    /// is, and lets go of what the hasher has passed.
+    /// The feed keeps only bytes that extend the hashed prefix (or what it holds), within
+    /// its window, and nothing while no hasher runs; it hands over only batches that run
+    /// back to back from where the hasher is, and lets go of what the hasher has passed.
     #[test]
     fn the_hash_feed_keeps_only_what_extends_the_hashed_prefix_within_its_window() {
         let f = HashFeed::default();
@@ -425,34 +434,32 @@ mod tests {
         assert!(f.take(0, 1 << 30).is_empty(), "kept while no hasher ran");
         let budget = Arc::new(AtomicU64::new(0));
         f.start(budget.clone());
-        assert!(f.wants(0, 4096) && !f.wants(FEED_WINDOW, 4096));
+        assert!(f.wants(0, 4096) && !f.wants(4096, 4096));
+        assert!(!f.wants(0, FEED_WINDOW + 4096), "past the window");
         f.offer(8192, b(4096, 3));
-        f.offer(FEED_WINDOW, b(4096, 9)); // past the window: read back later
-        assert!(
-            f.take(0, 1 << 30).is_empty(),
-            "a gap before the first batch"
-        );
-        assert_eq!(f.next_held(1), Some(8192));
-        f.offer(0, b(4096, 1));
-        f.offer(4096, b(4096, 2));
+        assert_eq!(f.next_held(0), None, "a batch past a gap: read back later");
+        for (i, fill) in [1u8, 2, 3].into_iter().enumerate() {
+            f.offer(i as u64 * 4096, b(4096, fill));
+        }
         let got = f.take(0, 8192);
         assert_eq!(got.len(), 2, "two batches up to the bound, not the third");
         assert_eq!((got[0][0], got[1][0]), (1, 2));
         f.advance(Some(8192));
         assert_eq!(f.take(8192, 1 << 30)[0][0], 3);
-        assert_eq!(f.next_held(8192), None, "past the window: never kept");
-        f.offer(16384, b(4096, 4));
-        f.advance(Some(20480));
-        assert_eq!(f.next_held(0), None, "what the hasher passed is let go");
-        f.offer(20480, b(4096, 5));
+        f.advance(Some(12288));
+        f.offer(12288, b(4096, 4));
         assert_eq!(
             budget.load(Ordering::SeqCst),
             4096,
             "the node counts what is held"
         );
+        f.advance(Some(16384));
+        assert_eq!(f.next_held(0), None, "what the hasher passed is let go");
+        assert_eq!(budget.load(Ordering::SeqCst), 0, "and no longer counted");
+        f.offer(16384, b(4096, 5));
         f.advance(None);
-        assert_eq!(budget.load(Ordering::SeqCst), 0, "and what is let go");
-        f.offer(20480, b(4096, 5));
+        assert_eq!(budget.load(Ordering::SeqCst), 0, "stopped: all let go");
+        f.offer(20480, b(4096, 6));
         assert_eq!(f.next_held(0), None, "stopped: nothing kept");
     }
 
