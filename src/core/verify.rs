@@ -168,14 +168,11 @@ impl Hasher {
     }
 }
 
-/// How far past the hashed prefix landed bytes are kept for the hasher (`HashFeed`): four
-/// fill streams of 4 MiB requests. Bytes that land further ahead (a fill faster than
-/// hashing, as from a loopback origin) are read back from the data file when their turn
-/// comes.
+/// The longest run of landed bytes a feed holds past the hashed prefix (`HashFeed`).
 const FEED_WINDOW: u64 = 16 * 1024 * 1024;
 /// The most landed bytes the feeds of a node hold at once: images filling at the same
-/// time share it, so memory does not grow with their number (eight slow fills held
-/// 16 MiB each and the daemon grew by 75 MiB).
+/// time share it, so memory does not grow with their number (when each image kept its
+/// streams' bytes within 16 MiB, eight slow fills grew the daemon by 74 MiB).
 const FEED_BUDGET: u64 = 16 * 1024 * 1024;
 
 /// Bytes that landed just past the hashed prefix, handed to the hasher as received, so it
