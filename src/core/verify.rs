@@ -6,7 +6,7 @@
 //! `hash_prefix` knows no `Image`: the image compares the digest with its spec and
 //! alone decides ready or failed.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -168,20 +168,18 @@ impl Hasher {
     }
 }
 
-/// The longest run of landed bytes a feed holds past the hashed prefix (`HashFeed`).
-const FEED_WINDOW: u64 = 16 * 1024 * 1024;
 /// The most landed bytes the feeds of a node hold at once: images filling at the same
 /// time share it, so memory does not grow with their number (when each image kept its
 /// streams' bytes within 16 MiB, eight slow fills grew the daemon by 74 MiB).
 const FEED_BUDGET: u64 = 16 * 1024 * 1024;
 
-/// Bytes that landed just past the hashed prefix, handed to the hasher as received, so it
-/// hashes them without reading them back from the data file (a copy through the page
+/// Bytes that landed where the hashed prefix ends, handed to the hasher as received, so
+/// it hashes them without reading them back from the data file (a copy through the page
 /// cache, and a read from disk if they were written back meanwhile). The fetcher offers
-/// every batch it lands; the feed keeps those that extend the hashed prefix or what it
-/// holds (one run, within `FEED_WINDOW` of the hasher), as far as the node's
-/// `FEED_BUDGET` allows, and nothing while no hasher runs. A fill faster than hashing
-/// lands past the hasher and is read back, so it costs no memory here.
+/// every batch it lands; the feed keeps one run from where the hasher is, extended by
+/// batches that land at its end, as far as the node's `FEED_BUDGET` allows, and nothing
+/// while no hasher runs. Batches landing elsewhere (the fill's other streams, a fill
+/// that outran hashing) are read back, so they cost no memory here.
 #[derive(Default)]
 pub struct HashFeed {
     inner: Mutex<Feed>,
@@ -189,108 +187,96 @@ pub struct HashFeed {
 
 #[derive(Default)]
 struct Feed {
-    /// The end of the hashed prefix as the hasher last said; None while no hasher runs.
+    /// Where the held run starts: the end of what the hasher has taken; None while no
+    /// hasher runs.
     at: Option<u64>,
-    /// Landed batches by offset: chunks back to back.
-    held: BTreeMap<u64, (u64, Vec<Bytes>)>,
+    held: VecDeque<Bytes>,
     held_bytes: u64,
     /// The node's count of bytes held by every feed (the hashing thread's).
     budget: Option<Arc<AtomicU64>>,
 }
 
 impl Feed {
-    /// Only bytes that extend what is held (or, holding nothing, the hashed prefix): so
-    /// what is held is one run that the hasher takes as it gets there. Bytes landing
-    /// elsewhere (the fill's other streams, a fill that outran hashing) are read back.
-    fn keeps(&self, offset: u64, len: u64) -> bool {
-        let Some(at) = self.at else {
-            return false;
-        };
-        let tail = self.held.last_key_value().map_or(at, |(k, (l, _))| k + l);
-        offset == tail && offset + len <= at + FEED_WINDOW
-    }
-
-    fn release(&mut self, n: u64) {
-        self.held_bytes -= n;
+    /// Lets go of everything held.
+    fn clear(&mut self) {
+        self.held.clear();
         if let Some(b) = &self.budget {
-            b.fetch_sub(n, Ordering::AcqRel);
+            b.fetch_sub(self.held_bytes, Ordering::AcqRel);
         }
+        self.held_bytes = 0;
     }
 }
 
 impl HashFeed {
-    /// Whether bytes landing at `offset..offset + len` may be kept (so the caller need
-    /// not keep references to them otherwise).
-    pub fn wants(&self, offset: u64, len: u64) -> bool {
-        self.inner.lock().unwrap().keeps(offset, len)
-    }
-
-    /// `chunks` landed back to back from `offset`: their blocks are present.
+    /// `chunks` landed back to back from `offset`: their blocks are present. Kept if they
+    /// extend the held run and the budget allows.
     pub fn offer(&self, offset: u64, chunks: Vec<Bytes>) {
-        let len = chunks.iter().map(|c| c.len() as u64).sum();
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         let mut f = self.inner.lock().unwrap();
-        if len == 0 || !f.keeps(offset, len) {
-            return;
-        }
-        let Some(budget) = f.budget.clone() else {
+        let (Some(at), Some(budget)) = (f.at, f.budget.clone()) else {
             return;
         };
+        if len == 0 || offset != at + f.held_bytes {
+            return;
+        }
         if budget.fetch_add(len, Ordering::AcqRel) + len > FEED_BUDGET {
             budget.fetch_sub(len, Ordering::AcqRel);
             return;
         }
         f.held_bytes += len;
-        if let Some((old, _)) = f.held.insert(offset, (len, chunks)) {
-            f.release(old);
-        }
+        f.held.extend(chunks);
     }
 
     /// A hasher starts from the image's first byte, holding at most what `budget` (the
     /// node's) allows.
     fn start(&self, budget: Arc<AtomicU64>) {
-        self.inner.lock().unwrap().budget = Some(budget);
-        self.advance(Some(0));
-    }
-
-    /// The hasher is at `at` (None: it stopped): what lies before goes.
-    fn advance(&self, at: Option<u64>) {
         let mut f = self.inner.lock().unwrap();
-        f.at = at;
-        let keep = match at {
-            Some(at) => f.held.split_off(&at),
-            None => BTreeMap::new(),
-        };
-        let gone: u64 = std::mem::replace(&mut f.held, keep)
-            .values()
-            .map(|(len, _)| len)
-            .sum();
-        f.release(gone);
-        if at.is_none() {
-            f.budget = None;
-        }
+        f.clear();
+        f.budget = Some(budget);
+        f.at = Some(0);
     }
 
-    /// The held batches that run back to back from `at`, up to `end` at most.
-    fn take(&self, at: u64, end: u64) -> Vec<Bytes> {
+    /// The hasher stopped: nothing more is kept.
+    fn stop(&self) {
+        let mut f = self.inner.lock().unwrap();
+        f.clear();
+        f.at = None;
+        f.budget = None;
+    }
+
+    /// Up to `max` bytes of the held run (from where the hasher is); the hasher moves on
+    /// past them.
+    fn take(&self, max: u64) -> Vec<Bytes> {
         let mut f = self.inner.lock().unwrap();
         let mut out = Vec::new();
-        let mut next = at;
-        while let Some(entry) = f.held.first_entry() {
-            let (len, _) = *entry.get();
-            if *entry.key() != next || next + len > end {
-                break;
+        let mut left = max.min(f.held_bytes);
+        let taken = left;
+        while left > 0 {
+            let mut c = f.held.pop_front().expect("held_bytes counts the run");
+            if c.len() as u64 > left {
+                f.held.push_front(c.split_off(left as usize));
             }
-            out.extend(entry.remove().1);
-            f.release(len);
-            next += len;
+            left -= c.len() as u64;
+            out.push(c);
+        }
+        f.held_bytes -= taken;
+        if let Some(b) = &f.budget {
+            b.fetch_sub(taken, Ordering::AcqRel);
+        }
+        if let Some(at) = &mut f.at {
+            *at += taken;
         }
         out
     }
 
-    /// Where the first held batch at or after `at` starts.
-    fn next_held(&self, at: u64) -> Option<u64> {
-        let f = self.inner.lock().unwrap();
-        f.held.range(at..).next().map(|(k, _)| *k)
+    /// The hasher reads up to `end` from the data file: what is held goes (those bytes
+    /// are read back), and bytes landing at `end` start a new run.
+    fn skip_to(&self, end: u64) {
+        let mut f = self.inner.lock().unwrap();
+        f.clear();
+        if f.at.is_some() {
+            f.at = Some(end);
+        }
     }
 }
 
@@ -299,7 +285,7 @@ struct FeedGuard<'a>(&'a HashFeed);
 
 impl Drop for FeedGuard<'_> {
     fn drop(&mut self) {
-        self.0.advance(None);
+        self.0.stop();
     }
 }
 
@@ -359,17 +345,16 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
                 buf.take().expect("the buffer is back after each chunk"),
             );
             let start = hashed;
-            // The bytes as received where the feed holds them; else read back up to where
-            // it holds some.
-            let fed = feed.take(start, end);
+            // The bytes as received where the feed holds them, else read back; either way
+            // bytes landing at `end` start the feed's next run.
+            let fed = feed.take(end - start);
             let fed_len: u64 = fed.iter().map(|c| c.len() as u64).sum();
             let end = if fed_len > 0 {
                 start + fed_len
             } else {
-                feed.next_held(start + 1).map_or(end, |k| k.min(end))
+                feed.skip_to(end);
+                end
             };
-            // The hasher is as good as at `end`: bytes landing there extend its feed.
-            feed.advance(Some(end));
             let res = worker
                 .run(move || {
                     if fed_len > 0 {
@@ -421,43 +406,58 @@ mod tests {
         vec![Bytes::from(vec![fill; n])]
     }
 
-    /// The feed keeps only bytes that extend the hashed prefix (or what it holds), within
-    /// its window, and nothing while no hasher runs; it hands over only batches that run
-    /// back to back from where the hasher is, and lets go of what the hasher has passed.
+    /// The feed keeps only batches that extend its run from where the hasher is, and
+    /// nothing while no hasher runs; the hasher takes the run as far as it asks, and what
+    /// it reads back instead is let go.
     #[test]
-    fn the_hash_feed_keeps_only_what_extends_the_hashed_prefix_within_its_window() {
+    fn the_hash_feed_keeps_only_what_extends_the_hashed_prefix() {
         let f = HashFeed::default();
         f.offer(0, b(4096, 1));
-        assert!(f.take(0, 1 << 30).is_empty(), "kept while no hasher ran");
+        assert!(f.take(u64::MAX).is_empty(), "kept while no hasher ran");
         let budget = Arc::new(AtomicU64::new(0));
         f.start(budget.clone());
-        assert!(f.wants(0, 4096) && !f.wants(4096, 4096));
-        assert!(!f.wants(0, FEED_WINDOW + 4096), "past the window");
         f.offer(8192, b(4096, 3));
-        assert_eq!(f.next_held(0), None, "a batch past a gap: read back later");
+        assert!(
+            f.take(u64::MAX).is_empty(),
+            "a batch past a gap: read back later"
+        );
         for (i, fill) in [1u8, 2, 3].into_iter().enumerate() {
             f.offer(i as u64 * 4096, b(4096, fill));
         }
-        let got = f.take(0, 8192);
-        assert_eq!(got.len(), 2, "two batches up to the bound, not the third");
-        assert_eq!((got[0][0], got[1][0]), (1, 2));
-        f.advance(Some(8192));
-        assert_eq!(f.take(8192, 1 << 30)[0][0], 3);
-        f.advance(Some(12288));
-        f.offer(12288, b(4096, 4));
         assert_eq!(
             budget.load(Ordering::SeqCst),
-            4096,
+            12288,
             "the node counts what is held"
         );
-        f.advance(Some(16384));
-        assert_eq!(f.next_held(0), None, "what the hasher passed is let go");
-        assert_eq!(budget.load(Ordering::SeqCst), 0, "and no longer counted");
+        let got = f.take(6144);
+        assert_eq!(
+            got.iter().map(|c| c.len()).sum::<usize>(),
+            6144,
+            "as far as asked"
+        );
+        assert_eq!((got[0][0], got[1][0]), (1, 2));
+        f.offer(12288, b(4096, 4));
+        let rest = f.take(u64::MAX);
+        assert_eq!(rest.iter().map(|c| c.len()).sum::<usize>(), 10240);
+        assert_eq!((rest[0][0], rest[1][0], rest[2][0]), (2, 3, 4));
+        assert_eq!(budget.load(Ordering::SeqCst), 0, "taken: no longer counted");
         f.offer(16384, b(4096, 5));
-        f.advance(None);
-        assert_eq!(budget.load(Ordering::SeqCst), 0, "stopped: all let go");
+        f.skip_to(32768);
+        assert_eq!(
+            budget.load(Ordering::SeqCst),
+            0,
+            "read back instead: let go"
+        );
         f.offer(20480, b(4096, 6));
-        assert_eq!(f.next_held(0), None, "stopped: nothing kept");
+        assert!(
+            f.take(u64::MAX).is_empty(),
+            "before where the hasher reads to"
+        );
+        f.offer(32768, b(4096, 7));
+        assert_eq!(f.take(u64::MAX)[0][0], 7, "a new run where it reads to");
+        f.stop();
+        f.offer(36864, b(4096, 8));
+        assert!(f.take(u64::MAX).is_empty(), "stopped: nothing kept");
     }
 
     /// The feeds of a node together hold no more than `FEED_BUDGET`: a second image
@@ -475,7 +475,7 @@ mod tests {
         for i in 0..8 {
             two.offer(i * mib, b(mib as usize, 2));
         }
-        let held = |f: &HashFeed| f.take(0, u64::MAX).len();
+        let held = |f: &HashFeed| f.take(u64::MAX).len();
         assert_eq!(held(&one) + held(&two), 16, "12 + 4 MiB of 20 offered");
         assert_eq!(budget.load(Ordering::SeqCst), 0, "all taken");
     }

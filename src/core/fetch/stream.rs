@@ -317,11 +317,11 @@ impl Fetcher {
             return Err(e);
         }
         let files = self.files.clone();
-        let for_hash = self.feed.wants(offset, len).then(|| chunks.clone());
         let one_writer = self.writer.lock().await;
-        // All-zero blocks become holes (zeros.rs), whatever source they came from.
-        page_io(len as usize, move || {
-            crate::core::zeros::write_sparse(&files, offset, &chunks, bs)
+        // All-zero blocks become holes (zeros.rs), whatever source they came from. The
+        // chunks come back for verification's feed.
+        let chunks = page_io(len as usize, move || {
+            crate::core::zeros::write_sparse(&files, offset, &chunks, bs).map(|()| chunks)
         })
         .await?;
         drop(one_writer);
@@ -331,9 +331,7 @@ impl Fetcher {
         }
         let blocks = self.geo.blocks_of(bytes);
         self.map.set_range(blocks);
-        if let Some(chunks) = for_hash {
-            self.feed.offer(offset, chunks);
-        }
+        self.feed.offer(offset, chunks);
         self.files.mark_dirty(blocks.start);
         if let Some(o) = self.observer() {
             o.landed(blocks);
