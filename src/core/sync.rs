@@ -46,3 +46,41 @@ pub async fn sleep_until(deadline: tokio::time::Instant) {
         shuttle::future::yield_now().await;
     }
 }
+
+/// When something last happened, to ask whether it was within a while: milliseconds
+/// since the value was made (0: never), one atomic. tokio's clock, so paused-time tests
+/// see their own (the hashing thread's `ReaderPressure` keeps std's: it is read off the
+/// runtime); a plain std atomic in every build (a hint, not a point the model tests
+/// need to explore).
+#[derive(Debug)]
+pub struct LastSeen {
+    epoch: tokio::time::Instant,
+    ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LastSeen {
+    fn default() -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl LastSeen {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// It happened now.
+    pub fn mark(&self) {
+        self.ms
+            .store(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether it happened less than `d` ago.
+    pub fn within(&self, d: std::time::Duration) -> bool {
+        let last = self.ms.load(std::sync::atomic::Ordering::Relaxed);
+        last != 0 && self.now_ms().saturating_sub(last) < d.as_millis() as u64
+    }
+}

@@ -59,7 +59,7 @@ use super::range::{BlockRange, ByteRange, Geometry};
 use super::source::{Identity, Priority, Sources};
 use super::store::{page_io, BufPool, ImageFiles};
 use super::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use super::sync::{Mutex, RwLock};
+use super::sync::{LastSeen, Mutex, RwLock};
 use super::verify::HashFeed;
 
 /// How many times a job retries a retryable error without making progress.
@@ -178,9 +178,7 @@ impl<'a> Waiting<'a> {
         fetcher.readers_waiting.fetch_add(1, Ordering::AcqRel);
         let far = fetcher.cfg.far_from_fill / fetcher.geo.block_size;
         if first >= fetcher.fill_front.load(Ordering::Relaxed) + far {
-            fetcher
-                .far_reader_waited
-                .store(fetcher.since_epoch_ms(), Ordering::Relaxed);
+            fetcher.far_reader_waited.mark();
         }
         Self(fetcher)
     }
@@ -216,11 +214,10 @@ pub struct Fetcher {
     /// last of them is served or a reader starts waiting on a job (which may be theirs).
     readers_waiting: AtomicUsize,
     readers_changed: Notify,
-    /// When a reader far ahead of the fill last began to wait on a fetch, in ms since
-    /// `epoch` (0: never), and the end of the fill's last request (a block).
-    far_reader_waited: AtomicU64,
+    /// When a reader far ahead of the fill last began to wait on a fetch, and the end
+    /// of the fill's last job (a block).
+    far_reader_waited: LastSeen,
     fill_front: AtomicU64,
-    epoch: tokio::time::Instant,
     fetched_bytes: AtomicU64,
     /// Landed bytes offered to verification, so it need not read them back.
     feed: Arc<HashFeed>,
@@ -267,9 +264,8 @@ impl Fetcher {
             writer: tokio::sync::Mutex::new(()),
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
-            far_reader_waited: AtomicU64::new(0),
+            far_reader_waited: LastSeen::default(),
             fill_front: AtomicU64::new(0),
-            epoch: tokio::time::Instant::now(),
             readers_changed: Notify::new(),
             feed: Arc::default(),
             fetched_bytes: AtomicU64::new(0),
@@ -388,18 +384,11 @@ impl Fetcher {
         (self.cfg.max_request / self.geo.block_size).max(1)
     }
 
-    fn since_epoch_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
     /// The largest request of a job of `prio`, in blocks: fill requests are short while
     /// readers far ahead of the fill are about (`FILL_REQUEST_NEAR_READERS`).
     fn request_blocks(&self, prio: Priority) -> u64 {
         let max = self.max_blocks();
-        let waited = self.far_reader_waited.load(Ordering::Relaxed);
-        let recent = waited != 0
-            && self.since_epoch_ms().saturating_sub(waited) < READERS_RECENT.as_millis() as u64;
-        if prio == Priority::Fill && recent {
+        if prio == Priority::Fill && self.far_reader_waited.within(READERS_RECENT) {
             max.min((FILL_REQUEST_NEAR_READERS / self.geo.block_size).max(1))
         } else {
             max
@@ -515,9 +504,6 @@ impl Fetcher {
             };
             let job = inflight.claim(run, prio);
             self.spawn_job(self.guard(job.clone()), permit.take());
-            if prio == Priority::Fill {
-                self.fill_front.store(run.end, Ordering::Relaxed);
-            }
             started = Some(run);
             b = run.end;
             if wait {
@@ -708,6 +694,10 @@ impl Fetcher {
         permit: OwnedSemaphorePermit,
     ) -> Option<BlockRange> {
         let range = BlockRange::new(from, self.geo.blocks());
-        self.plan(range, false, Some(permit), Priority::Fill).1
+        let run = self.plan(range, false, Some(permit), Priority::Fill).1;
+        if let Some(run) = run {
+            self.fill_front.store(run.end, Ordering::Relaxed);
+        }
+        run
     }
 }
