@@ -566,38 +566,26 @@ fn node_metrics(node: &Node, out: &mut String) {
             "bifs_source_first_byte_seconds_count{{kind=\"{k}\"}} {count}"
         );
     }
-    family(
-        out,
-        "bifs_reads_total",
-        "counter",
-        "reads through the mount: from cached blocks (hit) or waiting on a fetch (miss)",
-    );
-    let _ = writeln!(
-        out,
-        "bifs_reads_total{{result=\"hit\"}} {}",
-        m.cache_hits.load(Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "bifs_reads_total{{result=\"miss\"}} {}",
-        m.cache_misses.load(Relaxed)
-    );
-    family(
-        out,
-        "bifs_hashed_bytes_total",
-        "counter",
-        "bytes verification hashed, from the buffers they arrived in or read back from the data file",
-    );
-    let _ = writeln!(
-        out,
-        "bifs_hashed_bytes_total{{from=\"received\"}} {}",
-        m.hashed_received.load(Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "bifs_hashed_bytes_total{{from=\"data_file\"}} {}",
-        m.hashed_read_back.load(Relaxed)
-    );
+    let by_label = [
+        (
+            "bifs_reads_total",
+            "reads through the mount: from cached blocks (hit) or waiting on a fetch (miss)",
+            "result",
+            [("hit", &m.cache_hits), ("miss", &m.cache_misses)],
+        ),
+        (
+            "bifs_hashed_bytes_total",
+            "bytes verification hashed, from the buffers they arrived in or read back from the data file",
+            "from",
+            [("received", &m.hashed_received), ("data_file", &m.hashed_read_back)],
+        ),
+    ];
+    for (name, help, label, values) in by_label {
+        family(out, name, "counter", help);
+        for (v, c) in values {
+            let _ = writeln!(out, "{name}{{{label}=\"{v}\"}} {}", c.load(Relaxed));
+        }
+    }
     for (name, help, v) in [
         (
             "bifs_verify_failures_total",
