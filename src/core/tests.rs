@@ -89,8 +89,19 @@ async fn start_cfg(dir: &Path, reg: &Registry, cfg: ImageConfig) -> Arc<Node> {
 }
 
 async fn create(node: &Arc<Node>, name: &str, src: Arc<MemSource>, fill: bool) -> Arc<Image> {
+    create_sum(node, name, src, fill, "").await
+}
+
+/// As `create`, with the spec's checksum.
+async fn create_sum(
+    node: &Arc<Node>,
+    name: &str,
+    src: Arc<MemSource>,
+    fill: bool,
+    checksum: &str,
+) -> Arc<Image> {
     node.create_with_source(
-        ImageSpec::download(name, "http://127.0.0.1:1/x", ""),
+        ImageSpec::download(name, "http://127.0.0.1:1/x", checksum),
         CreateOptions {
             disk: None,
             no_fill: !fill,
@@ -99,6 +110,26 @@ async fn create(node: &Arc<Node>, name: &str, src: Arc<MemSource>, fill: bool) -
     )
     .await
     .expect("create")
+}
+
+/// A node whose image `name` (256 blocks of seeded data, also returned) comes from one
+/// memory source, and whose fill asks for the whole image in one request: the tests of
+/// readers against a slow fill stream.
+async fn one_stream_node(
+    name: &str,
+    seed: u64,
+    tweak: impl FnOnce(&mut ImageConfig),
+) -> (tempfile::TempDir, bytes::Bytes, Arc<MemSource>, Arc<Node>) {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(256 * BS as usize, seed);
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(vec![(name.to_string(), src.clone())]));
+    let mut c = cfg();
+    c.fetch.max_request = 256 * BS;
+    c.fill_parallel = 1;
+    tweak(&mut c);
+    let node = start_cfg(dir.path(), &reg, c).await;
+    (dir, want, src, node)
 }
 
 /// Injected panics are expected here: keep their messages out of the test output.
@@ -478,14 +509,7 @@ async fn the_fill_yields_to_a_waiting_reader_and_goes_on_when_it_is_served() {
 /// still verifies with the right bytes (that no block lands twice, the model checks).
 #[tokio::test(start_paused = true)]
 async fn a_reader_far_ahead_of_a_slow_fill_stream_fetches_its_blocks_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let want = data(256 * BS as usize, 12);
-    let src = Arc::new(MemSource::new(want.clone()));
-    let reg = Arc::new(Mutex::new(vec![("c".to_string(), src.clone())]));
-    let mut c = cfg();
-    c.fetch.max_request = 256 * BS; // the fill asks for the whole image at once
-    c.fill_parallel = 1;
-    let node = start_cfg(dir.path(), &reg, c).await;
+    let (_dir, want, src, node) = one_stream_node("c", 12, |_| {}).await;
     let image = create(&node, "c", src.clone(), false).await;
     // The fill's request streams 64 KiB (16 blocks) every 50 ms: it would reach block
     // 200 after about 600 ms.
@@ -591,16 +615,10 @@ impl super::fetch::ReadersOnFill for OnFillCount {
 /// once it is served; a reader on a job of its own does not.
 #[tokio::test(start_paused = true)]
 async fn a_reader_waiting_on_a_fill_job_raises_the_fill_while_it_waits() {
-    let dir = tempfile::tempdir().unwrap();
-    let want = data(256 * BS as usize, 15);
-    let src = Arc::new(MemSource::new(want.clone()));
-    let reg = Arc::new(Mutex::new(vec![("r".to_string(), src.clone())]));
     let count = Arc::new(OnFillCount::default());
-    let mut c = cfg();
-    c.fetch.max_request = 256 * BS;
-    c.fill_parallel = 1;
-    c.fetch.fill_priority = Some(count.clone());
-    let node = start_cfg(dir.path(), &reg, c).await;
+    let counted = count.clone();
+    let (_dir, want, src, node) =
+        one_stream_node("r", 15, |c| c.fetch.fill_priority = Some(counted)).await;
     let image = create(&node, "r", src.clone(), false).await;
     // A reader's own job first: nothing raised.
     image.read(250 * BS, 4096, None).await.unwrap();
@@ -628,25 +646,8 @@ async fn a_reader_waiting_on_a_fill_job_raises_the_fill_while_it_waits() {
 /// still verifies against its checksum (so the bytes hashed were the image's, in order).
 #[tokio::test(start_paused = true)]
 async fn verification_hashes_a_slow_fill_from_the_received_buffers() {
-    let dir = tempfile::tempdir().unwrap();
-    let want = data(256 * BS as usize, 13);
-    let src = Arc::new(MemSource::new(want.clone()));
-    let reg = Arc::new(Mutex::new(vec![("h".to_string(), src.clone())]));
-    let mut c = cfg();
-    c.fetch.max_request = 256 * BS;
-    c.fill_parallel = 1;
-    let node = start_cfg(dir.path(), &reg, c).await;
-    let image = node
-        .create_with_source(
-            ImageSpec::download("h", "http://127.0.0.1:1/x", &sha512(&want)),
-            CreateOptions {
-                disk: None,
-                no_fill: true,
-            },
-            src.clone(),
-        )
-        .await
-        .unwrap();
+    let (_dir, want, src, node) = one_stream_node("h", 13, |_| {}).await;
+    let image = create_sum(&node, "h", src.clone(), false, &sha512(&want)).await;
     src.fault_next(MemFault::Slow(Duration::from_millis(20)));
     node.fill("h").unwrap();
     image.wait_ready().await.unwrap();
