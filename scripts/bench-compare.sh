@@ -136,12 +136,21 @@ for ((r = 1; r <= RUNS; r++)); do
         [ "$sys" = bifs ] && bifs status img --wait ready --timeout 10m >/dev/null
         add warm "$sys" "$(timed dd_read "$FILE")"
         sys_umount "$sys" "$mnt"
-        drop_caches; warm_origin img
+        # No warm_origin here: this read must not touch the origin (the next row checks),
+        # and on this VM kind re-reading it right after drop_caches makes the next reader's
+        # page cache come from pages the guest has handed back to the host (free page
+        # reporting), which costs any reader, a plain dd of a local file too, up to 1.5 s
+        # per GiB (0.53 s -> 2.0 s, measured with no FUSE at all).
+        drop_caches
         sys_mount "$sys" "$mnt" "$cache" img
         mark=$(log_mark)
         add remount "$sys" "$(timed dd_read "$FILE")"
         sys_umount "$sys" "$mnt" # streams still open are logged when they close
         add remount_origin "$sys" "$(calc "$(log_bytes "$mark") / $MIB")"
+        if [ "$sys" = bifs ]; then # its limit: the data file itself, after the same steps
+            drop_caches
+            add remount local "$(timed dd_read "$cache/images/img/data")"
+        fi
 
         # Cold 4 KiB random reads (bifs without fill: only what is read is fetched).
         fresh "$cache" img
@@ -258,7 +267,7 @@ trow() { # LABEL UNIT FIG KIND [SIZE] LIMIT_LABEL LIMIT_FIG LIMIT_SYS
 trow "cold sequential read (dd bs=1M), $S MiB" MiB/s cold mibs "$S" "curl -o /dev/null" cold curl
 trow "  daemon CPU seconds during it" s cold_cpu s "" "" "" ""
 trow "warm re-read (same mount)" MiB/s warm mibs "$S" "dd of a file in page cache" warm local
-trow "after unmount+remount (cache kept, cold)" MiB/s remount mibs "$S" "" "" ""
+trow "after unmount+remount (cache kept, cold)" MiB/s remount mibs "$S" "dd of bifs' data file, same steps" remount local
 trow "  origin MiB sent for that read" MiB remount_origin mib "" "0 (all cached)" "" ""
 trow "cold 4 KiB random read p50 ($NREAD reads)" ms p50 ms "" "Range GET, keep-alive" p50 http
 trow "cold 4 KiB random read p99" ms p99 ms "" "Range GET, keep-alive" p99 http
