@@ -149,7 +149,7 @@ for ((r = 1; r <= RUNS; r++)); do
         add remount_origin "$sys" "$(calc "$(log_bytes "$mark") / $MIB")"
         if [ "$sys" = bifs ]; then # its limit: the data file itself, after the same steps
             drop_caches
-            add remount local "$(timed dd_read "$cache/images/img/data")"
+            add remount local "$(timed dd_read "$(bifs_data_file "$cache" img)")"
         fi
 
         # Cold 4 KiB random reads (bifs without fill: only what is read is fetched).

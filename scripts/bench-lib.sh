@@ -221,6 +221,9 @@ timed() {
 
 dd_read() { dd if="$1" of=/dev/null bs=1M status=none; }
 
+# bifs_data_file DISK NAME: where a bifs disk stores the image's bytes (disk.rs: image_dir; store.rs).
+bifs_data_file() { echo "$1/images/$2/data"; }
+
 # --- python tools ---------------------------------------------------------------------
 
 write_tools() {

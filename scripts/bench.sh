@@ -189,7 +189,7 @@ for ((r = 1; r <= RUNS; r++)); do
     remount[n]=$(timed dd_read "$TMP/mnt-g$r/img")
     bifs_stop
     drop_caches
-    datafile[n]=$(timed dd_read "$TMP/disk-g$r/images/img/data")
+    datafile[n]=$(timed dd_read "$(bifs_data_file "$TMP/disk-g$r" img)")
     rm -rf "$TMP/disk-g$r"
     fi
     n=$((n + 1))
