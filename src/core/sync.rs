@@ -48,28 +48,50 @@ pub async fn sleep_until(deadline: tokio::time::Instant) {
 }
 
 /// When something last happened, to ask whether it was within a while: milliseconds
-/// since the value was made (0: never), one atomic. tokio's clock, so paused-time tests
-/// see their own (the hashing thread's `ReaderPressure` keeps std's: it is read off the
-/// runtime); a plain std atomic in every build (a hint, not a point the model tests
-/// need to explore).
+/// since the value was made (0: never), one atomic; a plain std atomic in every build (a
+/// hint, not a point the model tests need to explore). Two clocks: tokio's (`default`),
+/// so paused-time tests see their own; or std's (`std_clock`), for a value read off the
+/// runtime (the hashing thread's), where tokio's paused clock would not be the one its
+/// marks were made with.
 #[derive(Debug)]
 pub struct LastSeen {
-    epoch: tokio::time::Instant,
+    epoch: std::time::Instant,
+    tokio_clock: bool,
     ms: std::sync::atomic::AtomicU64,
 }
 
 impl Default for LastSeen {
     fn default() -> Self {
-        Self {
-            epoch: tokio::time::Instant::now(),
-            ms: std::sync::atomic::AtomicU64::new(0),
-        }
+        Self::new(true)
     }
 }
 
 impl LastSeen {
+    /// On std's clock.
+    pub fn std_clock() -> Self {
+        Self::new(false)
+    }
+
+    fn new(tokio_clock: bool) -> Self {
+        let mut s = Self {
+            epoch: std::time::Instant::now(),
+            tokio_clock,
+            ms: std::sync::atomic::AtomicU64::new(0),
+        };
+        s.epoch = s.now();
+        s
+    }
+
+    fn now(&self) -> std::time::Instant {
+        if self.tokio_clock {
+            tokio::time::Instant::now().into_std()
+        } else {
+            std::time::Instant::now()
+        }
+    }
+
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+        self.now().saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 
     /// It happened now.

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -23,6 +23,7 @@ use super::metrics::Metrics;
 use super::range::Geometry;
 use super::spec::ChecksumAlgorithm as Algo;
 use super::store::ImageFiles;
+use super::sync::LastSeen;
 
 /// Bytes hashed per blocking call: large enough to amortise the hand-off.
 const HASH_CHUNK: u64 = 4 * 1024 * 1024;
@@ -37,30 +38,14 @@ type HashJob = Box<dyn FnOnce() + Send>;
 /// node; the policy is checked between 4 MiB chunks (~8 ms of hashing).
 pub struct HashWorker {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>,
-    pressure: Arc<ReaderPressure>,
+    /// When a reader last read an image still arriving.
+    pressure: Arc<LastSeen>,
     /// Landed bytes the node's feeds hold for hashing (`FEED_BUDGET`).
     feed_held: Arc<AtomicU64>,
 }
 
 /// How long after the last such read hashing stays in the background.
 const READER_QUIET: Duration = Duration::from_millis(250);
-
-/// When a reader last read an image still arriving, in milliseconds since `epoch`.
-struct ReaderPressure {
-    epoch: Instant,
-    last_read_ms: AtomicU64,
-}
-
-impl ReaderPressure {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
-    fn readers_active(&self) -> bool {
-        let last = self.last_read_ms.load(Ordering::Relaxed);
-        last != 0 && self.now_ms().saturating_sub(last) < READER_QUIET.as_millis() as u64
-    }
-}
 
 impl std::fmt::Debug for HashWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,10 +72,8 @@ impl HashWorker {
     /// Starts the node's hashing thread.
     pub fn start() -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
-        let pressure = Arc::new(ReaderPressure {
-            epoch: Instant::now(),
-            last_read_ms: AtomicU64::new(0),
-        });
+        // Read on the hashing thread, off the runtime: std's clock.
+        let pressure = Arc::new(LastSeen::std_clock());
         let p = pressure.clone();
         std::thread::Builder::new()
             .name("bifs-hash".into())
@@ -98,7 +81,7 @@ impl HashWorker {
                 let mut idle = false;
                 set_background(idle);
                 while let Ok(job) = rx.recv() {
-                    let want = p.readers_active();
+                    let want = p.within(READER_QUIET);
                     if want != idle {
                         idle = want;
                         set_background(idle);
@@ -130,8 +113,7 @@ impl HashWorker {
     /// A reader is reading an image that is still arriving (waiting on a fetch, or
     /// served what readahead landed): hashing yields the CPU for a while.
     pub fn reader_active(&self) {
-        let now = self.pressure.now_ms();
-        self.pressure.last_read_ms.store(now, Ordering::Relaxed);
+        self.pressure.mark();
     }
 }
 
@@ -483,12 +465,12 @@ mod tests {
     #[test]
     fn hashing_stays_in_the_background_only_while_readers_are_active() {
         let w = HashWorker::start();
-        assert!(!w.pressure.readers_active(), "no reader yet");
+        assert!(!w.pressure.within(READER_QUIET), "no reader yet");
         w.reader_active();
-        assert!(w.pressure.readers_active());
+        assert!(w.pressure.within(READER_QUIET));
         std::thread::sleep(READER_QUIET + Duration::from_millis(50));
         assert!(
-            !w.pressure.readers_active(),
+            !w.pressure.within(READER_QUIET),
             "quiet again after READER_QUIET"
         );
     }
