@@ -25,6 +25,7 @@ pub mod failpoint;
 pub mod fetch;
 pub mod fill;
 pub mod format;
+pub mod give_way;
 pub mod image;
 mod jobs;
 pub mod lifecycle;

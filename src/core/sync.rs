@@ -90,7 +90,8 @@ impl LastSeen {
         }
     }
 
-    fn now_ms(&self) -> u64 {
+    /// Milliseconds on this clock (1 at its creation).
+    pub(crate) fn now_ms(&self) -> u64 {
         self.now().saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 
@@ -98,6 +99,11 @@ impl LastSeen {
     pub fn mark(&self) {
         self.ms
             .store(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When it last happened, in `now_ms`' terms (0: never).
+    pub(crate) fn last_ms(&self) -> u64 {
+        self.ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether it happened less than `d` ago.

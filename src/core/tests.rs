@@ -593,6 +593,47 @@ async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
     node.cancel.cancel();
 }
 
+/// While a reader far ahead of the fill reads, the fill asks the source for nothing (it
+/// gives way, `GiveWay`, and no hold lasts the longest hold here); once the reader pauses
+/// the fill runs and the image gets ready with its bytes.
+#[tokio::test(start_paused = true)]
+async fn the_fill_waits_while_a_far_reader_reads_and_runs_once_it_pauses() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = data(1024 * BS as usize, 15);
+    let mut c = cfg();
+    c.fetch.far_from_fill = 512 * BS;
+    let src = Arc::new(MemSource::new(want.clone()));
+    let reg = Arc::new(Mutex::new(
+        [("img".to_string(), src.clone())].into_iter().collect(),
+    ));
+    let node = start_cfg(dir.path(), &reg, c).await;
+    let image = create(&node, "img", src.clone(), false).await;
+    let fill_asked = || {
+        src.asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| *p == super::source::Priority::Fill)
+            .count()
+    };
+    // Far blocks in an order no readahead follows, one read each 2 ms for 200 ms: each
+    // waits on a fetch of its own.
+    let far = |i: u64| (600 + i * 37 % 400) * BS;
+    image.read(far(0), 4096, None).await.unwrap();
+    node.fill("img").unwrap();
+    for i in 1..100 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let got = image.read(far(i), 4096, None).await.unwrap();
+        assert!(got[..] == want[far(i) as usize..][..4096], "read {i}");
+    }
+    assert_eq!(fill_asked(), 0, "fill requests while a far reader read");
+    image.wait_ready().await.unwrap();
+    assert!(fill_asked() > 0, "the fill ran once the reader paused");
+    let all = image.read(0, 1024 * BS as u32, None).await.unwrap();
+    assert!(all[..] == want[..], "the image's bytes");
+    node.cancel.cancel();
+}
+
 /// Counts readers waiting on fill jobs, as the daemon's `FillThreads` is told.
 #[derive(Debug, Default)]
 struct OnFillCount {

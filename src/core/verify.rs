@@ -19,11 +19,11 @@ use tracing::debug;
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result};
+use super::give_way::GiveWay;
 use super::metrics::Metrics;
 use super::range::Geometry;
 use super::spec::ChecksumAlgorithm as Algo;
 use super::store::ImageFiles;
-use super::sync::LastSeen;
 
 /// Bytes hashed per blocking call: large enough to amortise the hand-off.
 const HASH_CHUNK: u64 = 4 * 1024 * 1024;
@@ -32,14 +32,15 @@ type HashJob = Box<dyn FnOnce() + Send>;
 
 /// The node's hashing thread. SHA-512 costs a core at ~500 MiB/s here, as much as the
 /// whole fetch path at line rate, so on a 2-core host it must not take the CPU a reader
-/// needs. While readers read images still arriving (within the last `READER_QUIET`), the
-/// thread runs as SCHED_IDLE: it gets only CPU time nobody else wants. Otherwise it
-/// runs at nice 10 and catches up at full speed. One thread serves every image of the
-/// node; the policy is checked between 4 MiB chunks (~8 ms of hashing).
+/// needs. While readers read images still arriving, it waits before each 4 MiB chunk (~8
+/// ms of hashing), with a floor (`GiveWay`); within `READER_QUIET` of a read (its turns
+/// under reads without pause, the chunk under way when reads begin) it runs as
+/// SCHED_IDLE. Otherwise it runs at nice 10 and catches up at full speed. One thread
+/// serves every image of the node.
 pub struct HashWorker {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>,
-    /// When a reader last read an image still arriving.
-    pressure: Arc<LastSeen>,
+    /// Readers of images still arriving: hashing gives them way (`GiveWay`).
+    pressure: Arc<GiveWay>,
     /// Landed bytes the node's feeds hold for hashing (`FEED_BUDGET`).
     feed_held: Arc<AtomicU64>,
 }
@@ -73,7 +74,7 @@ impl HashWorker {
     pub fn start() -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
         // Read on the hashing thread, off the runtime: std's clock.
-        let pressure = Arc::new(LastSeen::std_clock());
+        let pressure = Arc::new(GiveWay::std_clock());
         let p = pressure.clone();
         std::thread::Builder::new()
             .name("bifs-hash".into())
@@ -81,7 +82,9 @@ impl HashWorker {
                 let mut idle = false;
                 set_background(idle);
                 while let Ok(job) = rx.recv() {
-                    let want = p.within(READER_QUIET);
+                    // Readers read: wait (with a floor), and run in the background.
+                    p.wait_blocking();
+                    let want = p.readers_within(READER_QUIET);
                     if want != idle {
                         idle = want;
                         set_background(idle);
@@ -113,7 +116,7 @@ impl HashWorker {
     /// A reader is reading an image that is still arriving (waiting on a fetch, or
     /// served what readahead landed): hashing yields the CPU for a while.
     pub fn reader_active(&self) {
-        self.pressure.mark();
+        self.pressure.reader();
     }
 }
 
@@ -465,13 +468,32 @@ mod tests {
     #[test]
     fn hashing_stays_in_the_background_only_while_readers_are_active() {
         let w = HashWorker::start();
-        assert!(!w.pressure.within(READER_QUIET), "no reader yet");
+        assert!(!w.pressure.readers_within(READER_QUIET), "no reader yet");
         w.reader_active();
-        assert!(w.pressure.within(READER_QUIET));
+        assert!(w.pressure.readers_within(READER_QUIET));
         std::thread::sleep(READER_QUIET + Duration::from_millis(50));
         assert!(
-            !w.pressure.within(READER_QUIET),
+            !w.pressure.readers_within(READER_QUIET),
             "quiet again after READER_QUIET"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hash_job_waits_while_a_reader_reads_and_runs_when_it_pauses() {
+        use crate::core::give_way;
+        let w = HashWorker::start();
+        assert_eq!(w.pressure.wait(), None, "no reader: hashing runs");
+        w.reader_active();
+        let t = std::time::Instant::now();
+        let ran_after = w.run(move || t.elapsed()).await.unwrap();
+        // The reader's mark is on a millisecond clock: up to 1 ms earlier than `t`.
+        assert!(
+            ran_after + Duration::from_millis(2) >= give_way::QUIET,
+            "ran {ran_after:?} after a read"
+        );
+        assert!(
+            ran_after < give_way::HOLD_MAX,
+            "ran {ran_after:?} after a read"
         );
     }
 }

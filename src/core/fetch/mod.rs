@@ -31,14 +31,16 @@
 //!   a runtime of their own at a lower CPU priority (`FetchConfig::fill_runtime`), raised
 //!   while a reader waits on a fill job (`FetchConfig::fill_priority`); the
 //!   data file is written behind (`ImageFiles::note_written`); while readers far ahead of
-//!   the fill are about, fill requests are short (`FILL_REQUEST_NEAR_READERS`), so that the
+//!   the fill read, the fill starts no job and takes no bytes at all, with a floor
+//!   (`GiveWay`: at least 1% of the time under reads that never pause; the hashing thread
+//!   does the same), and its requests are short (`FILL_REQUEST_NEAR_READERS`), so that the
 //!   origin has little of the fill's to send before it answers a reader's request; and a
-//!   reader whose blocks
-//!   lie far ahead of a fill stream (`CUT_AHEAD`) cuts the fill job short there and
-//!   fetches the rest itself rather than wait for the stream to get there. The fill
-//!   keeps all its streams: readers that read where it is about to be (a VM's boot
-//!   files near the start of the image) are served best by it running ahead at full
-//!   speed (one stream while readers were about made a boot-like pattern 4x slower).
+//!   reader whose blocks lie far ahead of a fill stream (`CUT_AHEAD`) cuts the fill job
+//!   short there and fetches the rest itself rather than wait for the stream to get
+//!   there. The fill keeps all its streams: readers that read where it is about to be
+//!   (a VM's boot files near the start of the image) are served best by it running
+//!   ahead at full speed (one stream while readers were about made a boot-like pattern
+//!   4x slower).
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -52,6 +54,7 @@ mod stream;
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result};
+use super::give_way::GiveWay;
 use super::jobs::{Claims, Job, JobTable};
 use super::metrics::Metrics;
 use super::pieces::PieceDigests;
@@ -59,7 +62,7 @@ use super::range::{BlockRange, ByteRange, Geometry};
 use super::source::{Identity, Priority, Sources};
 use super::store::{page_io, BufPool, ImageFiles};
 use super::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use super::sync::{LastSeen, Mutex, RwLock};
+use super::sync::{Mutex, RwLock};
 use super::verify::HashFeed;
 
 /// How many times a job retries a retryable error without making progress.
@@ -178,7 +181,7 @@ impl<'a> Waiting<'a> {
         fetcher.readers_waiting.fetch_add(1, Ordering::AcqRel);
         let far = fetcher.cfg.far_from_fill / fetcher.geo.block_size;
         if first >= fetcher.fill_front.load(Ordering::Relaxed) + far {
-            fetcher.far_reader_waited.mark();
+            fetcher.far_readers.reader();
         }
         Self(fetcher)
     }
@@ -214,9 +217,13 @@ pub struct Fetcher {
     /// last of them is served or a reader starts waiting on a job (which may be theirs).
     readers_waiting: AtomicUsize,
     readers_changed: Notify,
-    /// When a reader far ahead of the fill last began to wait on a fetch, and the end
-    /// of the fill's last job (a block).
-    far_reader_waited: LastSeen,
+    /// Readers far ahead of the fill (`FetchConfig::far_from_fill`): the fill gives them
+    /// way (`GiveWay`) and keeps its requests short while they read.
+    far_readers: GiveWay,
+    /// Told when a reader starts waiting on a fill job (a fill stream held for far
+    /// readers runs again at once).
+    fill_waited: Notify,
+    /// The end of the fill's last job (a block).
     fill_front: AtomicU64,
     fetched_bytes: AtomicU64,
     /// Landed bytes offered to verification, so it need not read them back.
@@ -264,7 +271,8 @@ impl Fetcher {
             writer: tokio::sync::Mutex::new(()),
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
-            far_reader_waited: LastSeen::default(),
+            far_readers: GiveWay::new(),
+            fill_waited: Notify::new(),
             fill_front: AtomicU64::new(0),
             readers_changed: Notify::new(),
             feed: Arc::default(),
@@ -388,7 +396,7 @@ impl Fetcher {
     /// readers far ahead of the fill are about (`FILL_REQUEST_NEAR_READERS`).
     fn request_blocks(&self, prio: Priority) -> u64 {
         let max = self.max_blocks();
-        if prio == Priority::Fill && self.far_reader_waited.within(READERS_RECENT) {
+        if prio == Priority::Fill && self.far_readers.readers_within(READERS_RECENT) {
             max.min((FILL_REQUEST_NEAR_READERS / self.geo.block_size).max(1))
         } else {
             max
@@ -590,6 +598,9 @@ impl Fetcher {
                 // and does not keep one that waits on it waiting.
                 let mut rx = job.progress.subscribe();
                 self.readers_changed.notify_waiters();
+                if job.prio == Priority::Fill {
+                    self.fill_waited.notify_waiters();
+                }
                 let _raised = match &self.cfg.fill_priority {
                     Some(p) if job.prio == Priority::Fill => Some(OnFill::new(p)),
                     _ => None,
@@ -660,8 +671,25 @@ impl Fetcher {
     }
 
     /// As `yield_to_readers`, but not when a reader waits on `job` (a fill stream calls
-    /// it between chunks).
+    /// it between chunks). Readers far ahead of the fill are given way to first, while
+    /// they read (`GiveWay`: the fill waits, with a floor).
     async fn yield_for(&self, job: Option<&Job>) {
+        loop {
+            let waited = self.fill_waited.notified();
+            tokio::pin!(waited);
+            waited.as_mut().enable();
+            if job.is_some_and(|j| j.has_waiters()) {
+                return;
+            }
+            let Some(d) = self.far_readers.wait() else {
+                break;
+            };
+            tokio::select! {
+                _ = waited => {}
+                _ = super::sync::sleep_until(tokio::time::Instant::now() + d) => {}
+                _ = self.cancel.cancelled() => return,
+            }
+        }
         let deadline = tokio::time::Instant::now() + FILL_YIELD_MAX;
         loop {
             let gone = self.readers_changed.notified();
