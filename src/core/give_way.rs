@@ -6,16 +6,20 @@
 //! the hashing thread running (as SCHED_IDLE), or the other way round, the p99 was still
 //! 0.95-1.6 ms; with both paused, 0.49-0.66 ms (bench.sh section E, 2 GiB image, 3 rounds
 //! each). A SCHED_IDLE CPU burner alone beside reads with no fill raised their p99 from
-//! 0.41-0.45 to 0.61-1.66 ms: the scheduler treats a CPU running only idle-class work as
-//! idle and wakes readers' threads there, to preempt it. So priorities are not enough:
-//! the background stops while readers read.
+//! 0.41-0.45 to 0.61-1.66 ms (the scheduler counts a CPU that runs only idle-class work as
+//! idle and wakes threads there; not traced further). So priorities are not enough: the
+//! background stops while readers read.
 //!
-//! Readers are active while one read within the last `QUIET`. The background (the fill's
-//! streams, the hashing thread) then waits, but never for more than `HOLD_MAX` at a
-//! stretch: it then runs for `TURN` and waits again. Reads that never pause for `QUIET`
-//! so leave the background 1% of the time (a fill at a few MiB/s, so that an image read
-//! without pause still gets ready); reads with pauses, a VM's boot or its bursts, leave
-//! it every pause at full speed.
+//! Readers are active while one has read within the last `QUIET`: for the fill, readers
+//! waiting on fetches far ahead of it (`FetchConfig::far_from_fill`; readers near it are
+//! served best by it running); for the hashing thread, readers of any image still
+//! arriving. The background then waits, but never for more than `HOLD_MAX` at a stretch:
+//! it then runs for `TURN` and waits again. Reads that never pause for `QUIET` so leave
+//! it 1% of the time at least, and an image read without pause still gets ready; reads
+//! with pauses, a VM's boot or its bursts, leave it every pause at full speed. During
+//! bench.sh section E's 2000 back-to-back reads the image still fetched 410-555 MiB/s
+//! (630-690 before): reads that need no fetch, or lie near the fill, do not hold it, and
+//! a fill stream looks only between jobs and MiBs (how much each gives was not traced).
 
 use std::time::Duration;
 
