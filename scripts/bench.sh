@@ -206,12 +206,14 @@ raw() { echo "$*"; }
 runs="median of $RUNS"
 
 if on A; then
-b=$(mibs "$(m "${cold[@]}")"); c=$(mibs "$(m "${curl_t[@]}")"); ra=$(calc "$b / $c")
-row "cold sequential read (dd bs=1M) after create" "$(fmt "$b" 0)" MiB/s "curl -o /dev/null" "$(fmt "$c" 0)" \
-    "$(fmt "$ra")" ">= 0.90x" "$(verdict "$ra" '>=' 0.9)" "bifs s: $(raw "${cold[@]}"); curl s: $(raw "${curl_t[@]}")"
-c=$(mibs "$(m "${dlf_t[@]}")"); ra=$(calc "$b / $c")
-row "  the same, against a download into a file" "$(fmt "$b" 0)" MiB/s "curl -o F (page cache, no sync)" "$(fmt "$c" 0)" \
-    "$(fmt "$ra")" "info" "-" "curl -o F s: $(raw "${dlf_t[@]}")"
+# Against a download that stores the bytes, as a cache must (issue 22: >= 1.0x), with
+# curl -o /dev/null (nothing stored) beside it.
+b=$(mibs "$(m "${cold[@]}")"); c=$(mibs "$(m "${dlf_t[@]}")"); ra=$(calc "$b / $c")
+row "cold sequential read (dd bs=1M) after create" "$(fmt "$b" 0)" MiB/s "curl -o F (page cache, no sync)" "$(fmt "$c" 0)" \
+    "$(fmt "$ra")" ">= 1.00x" "$(verdict "$ra" '>=' 1)" "bifs s: $(raw "${cold[@]}"); curl -o F s: $(raw "${dlf_t[@]}")"
+c=$(mibs "$(m "${curl_t[@]}")"); ra=$(calc "$b / $c")
+row "  the same, against curl -o /dev/null" "$(fmt "$b" 0)" MiB/s "curl -o /dev/null (nothing stored)" "$(fmt "$c" 0)" \
+    "$(fmt "$ra")" "info" "-" "curl s: $(raw "${curl_t[@]}")"
 row "  daemon CPU during that read" "$(fmt "$(m "${cold_cpu[@]}")" 0)" "%" "(of 200% on 2 cores)" "-" "-" "info" "-" "$(raw "${cold_cpu[@]}")"
 row "  origin requests / median request size" "$(m "${cold_reqs[@]}")" reqs "median bytes per request" "$(m "${cold_req_med[@]}")" "-" "info" "-" \
     "requests: $(raw "${cold_reqs[@]}")"
