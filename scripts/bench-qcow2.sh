@@ -92,11 +92,11 @@ record() {
     REQS[$1]+="$reqs "
     MIBS[$1]+="$(calc "$bytes / $MIB" | xargs printf '%.0f') "
 }
-# run_timed KEY CMD...: times CMD and records it.
 # Every cold row, the baseline's and bifs', starts from the same state: caches dropped and
 # the origin (and the bifs binary the script runs) read back in, as bench.sh and
 # bench-compare.sh do. Without it each row inherited what the row before left.
 fresh_cache() { drop_caches; cat "$DATA"/*.qcow2 "$BIFS_BIN" >/dev/null; }
+# run_timed KEY CMD...: times CMD and records it.
 run_timed() {
     local key=$1 mark t
     shift
