@@ -674,30 +674,27 @@ impl Fetcher {
     /// it between chunks). Readers far ahead of the fill are given way to first, while
     /// they read (`GiveWay`: the fill waits, with a floor).
     async fn yield_for(&self, job: Option<&Job>) {
+        let deadline = tokio::time::Instant::now() + FILL_YIELD_MAX;
         loop {
-            let waited = self.fill_waited.notified();
-            tokio::pin!(waited);
+            // Enabled before the checks, so that a reader arriving between them wakes us.
+            let (waited, gone) = (self.fill_waited.notified(), self.readers_changed.notified());
+            tokio::pin!(waited, gone);
             waited.as_mut().enable();
+            gone.as_mut().enable();
             if job.is_some_and(|j| j.has_waiters()) {
                 return;
             }
-            let Some(d) = self.far_readers.wait() else {
-                break;
-            };
-            tokio::select! {
-                _ = waited => {}
-                _ = super::sync::sleep_until(tokio::time::Instant::now() + d) => {}
-                _ = self.cancel.cancelled() => return,
+            if let Some(d) = self.far_readers.wait() {
+                // Far readers read: held, with a floor (`GiveWay`); woken early only by a
+                // reader that starts waiting on a fill job (not by every read).
+                tokio::select! {
+                    _ = waited => {}
+                    _ = super::sync::sleep_until(tokio::time::Instant::now() + d) => {}
+                    _ = self.cancel.cancelled() => return,
+                }
+                continue;
             }
-        }
-        let deadline = tokio::time::Instant::now() + FILL_YIELD_MAX;
-        loop {
-            let gone = self.readers_changed.notified();
-            tokio::pin!(gone);
-            gone.as_mut().enable();
-            if self.readers_waiting.load(Ordering::Acquire) == 0
-                || job.is_some_and(|j| j.has_waiters())
-            {
+            if self.readers_waiting.load(Ordering::Acquire) == 0 {
                 return;
             }
             tokio::select! {
