@@ -70,7 +70,9 @@ const MAX_ATTEMPTS: u32 = 6;
 /// How long a reader pauses before asking again after its job failed for a cause that
 /// may pass.
 const READER_RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// Whole blocks buffered before they are written (a job smaller than this writes once).
+/// The most a job writes at once: received bytes are written when they reach a multiple
+/// of it in the data file, where folios come out whole (`stream::batch_len`); a job
+/// smaller than this writes once.
 const WRITE_BATCH: usize = 256 * 1024;
 /// The longest a fill stream (or the start of a fill job) pauses for waiting readers; a
 /// stream that paused then takes at least `FILL_RUN_MIN` before it pauses again. So a

@@ -22,6 +22,38 @@ use crate::core::store::page_io;
 use crate::core::sync::atomic::Ordering;
 use crate::core::sync::spawn;
 
+/// How many of the `pending` bytes received from byte `start` of the image (a multiple of
+/// `unit`, the whole blocks or pieces landed at once) to write now: at the job's end all
+/// of them; before it, none until they reach a `WRITE_BATCH` boundary of the data file,
+/// then up to the last such boundary they reach (a whole number of units).
+///
+/// The boundary is the file's, not the job's: the kernel gives a buffered write folios
+/// no larger than the write and aligned to their size, so 256 KiB written at 16 KiB
+/// alignment became folios of 16-128 KiB, and a ready image read through passthrough
+/// 5-10% slower than the same bytes in the 256 KiB-2 MiB folios of readahead or of
+/// aligned writes (a 1 GiB `dd` from the page cache: 0.133-0.148 s against 0.123-0.133 s
+/// for the origin file, beside it). Now they are 256-512 KiB folios, and read as fast.
+/// Batches are no larger than before (one is smaller, up to the first boundary), so a
+/// waiting reader waits no longer.
+fn batch_len(start: u64, pending: usize, unit: usize, at_end: bool) -> usize {
+    if at_end {
+        return pending;
+    }
+    let unit = unit.max(1) as u64;
+    let end = start + (pending as u64 / unit * unit);
+    let align = (WRITE_BATCH as u64).max(unit);
+    let to = end / align * align;
+    if to <= start {
+        return 0;
+    }
+    if (to - start).is_multiple_of(unit) {
+        (to - start) as usize
+    } else {
+        // Units that do not divide the boundary (a peer's odd piece size): whole units.
+        (end - start) as usize
+    }
+}
+
 impl Fetcher {
     /// The guard that ends `job` however its task ends; made before the task is spawned,
     /// so that a task dropped before its first poll ends the job too.
@@ -226,14 +258,10 @@ impl Fetcher {
                     .into())
                 }
             }
-            let whole = if at_end {
-                pending_len
-            } else {
-                pending_len / batch_unit * batch_unit
-            };
-            if whole > 0 && (at_end || whole >= WRITE_BATCH) {
+            let start = *next * bs;
+            let whole = batch_len(start, pending_len, batch_unit, at_end);
+            if whole > 0 {
                 // Reserved under the table's lock: a reader's cut lands after this batch.
-                let start = *next * bs;
                 let upto = (start + whole as u64).div_ceil(bs);
                 let may = self.inflight.lock().reserve(job, upto);
                 let cut = may < upto;
@@ -338,5 +366,31 @@ impl Fetcher {
         }
         self.landed.notify_waiters();
         Ok(blocks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_len;
+
+    const K: u64 = 1024;
+
+    #[test]
+    fn batches_end_on_the_files_write_batch_boundaries() {
+        let wb = 256 * K;
+        // A job starting 16 KiB into a boundary: nothing until the boundary, then up to it.
+        assert_eq!(batch_len(16 * K, 200 * 1024, 16 * 1024, false), 0);
+        assert_eq!(batch_len(16 * K, 240 * 1024, 16 * 1024, false), 240 * 1024);
+        assert_eq!(batch_len(16 * K, 300 * 1024, 16 * 1024, false), 240 * 1024);
+        // From a boundary, whole batches: the last boundary reached, not what lies past it.
+        assert_eq!(batch_len(wb, 300 * 1024, 16 * 1024, false), 256 * 1024);
+        assert_eq!(batch_len(wb, 600 * 1024, 16 * 1024, false), 512 * 1024);
+        // A part block is never written before the job's end; at the end everything is.
+        assert_eq!(batch_len(0, 256 * 1024 - 1, 16 * 1024, false), 0);
+        assert_eq!(batch_len(0, 10, 16 * 1024, true), 10);
+        // Units larger than a batch (4 MiB blocks): one unit at a time.
+        assert_eq!(batch_len(4096 * K, 5 << 20, 4 << 20, false), 4 << 20);
+        // A unit that does not divide the boundary (a peer's odd piece size): whole units.
+        assert_eq!(batch_len(0, 3 * 12288 * 8, 12288 * 8, false), 3 * 12288 * 8);
     }
 }
