@@ -56,7 +56,7 @@ loop_attach() { local d; d=$(losetup -r -f --show "$1") || die "losetup $1 faile
 loop_detach() { losetup -d "$1"; }
 trap 'rc=$?; for d in "${LOOPS[@]}"; do losetup -d "$d" 2>/dev/null; done; (exit $rc); bench_cleanup' EXIT
 
-declare -a fp50 fp99 fcount frate nfp99 bhp99 ohp99 mp99 mampl lp99 lampl bp99 bampl remount datafile
+declare -a fp50 fp99 fcount frate fheld nfp99 bhp99 ohp99 mp99 mampl lp99 lampl bp99 bampl remount datafile
 declare -a dl_t dlf_t base_durable warm2 local2 cold curl_t warm local_t ready sha_t base_ready p50 p99 hp50 hp99 ampl fetched_ampl \
     cold_cpu cold_reqs cold_req_med ready_cpu rss1 rss4
 n=0
@@ -139,11 +139,12 @@ for ((r = 1; r <= RUNS; r++)); do
     bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
     bifs create big --url "$ORIGIN/big.img" --checksum "$BIGSUM" >/dev/null
     wait_fetching big
-    f0=$(bifs_field big bytesFetched); t0=$(now)
+    f0=$(bifs_field big bytesFetched); h0=$(bifs_field big fillHeldMs); t0=$(now)
     read -r fp50[n] fp99[n] fcount[n] < <(python3 "$TMP/randio.py" fill "$TMP/mnt-e$r/big" "$BIG" "$NREAD" "$SEED" 4096)
     # What the fill still fetched meanwhile (it gives way to such readers): all bytes
     # fetched over the reads' time, the reads' own (16 KiB or less each) included.
     frate[n]=$(calc "($(bifs_field big bytesFetched) - $f0) / $MIB / $(since "$t0")")
+    fheld[n]=$(calc "($(bifs_field big fillHeldMs) - $h0) / 10 / $(since "$t0")") # % of the time
     bifs_stop; rm -rf "$TMP/disk-e$r"
     drop_caches; warm_origin big.img
     bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
@@ -271,6 +272,8 @@ row "  the same reads, no fill running" "$(fmt "$c" 3)" ms "(fill on / fill off)
     "no fill: $(raw "${nfp99[@]}"); p50 with fill: $(raw "${fp50[@]}")"
 row "  fetched meanwhile (fill, and the reads' own)" "$(fmt "$(m "${frate[@]}")" 0)" MiB/s "-" "-" "-" "info" "-" \
     "MiB/s: $(raw "${frate[@]}")"
+row "  fill paused for the readers (fillHeldMs)" "$(fmt "$(m "${fheld[@]}")" 0)" "%" "(of the reads' time)" "-" "-" "info" "-" \
+    "%: $(raw "${fheld[@]}")"
 c=$(m "${ohp99[@]}"); ra=$(calc "$b / $c")
 row "  Range GET p99 from outside during a fill" "$(fmt "$c" 3)" ms "(bifs with fill / this)" "-" "$(fmt "$ra")" "info" "-" \
     "Range GET during a fill: $(raw "${ohp99[@]}")"

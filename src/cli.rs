@@ -421,6 +421,12 @@ fn print_status(s: &Status) {
         human(s.bytes_cached),
         human(s.size)
     );
+    if s.fill_held_ms > 0 && s.state != State::Ready {
+        println!(
+            "fill:      paused {:.1} s for readers ahead of it (it runs in their pauses)",
+            s.fill_held_ms as f64 / 1000.0
+        );
+    }
     match s.virtual_size {
         Some(v) => println!("format:    {} (virtual size {})", s.format, human(v)),
         None => println!("format:    {}", s.format),

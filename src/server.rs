@@ -467,6 +467,11 @@ async fn metrics(State(app): State<App>) -> String {
             format!("{{{l}}} {}", st.bytes_fetched),
         );
         add(
+            "bifs_image_fill_held_seconds_total",
+            "time the fill paused for readers far ahead of it",
+            format!("{{{l}}} {:.3}", st.fill_held_ms as f64 / 1000.0),
+        );
+        add(
             "bifs_image_progress_percent",
             "progress in percent",
             format!("{{{l}}} {}", st.progress),

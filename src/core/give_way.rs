@@ -39,6 +39,10 @@ pub struct GiveWay {
     readers: LastSeen,
     /// When the current hold began, on `readers`' clock (0: not held).
     held_since: AtomicU64,
+    /// The time the background was told to wait, in ms, counted once however many of its
+    /// workers waited at the same time, and the end of the last wait told (for that).
+    held_ms: AtomicU64,
+    held_until: AtomicU64,
 }
 
 impl GiveWay {
@@ -56,7 +60,15 @@ impl GiveWay {
         Self {
             readers,
             held_since: AtomicU64::new(0),
+            held_ms: AtomicU64::new(0),
+            held_until: AtomicU64::new(0),
         }
+    }
+
+    /// How long the background has given way so far: the union of the waits it was
+    /// told (a wait ended early by a reader's call counts whole: at most `QUIET` more).
+    pub fn held(&self) -> Duration {
+        Duration::from_millis(self.held_ms.load(Ordering::Relaxed))
     }
 
     /// A reader read (or waits) now.
@@ -77,6 +89,12 @@ impl GiveWay {
         if held_next != held {
             // Racing background workers may both start a hold: a millisecond apart.
             self.held_since.store(held_next, Ordering::Relaxed);
+        }
+        if let Some(w) = wait {
+            let until = now + w;
+            let counted = self.held_until.fetch_max(until, Ordering::Relaxed).max(now);
+            self.held_ms
+                .fetch_add(until.saturating_sub(counted), Ordering::Relaxed);
         }
         wait.map(Duration::from_millis)
     }
@@ -164,5 +182,19 @@ mod tests {
             "waited {waited:?}"
         );
         assert_eq!(g.wait(), None);
+        assert!(
+            g.held() + Duration::from_millis(2) >= QUIET && g.held() <= waited + QUIET,
+            "held {:?}, waited {waited:?}",
+            g.held()
+        );
+    }
+
+    #[test]
+    fn waits_of_several_workers_at_once_count_once() {
+        let g = GiveWay::std_clock();
+        g.reader();
+        let (a, b) = (g.wait().unwrap(), g.wait().unwrap());
+        assert!(a <= QUIET && b <= a);
+        assert_eq!(g.held(), a, "two workers told to wait over the same time");
     }
 }

@@ -923,6 +923,7 @@ impl Image {
             fill: stored.fill,
             block_size: self.block_size(),
             bytes_fetched: self.fetcher.fetched_bytes(),
+            fill_held_ms: self.fetcher.fill_held().as_millis() as u64,
             version: self.version.clone(),
             open_handles: self.usage.open_pids().len() as u32,
             min_number_of_copies: stored.spec.min_number_of_copies,

@@ -627,6 +627,9 @@ async fn the_fill_waits_while_a_far_reader_reads_and_runs_once_it_pauses() {
         assert!(got[..] == want[far(i) as usize..][..4096], "read {i}");
     }
     assert_eq!(fill_asked(), 0, "fill requests while a far reader read");
+    // The status says so: the reads above took 200 ms.
+    let held = image.status("/m").fill_held_ms;
+    assert!((100..=400).contains(&held), "fill held {held} ms");
     image.wait_ready().await.unwrap();
     assert!(fill_asked() > 0, "the fill ran once the reader paused");
     let all = image.read(0, 1024 * BS as u32, None).await.unwrap();

@@ -331,6 +331,12 @@ impl Fetcher {
         self.fetched_bytes.load(Ordering::Relaxed)
     }
 
+    /// How long the fill has given way to readers far ahead of it, since this daemon
+    /// opened the image (`GiveWay`).
+    pub fn fill_held(&self) -> Duration {
+        self.far_readers.held()
+    }
+
     /// The single-flight table (the model tests look into it).
     #[cfg(all(test, feature = "shuttle"))]
     pub(crate) fn jobs(&self) -> &JobTable {
