@@ -423,7 +423,7 @@ fn print_status(s: &Status) {
     );
     if s.fill_held_ms > 0 && s.state != State::Ready {
         println!(
-            "fill:      paused {:.1} s for readers ahead of it (it runs in their pauses)",
+            "fill:      paused {:.1} s for readers far ahead (it runs in their pauses)",
             s.fill_held_ms as f64 / 1000.0
         );
     }

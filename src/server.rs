@@ -468,7 +468,7 @@ async fn metrics(State(app): State<App>) -> String {
         );
         add(
             "bifs_image_fill_held_seconds_total",
-            "time the fill paused for readers far ahead of it",
+            "time the image's fill paused for readers far ahead of a fill",
             format!("{{{l}}} {:.3}", st.fill_held_ms as f64 / 1000.0),
         );
         add(

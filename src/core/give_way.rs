@@ -10,9 +10,10 @@
 //! idle and wakes threads there; not traced further). So priorities are not enough: the
 //! background stops while readers read.
 //!
-//! Readers are active while one has read within the last `QUIET`: for the fill, readers
-//! waiting on fetches far ahead of it (`FetchConfig::far_from_fill`; readers near it are
-//! served best by it running); for the hashing thread, readers of any image still
+//! Readers are active while one has read within the last `QUIET`: for the fills, readers
+//! waiting on fetches far ahead of their image's fill (`FetchConfig::far_from_fill`;
+//! readers near it are served best by it running), of any image on the node
+//! (`FetchConfig::far_readers`); for the hashing thread, readers of any image still
 //! arriving. The background then waits, but never for more than `HOLD_MAX` at a stretch:
 //! it then runs for `TURN` and waits again. Reads that never pause for `QUIET` so leave
 //! it 1% of the time at least, and an image read without pause still gets ready; reads
@@ -39,10 +40,6 @@ pub struct GiveWay {
     readers: LastSeen,
     /// When the current hold began, on `readers`' clock (0: not held).
     held_since: AtomicU64,
-    /// The time the background was told to wait, in ms, counted once however many of its
-    /// workers waited at the same time, and the end of the last wait told (for that).
-    held_ms: AtomicU64,
-    held_until: AtomicU64,
 }
 
 impl GiveWay {
@@ -60,15 +57,12 @@ impl GiveWay {
         Self {
             readers,
             held_since: AtomicU64::new(0),
-            held_ms: AtomicU64::new(0),
-            held_until: AtomicU64::new(0),
         }
     }
 
-    /// How long the background has given way so far: the union of the waits it was
-    /// told (a wait ended early by a reader's call counts whole: at most `QUIET` more).
-    pub fn held(&self) -> Duration {
-        Duration::from_millis(self.held_ms.load(Ordering::Relaxed))
+    /// Now, in ms on this hold's clock (for `HeldTime::count`).
+    pub fn now_ms(&self) -> u64 {
+        self.readers.now_ms()
     }
 
     /// A reader read (or waits) now.
@@ -90,12 +84,7 @@ impl GiveWay {
             // Racing background workers may both start a hold: a millisecond apart.
             self.held_since.store(held_next, Ordering::Relaxed);
         }
-        if let Some(w) = wait {
-            let until = now + w;
-            let counted = self.held_until.fetch_max(until, Ordering::Relaxed).max(now);
-            self.held_ms
-                .fetch_add(until.saturating_sub(counted), Ordering::Relaxed);
-        }
+
         wait.map(Duration::from_millis)
     }
 
@@ -104,6 +93,30 @@ impl GiveWay {
         while let Some(d) = self.wait() {
             std::thread::sleep(d);
         }
+    }
+}
+
+/// How long one piece of background work (an image's fill) has given way: the union of
+/// the waits its workers were told, counted once however many waited at the same time (a
+/// wait ended early by a reader's call counts whole: at most `QUIET` more).
+#[derive(Debug, Default)]
+pub struct HeldTime {
+    ms: AtomicU64,
+    /// The end of the last wait counted.
+    until: AtomicU64,
+}
+
+impl HeldTime {
+    /// A worker was told at `now` (ms, on the hold's clock) to wait `wait`.
+    pub fn count(&self, now: u64, wait: Duration) {
+        let until = now + wait.as_millis() as u64;
+        let counted = self.until.fetch_max(until, Ordering::Relaxed).max(now);
+        self.ms
+            .fetch_add(until.saturating_sub(counted), Ordering::Relaxed);
+    }
+
+    pub fn total(&self) -> Duration {
+        Duration::from_millis(self.ms.load(Ordering::Relaxed))
     }
 }
 
@@ -182,19 +195,18 @@ mod tests {
             "waited {waited:?}"
         );
         assert_eq!(g.wait(), None);
-        assert!(
-            g.held() + Duration::from_millis(2) >= QUIET && g.held() <= waited + QUIET,
-            "held {:?}, waited {waited:?}",
-            g.held()
-        );
     }
 
     #[test]
     fn waits_of_several_workers_at_once_count_once() {
-        let g = GiveWay::std_clock();
-        g.reader();
-        let (a, b) = (g.wait().unwrap(), g.wait().unwrap());
-        assert!(a <= QUIET && b <= a);
-        assert_eq!(g.held(), a, "two workers told to wait over the same time");
+        let h = HeldTime::default();
+        let ms = Duration::from_millis;
+        h.count(100, ms(10));
+        h.count(103, ms(7)); // another worker, the same stretch
+        assert_eq!(h.total(), ms(10));
+        h.count(105, ms(10)); // overlapping: only what lies past 110
+        assert_eq!(h.total(), ms(15));
+        h.count(200, ms(4)); // a later, separate wait
+        assert_eq!(h.total(), ms(19));
     }
 }

@@ -40,9 +40,10 @@ pub struct Status {
     pub fill: bool,
     pub block_size: u64,
     pub bytes_fetched: u64,
-    /// How long the fill has paused for readers far ahead of it, in ms, since the daemon
-    /// opened the image: reads that never pause leave it 1% of the time, so an image a
-    /// VM reads without pause gets ready later, and this says why.
+    /// How long the image's fill has paused for readers far ahead of a fill (of any image
+    /// on the node), in ms, since the daemon opened the image: reads that never pause
+    /// leave it 1% of the time, so an image gets ready later while a VM reads without
+    /// pause, and this says why.
     #[serde(default)]
     pub fill_held_ms: u64,
     /// Names this version of the image (peers serve each other only the same version).

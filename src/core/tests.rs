@@ -637,6 +637,53 @@ async fn the_fill_waits_while_a_far_reader_reads_and_runs_once_it_pauses() {
     node.cancel.cancel();
 }
 
+/// A reader far ahead of one image's fill holds the fill of every image on the node (on
+/// two cores another image's fill takes the CPU the reader needs), and that image's status
+/// counts the pause; once the reader pauses, the other fill runs.
+#[tokio::test(start_paused = true)]
+async fn a_far_reader_of_one_image_holds_the_fill_of_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_bytes = data(1024 * BS as usize, 16);
+    let b_bytes = data(256 * BS as usize, 17);
+    let mut c = cfg();
+    c.fetch.far_from_fill = 512 * BS;
+    let sa = Arc::new(MemSource::new(a_bytes.clone()));
+    let sb = Arc::new(MemSource::new(b_bytes.clone()));
+    let reg = Arc::new(Mutex::new(
+        [("a".to_string(), sa.clone()), ("b".to_string(), sb.clone())]
+            .into_iter()
+            .collect(),
+    ));
+    let node = start_cfg(dir.path(), &reg, c).await;
+    let a = create(&node, "a", sa.clone(), false).await;
+    let b = create(&node, "b", sb.clone(), false).await;
+    let b_fill_asked = || {
+        sb.asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| *p == super::source::Priority::Fill)
+            .count()
+    };
+    let far = |i: u64| (600 + i * 37 % 400) * BS;
+    a.read(far(0), 4096, None).await.unwrap();
+    node.fill("b").unwrap();
+    for i in 1..100 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let got = a.read(far(i), 4096, None).await.unwrap();
+        assert!(got[..] == a_bytes[far(i) as usize..][..4096], "read {i}");
+    }
+    assert_eq!(b_fill_asked(), 0, "b's fill ran while a's far reader read");
+    let held = b.status("/m").fill_held_ms;
+    assert!((100..=400).contains(&held), "b's fill held {held} ms");
+    assert_eq!(a.status("/m").fill_held_ms, 0, "a has no fill running");
+    b.wait_ready().await.unwrap();
+    assert!(b_fill_asked() > 0, "b's fill ran once the reader paused");
+    let all = b.read(0, 256 * BS as u32, None).await.unwrap();
+    assert!(all[..] == b_bytes[..], "b's bytes");
+    node.cancel.cancel();
+}
+
 /// Counts readers waiting on fill jobs, as the daemon's `FillThreads` is told.
 #[derive(Debug, Default)]
 struct OnFillCount {

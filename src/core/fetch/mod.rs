@@ -54,7 +54,7 @@ mod stream;
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result};
-use super::give_way::GiveWay;
+use super::give_way::{GiveWay, HeldTime};
 use super::jobs::{Claims, Job, JobTable};
 use super::metrics::Metrics;
 use super::pieces::PieceDigests;
@@ -125,6 +125,11 @@ pub struct FetchConfig {
     /// readers are about (`FILL_REQUEST_NEAR_READERS`). 128 MiB: about 100 ms of the
     /// fill's work on a fast origin.
     pub far_from_fill: u64,
+    /// Readers far ahead of a fill, node-wide: every image's fill gives way to them
+    /// (`GiveWay`), not only the fill of the image they read. On two cores another
+    /// image's fill takes the same CPU (and often the same origin) a reader needs. Clones
+    /// of one config share it; each `default()` makes a new one.
+    pub far_readers: Arc<GiveWay>,
 }
 
 impl Default for FetchConfig {
@@ -136,6 +141,7 @@ impl Default for FetchConfig {
             fill_runtime: None,
             fill_priority: None,
             far_from_fill: 128 * 1024 * 1024,
+            far_readers: Arc::new(GiveWay::new()),
         }
     }
 }
@@ -183,7 +189,7 @@ impl<'a> Waiting<'a> {
         fetcher.readers_waiting.fetch_add(1, Ordering::AcqRel);
         let far = fetcher.cfg.far_from_fill / fetcher.geo.block_size;
         if first >= fetcher.fill_front.load(Ordering::Relaxed) + far {
-            fetcher.far_readers.reader();
+            fetcher.cfg.far_readers.reader();
         }
         Self(fetcher)
     }
@@ -221,7 +227,8 @@ pub struct Fetcher {
     readers_changed: Notify,
     /// Readers far ahead of the fill (`FetchConfig::far_from_fill`): the fill gives them
     /// way (`GiveWay`) and keeps its requests short while they read.
-    far_readers: GiveWay,
+    /// How long this image's fill gave way to far readers (`FetchConfig::far_readers`).
+    fill_held: HeldTime,
     /// Told when a reader starts waiting on a fill job (a fill stream held for far
     /// readers runs again at once).
     fill_waited: Notify,
@@ -273,7 +280,7 @@ impl Fetcher {
             writer: tokio::sync::Mutex::new(()),
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
-            far_readers: GiveWay::new(),
+            fill_held: HeldTime::default(),
             fill_waited: Notify::new(),
             fill_front: AtomicU64::new(0),
             readers_changed: Notify::new(),
@@ -331,10 +338,11 @@ impl Fetcher {
         self.fetched_bytes.load(Ordering::Relaxed)
     }
 
-    /// How long the fill has given way to readers far ahead of it, since this daemon
-    /// opened the image (`GiveWay`).
+    /// How long this image's fill has given way to readers far ahead of a fill (of this
+    /// image or another on the node: `FetchConfig::far_readers`), since this daemon
+    /// opened the image.
     pub fn fill_held(&self) -> Duration {
-        self.far_readers.held()
+        self.fill_held.total()
     }
 
     /// The single-flight table (the model tests look into it).
@@ -404,7 +412,7 @@ impl Fetcher {
     /// readers far ahead of the fill are about (`FILL_REQUEST_NEAR_READERS`).
     fn request_blocks(&self, prio: Priority) -> u64 {
         let max = self.max_blocks();
-        if prio == Priority::Fill && self.far_readers.readers_within(READERS_RECENT) {
+        if prio == Priority::Fill && self.cfg.far_readers.readers_within(READERS_RECENT) {
             max.min((FILL_REQUEST_NEAR_READERS / self.geo.block_size).max(1))
         } else {
             max
@@ -692,7 +700,8 @@ impl Fetcher {
             if job.is_some_and(|j| j.has_waiters()) {
                 return;
             }
-            if let Some(d) = self.far_readers.wait() {
+            if let Some(d) = self.cfg.far_readers.wait() {
+                self.fill_held.count(self.cfg.far_readers.now_ms(), d);
                 // Far readers read: held, with a floor (`GiveWay`); woken early only by a
                 // reader that starts waiting on a fill job (not by every read).
                 tokio::select! {
