@@ -56,7 +56,7 @@ loop_attach() { local d; d=$(losetup -r -f --show "$1") || die "losetup $1 faile
 loop_detach() { losetup -d "$1"; }
 trap 'rc=$?; for d in "${LOOPS[@]}"; do losetup -d "$d" 2>/dev/null; done; (exit $rc); bench_cleanup' EXIT
 
-declare -a fp50 fp99 fcount frate fheld nfp99 bhp99 ohp99 mp99 mampl lp99 lampl bp99 bampl remount datafile
+declare -a fp50 fp99 fcount frate fheld xp99 nfp99 bhp99 ohp99 mp99 mampl lp99 lampl bp99 bampl remount datafile
 declare -a dl_t dlf_t base_durable warm2 local2 cold curl_t warm local_t ready sha_t base_ready p50 p99 hp50 hp99 ampl fetched_ampl \
     cold_cpu cold_reqs cold_req_med ready_cpu rss1 rss4
 n=0
@@ -159,6 +159,15 @@ for ((r = 1; r <= RUNS; r++)); do
     bifs create big --url "$ORIGIN/big.img" --checksum "$BIGSUM" >/dev/null
     wait_fetching big
     read -r _ ohp99[n] _ < <(python3 "$TMP/randio.py" rangeget "$NGINX_PORT" /big.img "$BIG" "${fcount[n]}" "$SEED" 4096 far)
+    bifs_stop; rm -rf "$TMP/disk-e$r"
+    # Another image's fill: reads of img (no fill of its own) while big fills on the node.
+    drop_caches; warm_origin; warm_origin big.img
+    bifs_start "$TMP/mnt-e$r" "$TMP/disk-e$r"
+    bifs create img --url "$URL" --no-fill >/dev/null
+    bifs create big --url "$ORIGIN/big.img" --checksum "$BIGSUM" >/dev/null
+    wait_fetching big
+    read -r _ xp99[n] _ < <(python3 "$TMP/randio.py" pread "$TMP/mnt-e$r/img" "$SIZE" "$NREAD" "$SEED" 4096)
+    [ "$(bifs_field big state)" = in-progress ] || log "warning: big's fill ended before img's reads did (run $r)"
     bifs_stop; rm -rf "$TMP/disk-e$r"
     fi
 
@@ -270,6 +279,9 @@ row "4 KiB random read p99 while the fill runs" "$(fmt "$b" 3)" ms "4 KiB Range 
 c=$(m "${nfp99[@]}"); ra=$(calc "$b / $c")
 row "  the same reads, no fill running" "$(fmt "$c" 3)" ms "(fill on / fill off)" "-" "$(fmt "$ra")" "info" "-" \
     "no fill: $(raw "${nfp99[@]}"); p50 with fill: $(raw "${fp50[@]}")"
+b=$(m "${xp99[@]}"); c=$(m "${bhp99[@]}"); ra=$(calc "$b / $c")
+row "  the same, reading one image while another fills" "$(fmt "$b" 3)" ms "4 KiB Range GET, keep-alive" "$(fmt "$c" 3)" \
+    "$(fmt "$ra")" "<= 4.00x" "$(verdict "$ra" '<=' 4)" "bifs: $(raw "${xp99[@]}")"
 row "  fetched meanwhile (fill, and the reads' own)" "$(fmt "$(m "${frate[@]}")" 0)" MiB/s "-" "-" "-" "info" "-" \
     "MiB/s: $(raw "${frate[@]}")"
 row "  fill paused for the readers (fillHeldMs)" "$(fmt "$(m "${fheld[@]}")" 0)" "%" "(of the reads' time)" "-" "-" "info" "-" \

@@ -37,6 +37,7 @@ pub async fn run(
     cancel: CancellationToken,
     stop: impl Fn() -> bool,
 ) -> FillEnd {
+    let _running = fetcher.fill_running();
     let map = fetcher.map().clone();
     let blocks = map.blocks();
     info!(present = map.present_count(), blocks, "fill started");

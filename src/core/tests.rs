@@ -533,39 +533,42 @@ async fn a_reader_far_ahead_of_a_slow_fill_stream_fetches_its_blocks_itself() {
 /// While a reader far ahead of the fill has lately waited on a fetch, fill requests are
 /// short (an origin answers the reader's next request after what it is sending the fill);
 /// without such readers (none, one quiet a while, one near where the fill is) they are
-/// `max_request`. The bytes are the image's either way.
+/// `max_request`. The bytes are the image's either way. Each case on a node of its own:
+/// far readers hold every fill on their node.
 #[tokio::test(start_paused = true)]
 async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
-    let dir = tempfile::tempdir().unwrap();
     let want = data(1024 * BS as usize, 14);
-    let mut c = cfg();
-    c.fetch.max_request = 256 * BS; // 1 MiB
-    c.fetch.far_from_fill = 512 * BS;
     let names = ["far", "alone", "after", "near"];
-    let srcs: Vec<_> = names
-        .iter()
-        .map(|_| Arc::new(MemSource::new(want.clone())))
-        .collect();
-    let reg = Arc::new(Mutex::new(
-        names
-            .iter()
-            .zip(&srcs)
-            .map(|(n, s)| (n.to_string(), s.clone()))
-            .collect(),
-    ));
-    let node = start_cfg(dir.path(), &reg, c).await;
     let mut largest = Vec::new();
-    for (name, src) in names.iter().zip(&srcs) {
+    for name in names {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        c.fetch.max_request = 256 * BS; // 1 MiB
+        c.fetch.far_from_fill = 512 * BS;
+        let src = Arc::new(MemSource::new(want.clone()));
+        let reg = Arc::new(Mutex::new(
+            [(name.to_string(), src.clone())].into_iter().collect(),
+        ));
+        let node = start_cfg(dir.path(), &reg, c).await;
         let image = create(&node, name, src.clone(), false).await;
-        match *name {
-            "alone" => {}
-            "near" => drop(image.read(100 * BS, 4096, None).await.unwrap()),
-            _ => drop(image.read(1000 * BS, 4096, None).await.unwrap()),
+        match name {
+            "alone" => drop(node.fill(name).unwrap()),
+            "near" => {
+                // Near where the fill is, once it runs (a read before any fill runs is
+                // far: no fill would bring its blocks).
+                src.fault_next(MemFault::Slow(Duration::from_millis(1)));
+                node.fill(name).unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                drop(image.read(100 * BS, 4096, None).await.unwrap());
+            }
+            _ => {
+                drop(image.read(1000 * BS, 4096, None).await.unwrap());
+                if name == "after" {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                node.fill(name).unwrap();
+            }
         }
-        if *name == "after" {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        node.fill(name).unwrap();
         image.wait_ready().await.unwrap();
         let all = image.read(0, 1024 * BS as u32, None).await.unwrap();
         assert!(all[..] == want[..], "the bytes of {name}");
@@ -578,6 +581,7 @@ async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
             .map(|(r, _)| r.len())
             .max();
         largest.push(fill_max);
+        node.cancel.cancel();
     }
     assert_eq!(
         largest,
@@ -590,7 +594,6 @@ async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
         "the largest fill request: a reader far ahead of the fill about, none, one quiet \
          for 300 ms, one near the fill"
     );
-    node.cancel.cancel();
 }
 
 /// While a reader far ahead of the fill reads, the fill asks the source for nothing (it

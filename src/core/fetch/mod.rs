@@ -179,16 +179,31 @@ pub trait FetchObserver: Send + Sync {
     fn reader_active(&self);
 }
 
+/// An image's fill runs while this lives (`Fetcher::fill_running`).
+pub struct FillRunning(Arc<Fetcher>);
+
+impl Drop for FillRunning {
+    fn drop(&mut self) {
+        self.0.fills_running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts a reader waiting on a fetch while it lives; the last one gone wakes the fill
 /// streams paused for readers.
 struct Waiting<'a>(&'a Fetcher);
 
 impl<'a> Waiting<'a> {
-    /// A reader waits for blocks from `first` on.
-    fn new(fetcher: &'a Fetcher, first: u64) -> Self {
+    /// A reader waits for blocks from `first` on (`probe`: the daemon's own read of the
+    /// first block for the format, which holds no fill).
+    fn new(fetcher: &'a Fetcher, first: u64, probe: bool) -> Self {
         fetcher.readers_waiting.fetch_add(1, Ordering::AcqRel);
+        // No fill of this image runs (switched off, or not begun): no fill will bring the
+        // blocks soon, however close to where one would be.
         let far = fetcher.cfg.far_from_fill / fetcher.geo.block_size;
-        if first >= fetcher.fill_front.load(Ordering::Relaxed) + far {
+        if !probe
+            && (fetcher.fills_running.load(Ordering::Relaxed) == 0
+                || first >= fetcher.fill_front.load(Ordering::Relaxed) + far)
+        {
             fetcher.cfg.far_readers.reader();
         }
         Self(fetcher)
@@ -229,6 +244,9 @@ pub struct Fetcher {
     /// way (`GiveWay`) and keeps its requests short while they read.
     /// How long this image's fill gave way to far readers (`FetchConfig::far_readers`).
     fill_held: HeldTime,
+    /// Fills of this image running (`FillRunning`): 0 or 1, but an old one may still end
+    /// after a new one began.
+    fills_running: AtomicUsize,
     /// Told when a reader starts waiting on a fill job (a fill stream held for far
     /// readers runs again at once).
     fill_waited: Notify,
@@ -281,6 +299,7 @@ impl Fetcher {
             landed: Arc::new(Notify::new()),
             readers_waiting: AtomicUsize::new(0),
             fill_held: HeldTime::default(),
+            fills_running: AtomicUsize::new(0),
             fill_waited: Notify::new(),
             fill_front: AtomicU64::new(0),
             readers_changed: Notify::new(),
@@ -568,10 +587,11 @@ impl Fetcher {
         BlockRange::new(start, end)
     }
 
-    /// Makes every block of `range` present, fetching what is absent (a reader).
+    /// Makes every block of `range` present, fetching what is absent, for the daemon's
+    /// own use (the format probe): a reader, but one no fill gives way to.
     /// True if it had to wait for a fetch (a cache miss), false if all was present.
     pub async fn ensure(self: &Arc<Self>, range: BlockRange) -> Result<bool> {
-        Ok(self.wait_present(range, None).await?.0)
+        Ok(self.wait_present(range, None, true).await?.0)
     }
 
     /// As `ensure` for the blocks of `bytes`; with `early`, when those bytes arrive in
@@ -583,13 +603,15 @@ impl Fetcher {
         early: bool,
     ) -> Result<(bool, Option<Bytes>)> {
         let want = early.then_some(bytes);
-        self.wait_present(self.geo.blocks_of(bytes), want).await
+        self.wait_present(self.geo.blocks_of(bytes), want, false)
+            .await
     }
 
     async fn wait_present(
         self: &Arc<Self>,
         range: BlockRange,
         want: Option<ByteRange>,
+        probe: bool,
     ) -> Result<(bool, Option<Bytes>)> {
         let deadline = self
             .cfg
@@ -603,7 +625,7 @@ impl Fetcher {
             if self.map.all_set(range) {
                 return Ok((waiting.is_some(), None));
             }
-            waiting.get_or_insert_with(|| Waiting::new(self, range.start));
+            waiting.get_or_insert_with(|| Waiting::new(self, range.start, probe));
             let (waits, _) = self.plan(range, true, None, Priority::Reader);
             if let Some(o) = self.observer() {
                 o.reader_active();
@@ -726,6 +748,13 @@ impl Fetcher {
     pub fn prefetch(self: &Arc<Self>, bytes: ByteRange) {
         let blocks = self.geo.blocks_of(bytes);
         self.plan(blocks, false, None, Priority::Reader);
+    }
+
+    /// Says the fill runs while the returned guard lives (`fill::run` holds it): readers
+    /// of an image with no fill running count as far ahead of a fill.
+    pub fn fill_running(self: &Arc<Self>) -> FillRunning {
+        self.fills_running.fetch_add(1, Ordering::Relaxed);
+        FillRunning(self.clone())
     }
 
     /// Starts one fill job for the first absent, uncovered blocks from `from` on; it
