@@ -31,7 +31,8 @@
 //!   a runtime of their own at a lower CPU priority (`FetchConfig::fill_runtime`), raised
 //!   while a reader waits on a fill job (`FetchConfig::fill_priority`); the
 //!   data file is written behind (`ImageFiles::note_written`); while readers far ahead of
-//!   the fill read, the fill starts no job and takes no bytes at all, with a floor
+//!   the fill read (or readers of an image with no fill running), every fill on the node
+//!   starts no job and takes no bytes at all, with a floor
 //!   (`GiveWay`: at least 1% of the time under reads that never pause; the hashing thread
 //!   does the same), and its requests are short (`FILL_REQUEST_NEAR_READERS`), so that the
 //!   origin has little of the fill's to send before it answers a reader's request; and a
@@ -197,8 +198,9 @@ impl<'a> Waiting<'a> {
     /// first block for the format, which holds no fill).
     fn new(fetcher: &'a Fetcher, first: u64, probe: bool) -> Self {
         fetcher.readers_waiting.fetch_add(1, Ordering::AcqRel);
-        // No fill of this image runs (switched off, or not begun): no fill will bring the
-        // blocks soon, however close to where one would be.
+        // Far ahead of the fill (`FetchConfig::far_from_fill`), or no fill of this image
+        // runs (switched off, or not begun): no fill brings the blocks soon. Every fill
+        // on the node then gives way (`FetchConfig::far_readers`).
         let far = fetcher.cfg.far_from_fill / fetcher.geo.block_size;
         if !probe
             && (fetcher.fills_running.load(Ordering::Relaxed) == 0
@@ -240,8 +242,6 @@ pub struct Fetcher {
     /// last of them is served or a reader starts waiting on a job (which may be theirs).
     readers_waiting: AtomicUsize,
     readers_changed: Notify,
-    /// Readers far ahead of the fill (`FetchConfig::far_from_fill`): the fill gives them
-    /// way (`GiveWay`) and keeps its requests short while they read.
     /// How long this image's fill gave way to far readers (`FetchConfig::far_readers`).
     fill_held: HeldTime,
     /// Fills of this image running (`FillRunning`): 0 or 1, but an old one may still end
