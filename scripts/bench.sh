@@ -286,7 +286,7 @@ c=$(m "${nfp99[@]}"); ra=$(calc "$b / $c")
 row "  the same reads, no fill running" "$(fmt "$c" 3)" ms "(fill on / fill off)" "-" "$(fmt "$ra")" "info" "-" \
     "no fill: $(raw "${nfp99[@]}"); p50 with fill: $(raw "${fp50[@]}")"
 x=$(m "${xp99[@]}"); c=$(m "${bhp99[@]}"); ra=$(calc "$x / $c")
-row "  the same, reading one image while another fills" "$(fmt "$x" 3)" ms "4 KiB Range GET, keep-alive" "$(fmt "$c" 3)" \
+row "  one image read while another fills" "$(fmt "$x" 3)" ms "4 KiB Range GET, keep-alive" "$(fmt "$c" 3)" \
     "$(fmt "$ra")" "<= 4.00x" "$(verdict "$ra" '<=' 4)" "bifs: $(raw "${xp99[@]}")"
 row "  fetched meanwhile (fill, and the reads' own)" "$(fmt "$(m "${frate[@]}")" 0)" MiB/s "-" "-" "-" "info" "-" \
     "MiB/s: $(raw "${frate[@]}")"
