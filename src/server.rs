@@ -618,6 +618,17 @@ fn node_metrics(node: &Node, out: &mut String) {
     }
     family(
         out,
+        "bifs_hash_held_seconds_total",
+        "counter",
+        "time the hashing thread waited for readers of images still arriving",
+    );
+    let _ = writeln!(
+        out,
+        "bifs_hash_held_seconds_total {:.3}",
+        node.hash_held().as_secs_f64()
+    );
+    family(
+        out,
         "bifs_disk_bytes",
         "gauge",
         "each cache disk: capacity, free, and used by image data",

@@ -211,6 +211,12 @@ fn metrics_show_each_image() {
         "{out}"
     );
     assert!(out.contains("state=\"ready\"} 1"), "{out}");
+    // How long the fill and the hashing gave way to readers (none read here).
+    assert!(
+        out.contains("bifs_image_fill_held_seconds_total{name=\"metered\""),
+        "{out}"
+    );
+    assert!(out.contains("\nbifs_hash_held_seconds_total "), "{out}");
 }
 
 #[test]

@@ -365,6 +365,11 @@ impl Node {
         Ok(removed)
     }
 
+    /// How long the hashing thread has waited for readers since the node started.
+    pub fn hash_held(&self) -> Duration {
+        self.shared.hasher.held()
+    }
+
     /// The node-wide counters (`/metrics`).
     pub fn metrics(&self) -> &Arc<crate::core::metrics::Metrics> {
         &self.shared.metrics

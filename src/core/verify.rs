@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::bitmap::BlockMap;
 use super::error::{Error, Result};
-use super::give_way::GiveWay;
+use super::give_way::{GiveWay, HeldTime};
 use super::metrics::Metrics;
 use super::range::Geometry;
 use super::spec::ChecksumAlgorithm as Algo;
@@ -41,6 +41,8 @@ pub struct HashWorker {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>,
     /// Readers of images still arriving: hashing gives them way (`GiveWay`).
     pressure: Arc<GiveWay>,
+    /// How long the thread waited for them.
+    held: Arc<HeldTime>,
     /// Landed bytes the node's feeds hold for hashing (`FEED_BUDGET`).
     feed_held: Arc<AtomicU64>,
 }
@@ -76,6 +78,8 @@ impl HashWorker {
         // Read on the hashing thread, off the runtime: std's clock.
         let pressure = Arc::new(GiveWay::std_clock());
         let p = pressure.clone();
+        let held = Arc::new(HeldTime::default());
+        let h = held.clone();
         std::thread::Builder::new()
             .name("bifs-hash".into())
             .spawn(move || {
@@ -83,7 +87,10 @@ impl HashWorker {
                 set_background(idle);
                 while let Ok(job) = rx.recv() {
                     // Readers read: wait (with a floor), and run in the background.
-                    p.wait_blocking();
+                    while let Some(d) = p.wait() {
+                        h.count(p.now_ms(), d);
+                        std::thread::sleep(d);
+                    }
                     let want = p.readers_within(READER_QUIET);
                     if want != idle {
                         idle = want;
@@ -96,8 +103,14 @@ impl HashWorker {
         Self {
             tx: std::sync::Mutex::new(tx),
             pressure,
+            held,
             feed_held: Arc::default(),
         }
+    }
+
+    /// How long hashing has waited for readers since the node started (`GiveWay`).
+    pub fn held(&self) -> std::time::Duration {
+        self.held.total()
     }
 
     /// Runs `f` on the hashing thread; None if the thread is gone.
