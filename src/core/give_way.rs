@@ -84,7 +84,6 @@ impl GiveWay {
             // Racing background workers may both start a hold: a millisecond apart.
             self.held_since.store(held_next, Ordering::Relaxed);
         }
-
         wait.map(Duration::from_millis)
     }
 
@@ -96,8 +95,8 @@ impl GiveWay {
     }
 }
 
-/// How long one piece of background work (an image's fill) has given way: the union of
-/// the waits its workers were told, counted once however many waited at the same time (a
+/// How long one piece of background work (an image's fill, the hashing thread) has given
+/// way: the union of the waits its workers were told, counted once however many waited at the same time (a
 /// wait ended early by a reader's call counts whole: at most `QUIET` more).
 #[derive(Debug, Default)]
 pub struct HeldTime {
