@@ -60,11 +60,6 @@ impl GiveWay {
         }
     }
 
-    /// Now, in ms on this hold's clock (for `HeldTime::count`).
-    pub fn now_ms(&self) -> u64 {
-        self.readers.now_ms()
-    }
-
     /// A reader read (or waits) now.
     pub fn reader(&self) {
         self.readers.mark();
@@ -75,29 +70,34 @@ impl GiveWay {
         self.readers.within(d)
     }
 
-    /// How long the background should wait before it asks again; None: it may run now.
-    pub fn wait(&self) -> Option<Duration> {
+    /// How long the background should wait before it asks again (counted in `held`, the
+    /// asking work's); None: it may run now.
+    pub fn wait(&self, held: &HeldTime) -> Option<Duration> {
         let now = self.readers.now_ms();
-        let held = self.held_since.load(Ordering::Relaxed);
-        let (wait, held_next) = decide(now, self.readers.last_ms(), held);
-        if held_next != held {
+        let since = self.held_since.load(Ordering::Relaxed);
+        let (wait, held_next) = decide(now, self.readers.last_ms(), since);
+        if held_next != since {
             // Racing background workers may both start a hold: a millisecond apart.
             self.held_since.store(held_next, Ordering::Relaxed);
+        }
+        if let Some(w) = wait {
+            held.count(now, w);
         }
         wait.map(Duration::from_millis)
     }
 
     /// Waits (on this thread) until the background may run.
-    pub fn wait_blocking(&self) {
-        while let Some(d) = self.wait() {
+    pub fn wait_blocking(&self, held: &HeldTime) {
+        while let Some(d) = self.wait(held) {
             std::thread::sleep(d);
         }
     }
 }
 
 /// How long one piece of background work (an image's fill, the hashing thread) has given
-/// way: the union of the waits its workers were told, counted once however many waited at the same time (a
-/// wait ended early by a reader's call counts whole: at most `QUIET` more).
+/// way: the union of the waits its workers were told, counted once however many waited at
+/// the same time (a wait ended early by a reader's call counts whole: at most `QUIET`
+/// more).
 #[derive(Debug, Default)]
 pub struct HeldTime {
     ms: AtomicU64,
@@ -106,9 +106,9 @@ pub struct HeldTime {
 }
 
 impl HeldTime {
-    /// A worker was told at `now` (ms, on the hold's clock) to wait `wait`.
-    pub fn count(&self, now: u64, wait: Duration) {
-        let until = now + wait.as_millis() as u64;
+    /// A worker was told at `now` to wait `wait` (ms, on the hold's clock).
+    fn count(&self, now: u64, wait: u64) {
+        let until = now + wait;
         let counted = self.until.fetch_max(until, Ordering::Relaxed).max(now);
         self.ms
             .fetch_add(until.saturating_sub(counted), Ordering::Relaxed);
@@ -180,32 +180,39 @@ mod tests {
 
     #[test]
     fn the_background_waits_while_a_reader_reads_and_runs_once_it_stops() {
-        let g = GiveWay::std_clock();
-        assert_eq!(g.wait(), None, "no reader yet");
+        let (g, held) = (GiveWay::std_clock(), HeldTime::default());
+        assert_eq!(g.wait(&held), None, "no reader yet");
         g.reader();
-        let w = g.wait().expect("a reader just read");
+        let t = std::time::Instant::now();
+        let w = g.wait(&held).expect("a reader just read");
         assert!(w <= QUIET, "{w:?}");
         assert!(g.readers_within(QUIET));
-        let t = std::time::Instant::now();
-        g.wait_blocking();
+        g.wait_blocking(&held);
         let waited = t.elapsed();
         assert!(
             waited + Duration::from_millis(2) >= QUIET && waited < HOLD_MAX,
             "waited {waited:?}"
         );
-        assert_eq!(g.wait(), None);
+        assert_eq!(g.wait(&held), None);
+        // The first wait and those of `wait_blocking` cover the same stretch: counted once.
+        let ms = Duration::from_millis;
+        assert!(
+            held.total() + ms(2) >= QUIET && held.total() <= waited + ms(2),
+            "held {:?}, waited {waited:?}",
+            held.total()
+        );
     }
 
     #[test]
     fn waits_of_several_workers_at_once_count_once() {
         let h = HeldTime::default();
         let ms = Duration::from_millis;
-        h.count(100, ms(10));
-        h.count(103, ms(7)); // another worker, the same stretch
+        h.count(100, 10);
+        h.count(103, 7); // another worker, the same stretch
         assert_eq!(h.total(), ms(10));
-        h.count(105, ms(10)); // overlapping: only what lies past 110
+        h.count(105, 10); // overlapping: only what lies past 110
         assert_eq!(h.total(), ms(15));
-        h.count(200, ms(4)); // a later, separate wait
+        h.count(200, 4); // a later, separate wait
         assert_eq!(h.total(), ms(19));
     }
 }

@@ -87,10 +87,7 @@ impl HashWorker {
                 set_background(idle);
                 while let Ok(job) = rx.recv() {
                     // Readers read: wait (with a floor), and run in the background.
-                    while let Some(d) = p.wait() {
-                        h.count(p.now_ms(), d);
-                        std::thread::sleep(d);
-                    }
+                    p.wait_blocking(&h);
                     let want = p.readers_within(READER_QUIET);
                     if want != idle {
                         idle = want;
@@ -495,7 +492,7 @@ mod tests {
     async fn a_hash_job_waits_while_a_reader_reads_and_runs_when_it_pauses() {
         use crate::core::give_way;
         let w = HashWorker::start();
-        assert_eq!(w.pressure.wait(), None, "no reader: hashing runs");
+        assert_eq!(w.pressure.wait(&w.held), None, "no reader: hashing runs");
         w.reader_active();
         let t = std::time::Instant::now();
         let ran_after = w.run(move || t.elapsed()).await.unwrap();

@@ -722,8 +722,7 @@ impl Fetcher {
             if job.is_some_and(|j| j.has_waiters()) {
                 return;
             }
-            if let Some(d) = self.cfg.far_readers.wait() {
-                self.fill_held.count(self.cfg.far_readers.now_ms(), d);
+            if let Some(d) = self.cfg.far_readers.wait(&self.fill_held) {
                 // Far readers read: held, with a floor (`GiveWay`); woken early only by a
                 // reader that starts waiting on a fill job (not by every read).
                 tokio::select! {
