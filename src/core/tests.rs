@@ -572,15 +572,7 @@ async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
         image.wait_ready().await.unwrap();
         let all = image.read(0, 1024 * BS as u32, None).await.unwrap();
         assert!(all[..] == want[..], "the bytes of {name}");
-        let fill_max = src
-            .asked
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, p)| *p == super::source::Priority::Fill)
-            .map(|(r, _)| r.len())
-            .max();
-        largest.push(fill_max);
+        largest.push(fill_requests(&src).into_iter().max());
         node.cancel.cancel();
     }
     assert_eq!(
@@ -596,94 +588,84 @@ async fn the_fill_asks_for_less_at_a_time_while_readers_are_about() {
     );
 }
 
-/// While a reader far ahead of the fill reads, the fill asks the source for nothing (it
-/// gives way, `GiveWay`, and no hold lasts the longest hold here); once the reader pauses
-/// the fill runs and the image gets ready with its bytes.
-#[tokio::test(start_paused = true)]
-async fn the_fill_waits_while_a_far_reader_reads_and_runs_once_it_pauses() {
-    let dir = tempfile::tempdir().unwrap();
-    let want = data(1024 * BS as usize, 15);
-    let mut c = cfg();
-    c.fetch.far_from_fill = 512 * BS;
-    let src = Arc::new(MemSource::new(want.clone()));
-    let reg = Arc::new(Mutex::new(
-        [("img".to_string(), src.clone())].into_iter().collect(),
-    ));
-    let node = start_cfg(dir.path(), &reg, c).await;
-    let image = create(&node, "img", src.clone(), false).await;
-    let fill_asked = || {
-        src.asked
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, p)| *p == super::source::Priority::Fill)
-            .count()
-    };
-    // Far blocks in an order no readahead follows, one read each 2 ms for 200 ms: each
-    // waits on a fetch of its own.
-    let far = |i: u64| (600 + i * 37 % 400) * BS;
-    image.read(far(0), 4096, None).await.unwrap();
-    node.fill("img").unwrap();
-    for i in 1..100 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let got = image.read(far(i), 4096, None).await.unwrap();
-        assert!(got[..] == want[far(i) as usize..][..4096], "read {i}");
-    }
-    assert_eq!(fill_asked(), 0, "fill requests while a far reader read");
-    // The status says so: the reads above took 200 ms.
-    let held = image.status("/m").fill_held_ms;
-    assert!((100..=400).contains(&held), "fill held {held} ms");
-    image.wait_ready().await.unwrap();
-    assert!(fill_asked() > 0, "the fill ran once the reader paused");
-    let all = image.read(0, 1024 * BS as u32, None).await.unwrap();
-    assert!(all[..] == want[..], "the image's bytes");
-    node.cancel.cancel();
+/// The sizes of the fill's requests to `src`, in order.
+fn fill_requests(src: &MemSource) -> Vec<u64> {
+    src.asked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, p)| *p == super::source::Priority::Fill)
+        .map(|(r, _)| r.len())
+        .collect()
 }
 
-/// A reader far ahead of one image's fill holds the fill of every image on the node (on
-/// two cores another image's fill takes the CPU the reader needs), and that image's status
-/// counts the pause; once the reader pauses, the other fill runs.
+/// While a reader far ahead of the fill reads, the fill asks the source for nothing (it
+/// gives way, `GiveWay`, and no hold lasts the longest hold here), and its status counts
+/// the pause; once the reader pauses the fill runs and the image gets ready with its bytes.
+#[tokio::test(start_paused = true)]
+async fn the_fill_waits_while_a_far_reader_reads_and_runs_once_it_pauses() {
+    far_reads_hold_a_fill(false).await;
+}
+
+/// The same when the reader reads another image (with no fill of its own): it holds the
+/// fill of every image on the node (on two cores another image's fill takes the CPU the
+/// reader needs).
 #[tokio::test(start_paused = true)]
 async fn a_far_reader_of_one_image_holds_the_fill_of_another() {
+    far_reads_hold_a_fill(true).await;
+}
+
+/// Far reads of image "r" (1024 blocks, no fill started) one each 2 ms for 200 ms while the
+/// fill of image "f" runs: "f" itself, or with `other`, a second image of 256 blocks.
+async fn far_reads_hold_a_fill(other: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let a_bytes = data(1024 * BS as usize, 16);
-    let b_bytes = data(256 * BS as usize, 17);
+    let r_bytes = data(1024 * BS as usize, 15);
     let mut c = cfg();
     c.fetch.far_from_fill = 512 * BS;
-    let sa = Arc::new(MemSource::new(a_bytes.clone()));
-    let sb = Arc::new(MemSource::new(b_bytes.clone()));
-    let reg = Arc::new(Mutex::new(
-        [("a".to_string(), sa.clone()), ("b".to_string(), sb.clone())]
-            .into_iter()
-            .collect(),
-    ));
-    let node = start_cfg(dir.path(), &reg, c).await;
-    let a = create(&node, "a", sa.clone(), false).await;
-    let b = create(&node, "b", sb.clone(), false).await;
-    let b_fill_asked = || {
-        sb.asked
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, p)| *p == super::source::Priority::Fill)
-            .count()
+    let r_src = Arc::new(MemSource::new(r_bytes.clone()));
+    let mut sources = vec![("r".to_string(), r_src.clone())];
+    let f_bytes = if other {
+        let b = data(256 * BS as usize, 17);
+        sources.push(("f".to_string(), Arc::new(MemSource::new(b.clone()))));
+        b
+    } else {
+        r_bytes.clone()
     };
+    let f_src = sources.last().unwrap().1.clone();
+    let reg = Arc::new(Mutex::new(sources.into_iter().collect()));
+    let node = start_cfg(dir.path(), &reg, c).await;
+    let r = create(&node, "r", r_src.clone(), false).await;
+    let f = if other {
+        create(&node, "f", f_src.clone(), false).await
+    } else {
+        r.clone()
+    };
+    // Far blocks in an order no readahead follows: each waits on a fetch of its own.
     let far = |i: u64| (600 + i * 37 % 400) * BS;
-    a.read(far(0), 4096, None).await.unwrap();
-    node.fill("b").unwrap();
+    r.read(far(0), 4096, None).await.unwrap();
+    node.fill(&f.name).unwrap();
     for i in 1..100 {
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let got = a.read(far(i), 4096, None).await.unwrap();
-        assert!(got[..] == a_bytes[far(i) as usize..][..4096], "read {i}");
+        let got = r.read(far(i), 4096, None).await.unwrap();
+        assert!(got[..] == r_bytes[far(i) as usize..][..4096], "read {i}");
     }
-    assert_eq!(b_fill_asked(), 0, "b's fill ran while a's far reader read");
-    let held = b.status("/m").fill_held_ms;
-    assert!((100..=400).contains(&held), "b's fill held {held} ms");
-    assert_eq!(a.status("/m").fill_held_ms, 0, "a has no fill running");
-    b.wait_ready().await.unwrap();
-    assert!(b_fill_asked() > 0, "b's fill ran once the reader paused");
-    let all = b.read(0, 256 * BS as u32, None).await.unwrap();
-    assert!(all[..] == b_bytes[..], "b's bytes");
+    assert!(
+        fill_requests(&f_src).is_empty(),
+        "fill requests while a far reader read"
+    );
+    // The status says so: the reads above took 200 ms.
+    let held = f.status("/m").fill_held_ms;
+    assert!((100..=400).contains(&held), "fill held {held} ms");
+    if other {
+        assert_eq!(r.status("/m").fill_held_ms, 0, "r has no fill running");
+    }
+    f.wait_ready().await.unwrap();
+    assert!(
+        !fill_requests(&f_src).is_empty(),
+        "the fill ran once the reader paused"
+    );
+    let all = f.read(0, f_bytes.len() as u32, None).await.unwrap();
+    assert!(all[..] == f_bytes[..], "the filled image's bytes");
     node.cancel.cancel();
 }
 
