@@ -195,7 +195,7 @@ struct Waiting<'a>(&'a Fetcher);
 
 impl<'a> Waiting<'a> {
     /// A reader waits for blocks from `first` on (`probe`: the daemon's own read of the
-    /// first block for the format, which holds no fill).
+    /// first block for the format, which holds nothing back).
     fn new(fetcher: &'a Fetcher, first: u64, probe: bool) -> Self {
         fetcher.readers_waiting.fetch_add(1, Ordering::AcqRel);
         // Far ahead of the fill (`FetchConfig::far_from_fill`), or no fill of this image
@@ -588,7 +588,8 @@ impl Fetcher {
     }
 
     /// Makes every block of `range` present, fetching what is absent, for the daemon's
-    /// own use (the format probe): a reader, but one no fill gives way to.
+    /// own use (the format probe): a reader, but one neither the fills nor the hashing
+    /// thread give way to.
     /// True if it had to wait for a fetch (a cache miss), false if all was present.
     pub async fn ensure(self: &Arc<Self>, range: BlockRange) -> Result<bool> {
         Ok(self.wait_present(range, None, true).await?.0)
@@ -627,7 +628,7 @@ impl Fetcher {
             }
             waiting.get_or_insert_with(|| Waiting::new(self, range.start, probe));
             let (waits, _) = self.plan(range, true, None, Priority::Reader);
-            if let Some(o) = self.observer() {
+            if let Some(o) = self.observer().filter(|_| !probe) {
                 o.reader_active();
             }
             let one_job = waits.len() == 1;
