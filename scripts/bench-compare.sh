@@ -136,7 +136,7 @@ for ((r = 1; r <= RUNS; r++)); do
         [ "$sys" = bifs ] && bifs status img --wait ready --timeout 10m >/dev/null
         add warm "$sys" "$(timed dd_read "$FILE")"
         # The limit beside each (the origin is in page cache): a dd of the local file
-        # varies 0.12-0.14 s per GiB from minute to minute on this VM kind.
+        # varies 0.12-0.16 s per GiB from minute to minute on this VM kind.
         add warm local "$(timed dd_read "$DATA/img.img")"
         sys_umount "$sys" "$mnt"
         # No warm_origin here: this read must not touch the origin (the next row checks),

@@ -73,7 +73,7 @@ for ((r = 1; r <= RUNS; r++)); do
     read -r cold_reqs[n] cold_req_med[n] _ < <(log_sizes "$mark")
     bifs status img --wait ready --timeout 10m >/dev/null
     # Each warm read beside its limit, the origin file (in page cache): a dd of it varies
-    # 0.12-0.14 s per GiB from minute to minute on this VM kind.
+    # 0.12-0.16 s per GiB from minute to minute on this VM kind.
     warm[n]=$(timed dd_read "$TMP/mnt-a$r/img")  # the first open after ready switches to passthrough
     local_t[n]=$(timed dd_read "$DATA/img.img")
     warm2[n]=$(timed dd_read "$TMP/mnt-a$r/img") # steady state

@@ -30,8 +30,8 @@ use crate::core::sync::spawn;
 /// The boundary is the file's, not the job's: the kernel gives a buffered write folios
 /// no larger than the write and aligned to their size, so 256 KiB written at 16 KiB
 /// alignment became folios of 16-128 KiB, and a ready image read through passthrough
-/// 5-10% slower than the same bytes in the 256 KiB-2 MiB folios of readahead or of
-/// aligned writes (a 1 GiB `dd` from the page cache: 0.133-0.148 s against 0.123-0.133 s
+/// 3-10% slower than the same bytes in the 256 KiB-2 MiB folios of readahead or of
+/// aligned writes (a 1 GiB `dd` from the page cache: 0.131-0.148 s against 0.122-0.133 s
 /// for the origin file, beside it). Now they are 256-512 KiB folios, and read as fast.
 /// Batches are no larger than before (one is smaller, up to the first boundary), so a
 /// waiting reader waits no longer.
