@@ -427,6 +427,12 @@ fn print_status(s: &Status) {
             s.fill_held_ms as f64 / 1000.0
         );
     }
+    if s.hash_held_ms > 0 && s.state != State::Ready {
+        println!(
+            "hashing:   paused {:.1} s for readers (it runs in their pauses)",
+            s.hash_held_ms as f64 / 1000.0
+        );
+    }
     match s.virtual_size {
         Some(v) => println!("format:    {} (virtual size {})", s.format, human(v)),
         None => println!("format:    {}", s.format),

@@ -472,6 +472,11 @@ async fn metrics(State(app): State<App>) -> String {
             format!("{{{l}}} {:.3}", st.fill_held_ms as f64 / 1000.0),
         );
         add(
+            "bifs_image_hash_held_seconds_total",
+            "time the hashing of the image waited for readers of images still arriving",
+            format!("{{{l}}} {:.3}", st.hash_held_ms as f64 / 1000.0),
+        );
+        add(
             "bifs_image_progress_percent",
             "progress in percent",
             format!("{{{l}}} {}", st.progress),

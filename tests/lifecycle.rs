@@ -216,7 +216,15 @@ fn metrics_show_each_image() {
         out.contains("bifs_image_fill_held_seconds_total{name=\"metered\""),
         "{out}"
     );
+    assert!(
+        out.contains("bifs_image_hash_held_seconds_total{name=\"metered\""),
+        "{out}"
+    );
     assert!(out.contains("\nbifs_hash_held_seconds_total "), "{out}");
+    // And in status, for a person and for programs.
+    let json = d.bifs_ok(&["status", "metered", "--json"]);
+    assert!(json.contains("\"hashHeldMs\":"), "{json}");
+    assert!(json.contains("\"fillHeldMs\":"), "{json}");
 }
 
 #[test]

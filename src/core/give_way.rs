@@ -73,6 +73,18 @@ impl GiveWay {
     /// How long the background should wait before it asks again (counted in `held`, the
     /// asking work's); None: it may run now.
     pub fn wait(&self, held: &HeldTime) -> Option<Duration> {
+        self.wait_counted(&[held])
+    }
+
+    /// Waits (on this thread) until the background may run, the waits counted in each of
+    /// `held` (the hashing thread's, and the image whose hashing waits).
+    pub fn wait_blocking(&self, held: &[&HeldTime]) {
+        while let Some(d) = self.wait_counted(held) {
+            std::thread::sleep(d);
+        }
+    }
+
+    fn wait_counted(&self, held: &[&HeldTime]) -> Option<Duration> {
         let now = self.readers.now_ms();
         let since = self.held_since.load(Ordering::Relaxed);
         let (wait, held_next) = decide(now, self.readers.last_ms(), since);
@@ -81,20 +93,16 @@ impl GiveWay {
             self.held_since.store(held_next, Ordering::Relaxed);
         }
         if let Some(w) = wait {
-            held.count(now, w);
+            for h in held {
+                h.count(now, w);
+            }
         }
         wait.map(Duration::from_millis)
     }
-
-    /// Waits (on this thread) until the background may run.
-    pub fn wait_blocking(&self, held: &HeldTime) {
-        while let Some(d) = self.wait(held) {
-            std::thread::sleep(d);
-        }
-    }
 }
 
-/// How long one piece of background work (an image's fill, the hashing thread) has given
+/// How long one piece of background work (an image's fill, the hashing thread, an image's
+/// hashing on that thread) has given
 /// way: the union of the waits its workers were told, counted once however many waited at
 /// the same time (a wait ended early by a reader's call counts whole: at most `QUIET`
 /// more).
@@ -187,7 +195,7 @@ mod tests {
         let w = g.wait(&held).expect("a reader just read");
         assert!(w <= QUIET, "{w:?}");
         assert!(g.readers_within(QUIET));
-        g.wait_blocking(&held);
+        g.wait_blocking(&[&held]);
         let waited = t.elapsed();
         assert!(
             waited + Duration::from_millis(2) >= QUIET && waited < HOLD_MAX,

@@ -18,6 +18,7 @@ use super::error::{Error, FailureKind, Result, SourceError};
 use super::fetch::{FetchConfig, FetchObserver, Fetcher};
 use super::fill::{self, FillEnd};
 use super::format::Format;
+use super::give_way::HeldTime;
 use super::lifecycle::Usage;
 use super::metrics::Metrics;
 use super::pieces::PieceDigests;
@@ -113,6 +114,8 @@ pub struct Image {
     /// Wakes a fill pausing after a failure (`bifs fill` asks for a retry now).
     retry_fill: tokio::sync::Notify,
     verify_running: AtomicBool,
+    /// How long the node's hashing thread waited for readers before this image's chunks.
+    hash_held: Arc<HeldTime>,
     cfg: ImageConfig,
     shared: Shared,
     cancel: CancellationToken,
@@ -188,6 +191,7 @@ impl Image {
             riding_out: AtomicBool::new(false),
             retry_fill: tokio::sync::Notify::new(),
             verify_running: AtomicBool::new(false),
+            hash_held: Arc::default(),
             cfg,
             shared,
             cancel,
@@ -490,6 +494,7 @@ impl Image {
             algo,
             hasher: self.shared.hasher.clone(),
             feed: self.fetcher.hash_feed(),
+            held: self.hash_held.clone(),
             metrics: self.shared.metrics.clone(),
             cancel: self.cancel.clone(),
         };
@@ -924,6 +929,7 @@ impl Image {
             block_size: self.block_size(),
             bytes_fetched: self.fetcher.fetched_bytes(),
             fill_held_ms: self.fetcher.fill_held().as_millis() as u64,
+            hash_held_ms: self.hash_held.total().as_millis() as u64,
             version: self.version.clone(),
             open_handles: self.usage.open_pids().len() as u32,
             min_number_of_copies: stored.spec.min_number_of_copies,

@@ -46,6 +46,11 @@ pub struct Status {
     /// pause, and this says why.
     #[serde(default)]
     pub fill_held_ms: u64,
+    /// How long the node's hashing thread waited for readers (of any image still arriving)
+    /// before hashing this image's next bytes, in ms: the same floor, and the same reason
+    /// to get ready later.
+    #[serde(default)]
+    pub hash_held_ms: u64,
     /// Names this version of the image (peers serve each other only the same version).
     #[serde(default)]
     pub version: String,

@@ -669,6 +669,68 @@ async fn far_reads_hold_a_fill(other: bool) {
     node.cancel.cancel();
 }
 
+/// The node's one hashing thread waits while readers read images still arriving, and
+/// each image's status counts the waits before its own chunks: an image hashed while
+/// another is read without pause shows them (`hashHeldMs`), the image read shows none.
+/// Real time: the hashing thread runs on std's clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_images_status_counts_its_hashings_waits_for_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let r_bytes = data(4096 * BS as usize, 21);
+    let f_bytes = data(16 * BS as usize, 22);
+    let r_src = Arc::new(MemSource::new(r_bytes.clone()));
+    let f_src = Arc::new(MemSource::new(f_bytes.clone()));
+    let reg = Arc::new(Mutex::new(
+        [
+            ("r".to_string(), r_src.clone()),
+            ("f".to_string(), f_src.clone()),
+        ]
+        .into_iter()
+        .collect(),
+    ));
+    let node = start(dir.path(), &reg).await;
+    let r = create(&node, "r", r_src, false).await;
+    let f = create_sum(&node, "f", f_src, false, &sha512(&f_bytes)).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let (r, stop, want) = (r.clone(), stop.clone(), r_bytes.clone());
+        async move {
+            // Blocks 64.. in an order no readahead follows, each waited on while new;
+            // none near the start, so r's hashed prefix stays empty.
+            for i in 0u64.. {
+                if stop.load(Ordering::SeqCst) {
+                    return i;
+                }
+                let at = (64 + i * 997 % 4000) * BS;
+                let got = r.read(at, 4096, None).await.unwrap();
+                assert!(got[..] == want[at as usize..][..4096], "read {i}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            unreachable!()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = std::time::Instant::now();
+    node.fill("f").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), f.wait_ready())
+        .await
+        .expect("f gets ready while r is read (the longest hold is 1 s)")
+        .unwrap();
+    let took = t.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    assert!(reader.await.unwrap() > 10, "r was read throughout");
+    let held = Duration::from_millis(f.status("/m").hash_held_ms);
+    assert!(
+        held > Duration::ZERO && held <= took,
+        "f's hashing waited {held:?} of the {took:?} to ready"
+    );
+    assert!(node.hash_held() >= held, "the thread counts f's waits too");
+    assert_eq!(r.status("/m").hash_held_ms, 0, "r has nothing to hash");
+    let all = f.read(0, f_bytes.len() as u32, None).await.unwrap();
+    assert!(all[..] == f_bytes[..], "f's bytes");
+    node.cancel.cancel();
+}
+
 /// Counts readers waiting on fill jobs, as the daemon's `FillThreads` is told.
 #[derive(Debug, Default)]
 struct OnFillCount {

@@ -28,7 +28,9 @@ use super::store::ImageFiles;
 /// Bytes hashed per blocking call: large enough to amortise the hand-off.
 const HASH_CHUNK: u64 = 4 * 1024 * 1024;
 
-type HashJob = Box<dyn FnOnce() + Send>;
+/// A job, and where the waits before it are counted besides the thread's own (the image
+/// it hashes).
+type HashJob = (Option<Arc<HeldTime>>, Box<dyn FnOnce() + Send>);
 
 /// The node's hashing thread. SHA-512 costs a core at ~500 MiB/s here, as much as the
 /// whole fetch path at line rate, so on a 2-core host it must not take the CPU a reader
@@ -85,9 +87,12 @@ impl HashWorker {
             .spawn(move || {
                 let mut idle = false;
                 set_background(idle);
-                while let Ok(job) = rx.recv() {
+                while let Ok((image_held, job)) = rx.recv() {
                     // Readers read: wait (with a floor), and run in the background.
-                    p.wait_blocking(&h);
+                    match &image_held {
+                        Some(i) => p.wait_blocking(&[&h, i]),
+                        None => p.wait_blocking(&[&h]),
+                    }
                     let want = p.readers_within(READER_QUIET);
                     if want != idle {
                         idle = want;
@@ -110,15 +115,20 @@ impl HashWorker {
         self.held.total()
     }
 
-    /// Runs `f` on the hashing thread; None if the thread is gone.
+    /// Runs `f` on the hashing thread; None if the thread is gone. The thread's waits
+    /// for readers before `f` are counted in `held` too (an image's, `hash_prefix`).
     pub async fn run<T: Send + 'static>(
         &self,
+        held: Option<Arc<HeldTime>>,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: HashJob = Box::new(move || {
-            let _ = tx.send(f());
-        });
+        let job: HashJob = (
+            held,
+            Box::new(move || {
+                let _ = tx.send(f());
+            }),
+        );
         self.tx.lock().unwrap().send(job).ok()?;
         rx.await.ok()
     }
@@ -295,6 +305,8 @@ pub struct VerifyInput {
     pub hasher: Arc<HashWorker>,
     /// Landed bytes offered to the hasher (the fetcher's).
     pub feed: Arc<HashFeed>,
+    /// How long this image's hashing waited for readers (its status: `hashHeldMs`).
+    pub held: Arc<HeldTime>,
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
 }
@@ -310,6 +322,7 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
         algo,
         hasher: worker,
         feed,
+        held,
         metrics,
         cancel,
     } = input;
@@ -351,7 +364,7 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
                 end
             };
             let res = worker
-                .run(move || {
+                .run(Some(held.clone()), move || {
                     if fed_len > 0 {
                         for c in &fed {
                             h.update(c);
@@ -495,7 +508,11 @@ mod tests {
         assert_eq!(w.pressure.wait(&w.held), None, "no reader: hashing runs");
         w.reader_active();
         let t = std::time::Instant::now();
-        let ran_after = w.run(move || t.elapsed()).await.unwrap();
+        let image = Arc::new(HeldTime::default());
+        let ran_after = w
+            .run(Some(image.clone()), move || t.elapsed())
+            .await
+            .unwrap();
         // The reader's mark is on a millisecond clock: up to 1 ms earlier than `t`.
         assert!(
             ran_after + Duration::from_millis(2) >= give_way::QUIET,
@@ -505,5 +522,22 @@ mod tests {
             ran_after < give_way::HOLD_MAX,
             "ran {ran_after:?} after a read"
         );
+        // The wait is the thread's and the image's whose job waited, and no other's.
+        let ms = Duration::from_millis;
+        let waited = image.total();
+        assert!(
+            waited + ms(2) >= give_way::QUIET && waited <= ran_after + ms(2),
+            "the image's count: {waited:?}, ran {ran_after:?} after a read"
+        );
+        assert_eq!(w.held(), waited, "the thread's count");
+        w.reader_active();
+        let other = w.run(None, || ()).await;
+        assert!(other.is_some());
+        assert_eq!(
+            image.total(),
+            waited,
+            "a job of no image counts nowhere else"
+        );
+        assert!(w.held() > waited, "the thread counts every wait");
     }
 }
