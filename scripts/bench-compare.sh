@@ -28,6 +28,9 @@ else
 fi
 BIG_MIB=${BENCH_BIG_MIB:-4096}
 BOOT_REPS=${BENCH_BOOT_REPS:-5}
+# Memory touched and freed before each step that fills page cache, every system alike
+# (bench-lib.sh: mem_warm): the image and 1 GiB.
+WARM_MIB=$((SIZE_MIB + 1024)); BIG_WARM_MIB=$((BIG_MIB + 1024))
 SYSTEMS=(${BENCH_SYSTEMS:-bifs httpdirfs rclone})
 SEED=42
 DATA=$TMP/origin
@@ -48,6 +51,8 @@ declare -A PEAK # system -> peak RSS MiB seen
 # --- mounting each system ---------------------------------------------------------------
 
 # sys_mount SYS MNT CACHE IMG [bifs create flags...]: mounts and sets SYS_PID and FILE.
+# With WARM set (MiB), memory is touched and freed once the system is up and before bifs'
+# create starts its fill (bench-lib.sh: mem_warm), for the steps that fill page cache.
 sys_mount() {
     local sys=$1 mnt=$2 cache=$3 img=$4 i
     shift 4
@@ -56,6 +61,7 @@ sys_mount() {
     bifs)
         bifs_start "$mnt" "$cache"
         SYS_PID=$BIFS_PID
+        [ -z "${WARM:-}" ] || mem_warm "$WARM"
         if ! bifs status "$img" >/dev/null 2>&1; then
             bifs create "$img" --url "$ORIGIN/$img.img" --checksum "${SUMS[$img]}" "$@" >/dev/null
         fi
@@ -77,7 +83,10 @@ sys_mount() {
     MOUNTS+=("$mnt")
     FILE=$mnt/$img.img
     for ((i = 0; i < 200; i++)); do
-        mountpoint -q "$mnt" && [ -e "$FILE" ] && return 0
+        if mountpoint -q "$mnt" && [ -e "$FILE" ]; then
+            [ -z "${WARM:-}" ] || mem_warm "$WARM"
+            return 0
+        fi
         kill -0 "$SYS_PID" 2>/dev/null || die "$sys exited; see $TMP/$sys.log"
         sleep 0.1
     done
@@ -100,16 +109,17 @@ sys_umount() { # SYS MNT: records the peak RSS, then unmounts and waits for the 
 # Whole image local and verified. bifs: create -> ready (mounted before the clock starts).
 # Others: one cold `sha512sum` through the mount (reads everything, fills their cache).
 # Sets TV (seconds); runs in this shell so that cleanup and peak RSS see its daemon.
-time_verified() { # SYS MNT CACHE IMG
+time_verified() { # SYS MNT CACHE IMG WARM_MIB
     local t0 sum
     if [ "$1" = bifs ]; then
         bifs_start "$2" "$3"; SYS_PID=$BIFS_PID
+        mem_warm "$5"
         t0=$(now)
         bifs create "$4" --url "$ORIGIN/$4.img" --checksum "${SUMS[$4]}" >/dev/null
         bifs status "$4" --wait ready --timeout 30m >/dev/null
         TV=$(since "$t0")
     else
-        sys_mount "$1" "$2" "$3" "$4"
+        WARM=$5 sys_mount "$1" "$2" "$3" "$4"
         t0=$(now)
         sum=$(sha512sum "$FILE" | cut -d' ' -f1)
         TV=$(since "$t0")
@@ -129,7 +139,7 @@ for ((r = 1; r <= RUNS; r++)); do
         mnt=$TMP/mnt-$sys; cache=$TMP/cache-$sys
         # Cold sequential read, warm re-read, then remount with the cache kept.
         fresh "$cache" img
-        sys_mount "$sys" "$mnt" "$cache" img
+        WARM=$WARM_MIB sys_mount "$sys" "$mnt" "$cache" img
         mark=$(log_mark); c0=$(cpu_secs "$SYS_PID")
         add cold "$sys" "$(timed dd_read "$FILE")"
         add cold_cpu "$sys" "$(calc "$(cpu_secs "$SYS_PID") - $c0")"
@@ -139,19 +149,18 @@ for ((r = 1; r <= RUNS; r++)); do
         # varies 0.12-0.16 s per GiB from minute to minute on this VM kind.
         add warm local "$(timed dd_read "$DATA/img.img")"
         sys_umount "$sys" "$mnt"
-        # No warm_origin here: this read must not touch the origin (the next row checks),
-        # and on this VM kind re-reading it right after drop_caches makes the next reader's
-        # page cache come from pages the guest has handed back to the host (free page
-        # reporting), which costs any reader, a plain dd of a local file too, up to 1.5 s
-        # per GiB (0.53 s -> 2.0 s, measured with no FUSE at all).
+        # No warm_origin here: this read must not touch the origin (the next row checks).
+        # Memory is warmed once the system is up (mem_warm): page cache that comes from
+        # pages the host took back costs any reader, a plain dd of a local file too, up to
+        # 2.3 s per GiB more on this VM kind.
         drop_caches
-        sys_mount "$sys" "$mnt" "$cache" img
+        WARM=$WARM_MIB sys_mount "$sys" "$mnt" "$cache" img
         mark=$(log_mark)
         add remount "$sys" "$(timed dd_read "$FILE")"
         sys_umount "$sys" "$mnt" # streams still open are logged when they close
         add remount_origin "$sys" "$(calc "$(log_bytes "$mark") / $MIB")"
         if [ "$sys" = bifs ]; then # its limit: the data file itself, after the same steps
-            drop_caches
+            drop_caches; mem_warm "$WARM_MIB"
             add remount local "$(timed dd_read "$(bifs_data_file "$cache" img)")"
         fi
 
@@ -180,7 +189,7 @@ for ((r = 1; r <= RUNS; r++)); do
 
         # Whole image local and verified.
         fresh "$cache" img
-        time_verified "$sys" "$mnt" "$cache" img; add verified "$sys" "$TV"
+        time_verified "$sys" "$mnt" "$cache" img "$WARM_MIB"; add verified "$sys" "$TV"
         rm -rf "$cache"
     done
     # Limits, in the same run.
@@ -198,14 +207,14 @@ for ((r = 1; r <= BIG_RUNS; r++)); do
         log "run $r/$BIG_RUNS: $sys, ${BIG_MIB} MiB"
         mnt=$TMP/mnt-$sys; cache=$TMP/cache-$sys
         fresh "$cache" big
-        sys_mount "$sys" "$mnt" "$cache" big
+        WARM=$BIG_WARM_MIB sys_mount "$sys" "$mnt" "$cache" big
         add big_cold "$sys" "$(timed dd_read "$FILE")"
         [ "$sys" = bifs ] && bifs status big --wait ready --timeout 30m >/dev/null
         add big_warm "$sys" "$(timed dd_read "$FILE")"
         add big_warm local "$(timed dd_read "$DATA/big.img")"
         sys_umount "$sys" "$mnt"
         fresh "$cache" big
-        time_verified "$sys" "$mnt" "$cache" big; add big_verified "$sys" "$TV"
+        time_verified "$sys" "$mnt" "$cache" big "$BIG_WARM_MIB"; add big_verified "$sys" "$TV"
         rm -rf "$cache"
     done
     drop_caches; warm_origin big

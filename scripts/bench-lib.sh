@@ -59,6 +59,7 @@ bench_init() {
 bench_cleanup() {
     local rc=$? m p
     set +e
+    rm -f /dev/shm/bifs-bench-warm
     for m in "${MOUNTS[@]}"; do
         mountpoint -q "$m" 2>/dev/null && { umount "$m" 2>/dev/null || umount -l "$m"; }
     done
@@ -89,6 +90,20 @@ free_port() {
 }
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# mem_warm MIB: touches MIB of memory and frees it, just before a timed step that fills
+# page cache (the freed pages are the next ones handed out). On this VM kind the host
+# takes back guest memory that stays free for 1-2 s, and a first touch of such a page
+# costs about 2.3 s per GiB: a 1 GiB dd into a new file took 0.39-0.42 s right after
+# this, 1.4-1.5 s 2-3 s after it, and 2.6-2.8 s after 5 s idle without it (5 rounds
+# each). Whether a step got such pages followed how long after the last free
+# (drop_caches, a daemon start, a mount) it began, so one side of a comparison or the
+# other lost 2-7x at random. Both sides of every comparison that fills page cache get it.
+mem_warm() {
+    local f=/dev/shm/bifs-bench-warm
+    head -c "${1}M" /dev/zero >"$f"
+    rm -f "$f"
+}
 
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc -l; }

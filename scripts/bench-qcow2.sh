@@ -94,8 +94,10 @@ record() {
 }
 # Every cold row, the baseline's and bifs', starts from the same state: caches dropped and
 # the origin (and the bifs binary the script runs) read back in, as bench.sh and
-# bench-compare.sh do. Without it each row inherited what the row before left.
-fresh_cache() { drop_caches; cat "$DATA"/*.qcow2 "$BIFS_BIN" >/dev/null; }
+# bench-compare.sh do, and memory warmed (bench-lib.sh: mem_warm; bifs fills the data
+# file's page cache, qemu-img writes to null-co). Without it each row inherited what the
+# row before left.
+fresh_cache() { drop_caches; cat "$DATA"/*.qcow2 "$BIFS_BIN" >/dev/null; mem_warm 2048; }
 # run_timed KEY CMD...: times CMD and records it.
 run_timed() {
     local key=$1 mark t
