@@ -421,17 +421,15 @@ fn print_status(s: &Status) {
         human(s.bytes_cached),
         human(s.size)
     );
-    if s.fill_held_ms > 0 && s.state != State::Ready {
-        println!(
-            "fill:      paused {:.1} s for readers far ahead (it runs in their pauses)",
-            s.fill_held_ms as f64 / 1000.0
-        );
-    }
-    if s.hash_held_ms > 0 && s.state != State::Ready {
-        println!(
-            "hashing:   paused {:.1} s for readers (it runs in their pauses)",
-            s.hash_held_ms as f64 / 1000.0
-        );
+    let paused = [
+        ("fill:   ", s.fill_held_ms, "readers far ahead"),
+        ("hashing:", s.hash_held_ms, "readers"),
+    ];
+    for (what, ms, whom) in paused {
+        if ms > 0 && s.state != State::Ready {
+            let secs = ms as f64 / 1000.0;
+            println!("{what}  paused {secs:.1} s for {whom} (it runs in their pauses)");
+        }
     }
     match s.virtual_size {
         Some(v) => println!("format:    {} (virtual size {})", s.format, human(v)),

@@ -30,7 +30,7 @@ const HASH_CHUNK: u64 = 4 * 1024 * 1024;
 
 /// A job, and where the waits before it are counted besides the thread's own (the image
 /// it hashes).
-type HashJob = (Option<Arc<HeldTime>>, Box<dyn FnOnce() + Send>);
+type HashJob = (Arc<HeldTime>, Box<dyn FnOnce() + Send>);
 
 /// The node's hashing thread. SHA-512 costs a core at ~500 MiB/s here, as much as the
 /// whole fetch path at line rate, so on a 2-core host it must not take the CPU a reader
@@ -89,10 +89,7 @@ impl HashWorker {
                 set_background(idle);
                 while let Ok((image_held, job)) = rx.recv() {
                     // Readers read: wait (with a floor), and run in the background.
-                    match &image_held {
-                        Some(i) => p.wait_blocking(&[&h, i]),
-                        None => p.wait_blocking(&[&h]),
-                    }
+                    p.wait_blocking(&[&h, &image_held]);
                     let want = p.readers_within(READER_QUIET);
                     if want != idle {
                         idle = want;
@@ -119,7 +116,7 @@ impl HashWorker {
     /// for readers before `f` are counted in `held` too (an image's, `hash_prefix`).
     pub async fn run<T: Send + 'static>(
         &self,
-        held: Option<Arc<HeldTime>>,
+        held: Arc<HeldTime>,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -364,7 +361,7 @@ pub async fn hash_prefix(input: VerifyInput, stop: impl Fn() -> bool) -> Result<
                 end
             };
             let res = worker
-                .run(Some(held.clone()), move || {
+                .run(held.clone(), move || {
                     if fed_len > 0 {
                         for c in &fed {
                             h.update(c);
@@ -509,10 +506,7 @@ mod tests {
         w.reader_active();
         let t = std::time::Instant::now();
         let image = Arc::new(HeldTime::default());
-        let ran_after = w
-            .run(Some(image.clone()), move || t.elapsed())
-            .await
-            .unwrap();
+        let ran_after = w.run(image.clone(), move || t.elapsed()).await.unwrap();
         // The reader's mark is on a millisecond clock: up to 1 ms earlier than `t`.
         assert!(
             ran_after + Duration::from_millis(2) >= give_way::QUIET,
@@ -531,13 +525,14 @@ mod tests {
         );
         assert_eq!(w.held(), waited, "the thread's count");
         w.reader_active();
-        let other = w.run(None, || ()).await;
-        assert!(other.is_some());
+        let other = Arc::new(HeldTime::default());
+        assert!(w.run(other.clone(), || ()).await.is_some());
         assert_eq!(
             image.total(),
             waited,
-            "a job of no image counts nowhere else"
+            "another image's job counts in its own"
         );
+        assert!(other.total() > Duration::ZERO, "{:?}", other.total());
         assert!(w.held() > waited, "the thread counts every wait");
     }
 }
