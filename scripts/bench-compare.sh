@@ -29,8 +29,8 @@ fi
 BIG_MIB=${BENCH_BIG_MIB:-4096}
 BOOT_REPS=${BENCH_BOOT_REPS:-5}
 # Memory touched and freed before each step that fills page cache, every system alike
-# (bench-lib.sh: mem_warm): the image and 1 GiB.
-WARM_MIB=$((SIZE_MIB + 1024)); BIG_WARM_MIB=$((BIG_MIB + 1024))
+# (bench-lib.sh: mem_warm, warm_mib): the image and 3 GiB.
+WARM_MIB=$(warm_mib "$SIZE_MIB"); BIG_WARM_MIB=$(warm_mib "$BIG_MIB")
 SYSTEMS=(${BENCH_SYSTEMS:-bifs httpdirfs rclone})
 SEED=42
 DATA=$TMP/origin

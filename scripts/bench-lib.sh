@@ -99,11 +99,20 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # each). Whether a step got such pages followed how long after the last free
 # (drop_caches, a daemon start, a mount) it began, so one side of a comparison or the
 # other lost 2-7x at random. Both sides of every comparison that fills page cache get it.
+# How much (warm_mib): the guest reports freed memory to the host once over 1 GiB of it
+# waits (/sys/module/page_reporting/parameters/max_waiting_mib), and a step racing that
+# report still got taken pages. After drop_caches and a daemon start, a 1 GiB read from
+# disk (section G) took 0.57-1.73 s (7 of 12 slow: the time goes to the copy out of page
+# cache, _copy_to_iter in perf, while the disk is busy 0.5 s in every one) with 2 GiB
+# touched, and 0.59-0.65 s (12 of 12) with 4 GiB; a 1 GiB write into page cache took
+# 0.52-0.88 s and 0.39-0.50 s. The larger warm-up costs 4-7 s a step.
 mem_warm() {
     local f=/dev/shm/bifs-bench-warm
     head -c "${1}M" /dev/zero >"$f"
     rm -f "$f"
 }
+# warm_mib SIZE_MIB: what mem_warm touches before a step that fills SIZE_MIB of page cache.
+warm_mib() { echo $(($1 + 3072)); }
 
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc -l; }

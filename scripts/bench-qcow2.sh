@@ -97,7 +97,7 @@ record() {
 # bench-compare.sh do, and memory warmed (bench-lib.sh: mem_warm; bifs fills the data
 # file's page cache, qemu-img writes to null-co). Without it each row inherited what the
 # row before left.
-fresh_cache() { drop_caches; cat "$DATA"/*.qcow2 "$BIFS_BIN" >/dev/null; mem_warm 2048; }
+fresh_cache() { drop_caches; cat "$DATA"/*.qcow2 "$BIFS_BIN" >/dev/null; mem_warm "$(warm_mib 1024)"; }
 # run_timed KEY CMD...: times CMD and records it.
 run_timed() {
     local key=$1 mark t
