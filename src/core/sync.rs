@@ -35,14 +35,6 @@ pub async fn sleep(pause: std::time::Duration) {
     }
 }
 
-/// Lets the tasks just woken run first: tokio's yield, or under shuttle a scheduling point.
-pub async fn yield_now() {
-    #[cfg(not(feature = "shuttle"))]
-    tokio::task::yield_now().await;
-    #[cfg(feature = "shuttle")]
-    shuttle::future::yield_now().await;
-}
-
 /// A fill stream's pause for waiting readers: tokio's timer, or under shuttle a
 /// scheduling point (the model has no clock: any other task may run meanwhile).
 pub async fn sleep_until(deadline: tokio::time::Instant) {

@@ -301,12 +301,6 @@ impl Fetcher {
                         chunks: batch.clone(),
                     };
                     job.progress.send_modify(|p| p.arriving = Some(arriving));
-                    // The woken readers answer before this task writes: a task woken
-                    // from a worker waits in that worker's next-task slot, which the
-                    // other worker cannot steal, so without this a reader's reply
-                    // waited for the write below (the page cache's first touch of
-                    // new pages, the file system's block allocation).
-                    crate::core::sync::yield_now().await;
                 }
                 let landed = self.land(*next * bs, batch).await;
                 job.progress.send_modify(|p| {
