@@ -6,8 +6,8 @@
 #
 # Env: BIFS_BIN (default target/release/bifs), BENCH_RUNS, BENCH_BIG_RUNS (4 GiB rows),
 # BENCH_SIZE_MIB, BENCH_BIG_MIB, BENCH_READS, BENCH_BOOT_REPS (boot-pattern samples per
-# run, 5), BENCH_REMOUNT_REPS (reads after remount per run, 3), BENCH_SYSTEMS ("bifs httpdirfs rclone"), BENCH_OUT (default target/bench),
-# BENCH_KEEP=1, BIFS_LOG.
+# run, 5), BENCH_REMOUNT_REPS (reads after remount per run, 3), BENCH_SYSTEMS ("bifs
+# httpdirfs rclone"), BENCH_OUT (default target/bench), BENCH_KEEP=1, BIFS_LOG.
 #
 # Each system gets a fresh cache directory for its cold runs. The page cache is dropped
 # before every cold run and the origin file read back in (nginx then serves from memory,

@@ -104,7 +104,7 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # report still got taken pages. After drop_caches and a daemon start, a 1 GiB read from
 # disk (section G) took 0.57-1.73 s (7 of 12 slow: the time goes to the copy out of page
 # cache, _copy_to_iter in perf, while the disk is busy 0.5 s in every one) with 2 GiB
-# touched, and 0.59-0.65 s (12 of 12) with 4 GiB; a 1 GiB write into page cache took
+# touched, and 0.59-0.65 s (none slow) with 4 GiB; a 1 GiB write into page cache took
 # 0.52-0.88 s and 0.39-0.50 s. The larger warm-up costs 4-7 s a step.
 mem_warm() {
     local f=/dev/shm/bifs-bench-warm
