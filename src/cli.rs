@@ -404,6 +404,13 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// A status line for a background task's pauses, its value in the column of the others
+/// ("state:     ...").
+fn paused_line(what: &str, ms: u64, whom: &str) -> String {
+    let secs = ms as f64 / 1000.0;
+    format!("{what:<11}paused {secs:.1} s for {whom} (it runs in their pauses)")
+}
+
 fn print_status(s: &Status) {
     println!("name:      {}", s.name);
     println!(
@@ -422,13 +429,12 @@ fn print_status(s: &Status) {
         human(s.size)
     );
     let paused = [
-        ("fill:   ", s.fill_held_ms, "readers far ahead"),
+        ("fill:", s.fill_held_ms, "readers far ahead"),
         ("hashing:", s.hash_held_ms, "readers"),
     ];
     for (what, ms, whom) in paused {
         if ms > 0 && s.state != State::Ready {
-            let secs = ms as f64 / 1000.0;
-            println!("{what}  paused {secs:.1} s for {whom} (it runs in their pauses)");
+            println!("{}", paused_line(what, ms, whom));
         }
     }
     match s.virtual_size {
@@ -911,6 +917,21 @@ impl Client {
                 .map_err(|e| failed(format!("unexpected reply from the daemon: {e}"))),
             // Anything else (the daemon down, a bad token) the regular call reports.
             _ => self.status(name).await.map(Some),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paused_line;
+
+    #[test]
+    fn pause_lines_keep_the_value_column_of_the_status() {
+        let column = "state:     ready".find("ready").unwrap();
+        for what in ["fill:", "hashing:"] {
+            let line = paused_line(what, 1500, "readers");
+            assert_eq!(line.find("paused"), Some(column), "{line:?}");
+            assert!(line.contains("1.5 s"), "{line:?}");
         }
     }
 }
