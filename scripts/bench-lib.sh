@@ -114,6 +114,10 @@ mem_warm() {
 # warm_mib SIZE_MIB: what mem_warm touches before a step that fills SIZE_MIB of page cache.
 warm_mib() { echo $(($1 + 3072)); }
 
+# in_turn N F G: runs F then G when N is odd, G then F when even. The two sides of a pair
+# alternate who goes first from pair to pair, so neither always inherits the other's state.
+in_turn() { if (($1 % 2)); then "$2"; "$3"; else "$3"; "$2"; fi; }
+
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc -l; }
 

@@ -84,6 +84,10 @@ a_bifs_cold() {
     local_t+=("$(timed dd_read "$DATA/img.img")")
 }
 a_bifs_done() { bifs_stop; rm -rf "$TMP/disk-a$1"; }
+a_bifs_pair() { a_bifs_cold "$r-$p"; a_bifs_done "$r-$p"; } # pair p's bifs side (in_turn)
+# The steady state's two sides (the daemon of run r still up).
+a_warm2() { warm2+=("$(timed dd_read "$TMP/mnt-a$r/img")"); }
+a_local2() { local2+=("$(timed dd_read "$DATA/img.img")"); }
 # a_curl_file: the same bytes downloaded into a file (page cache), then made durable, as
 # bifs makes every block before it says ready.
 a_curl_file() {
@@ -106,6 +110,8 @@ g_read() {
     fi
     bifs_stop
 }
+g_read_mount() { g_read mount; }
+g_read_data() { g_read data; }
 declare -a fp50 fp99 fcount frate fheld xp99 nfp99 bhp99 ohp99 mp99 mampl lp99 lampl bp99 bampl remount datafile
 declare -a dl_t dlf_t warm2 local2 cold curl_t warm local_t ready sha_t base_ready p50 p99 hp50 hp99 ampl fetched_ampl \
     cold_cpu cold_reqs cold_req_med ready_cpu rss1 rss4
@@ -121,22 +127,14 @@ for ((r = 1; r <= RUNS; r++)); do
     #    or so), so each row's median is over all pairs.
     a_bifs_cold "$r"
     # The steady state: PAIRS more pairs of warm reads, alternating (0.13 s each).
-    for ((p = 0; p < PAIRS; p++)); do
-        if (((r + p) % 2)); then local2+=("$(timed dd_read "$DATA/img.img")"); fi
-        warm2+=("$(timed dd_read "$TMP/mnt-a$r/img")")
-        if ! (((r + p) % 2)); then local2+=("$(timed dd_read "$DATA/img.img")"); fi
-    done
+    for ((p = 0; p < PAIRS; p++)); do in_turn $((r + p)) a_local2 a_warm2; done
     a_bifs_done "$r"
     drop_caches; warm_origin
     curl_t[n]=$(timed curl -fsS -o /dev/null "$URL")
     sha_t[n]=$(timed sha512sum "$DATA/img.img")
     base_ready[n]=$(python3 -c "print(max(${curl_t[n]}, ${sha_t[n]}))")
     a_curl_file
-    for ((p = 1; p < PAIRS; p++)); do
-        if (((r + p) % 2)); then a_curl_file; fi
-        a_bifs_cold "$r-$p"; a_bifs_done "$r-$p"
-        if ! (((r + p) % 2)); then a_curl_file; fi
-    done
+    for ((p = 1; p < PAIRS; p++)); do in_turn $((r + p)) a_curl_file a_bifs_pair; done
     fi
 
     if on B; then
@@ -255,9 +253,7 @@ for ((r = 1; r <= RUNS; r++)); do
     # (drop_caches, a daemon start, mem_warm): on this VM kind a read's page cache costs
     # more the longer after the last free it comes (the host takes back free guest
     # memory), and bifs' read comes after a start.
-    for ((p = 0; p < PAIRS; p++)); do
-        if (((r + p) % 2)); then g_read data; g_read mount; else g_read mount; g_read data; fi
-    done
+    for ((p = 0; p < PAIRS; p++)); do in_turn $((r + p)) g_read_data g_read_mount; done
     rm -rf "$TMP/disk-g$r"
     fi
     n=$((n + 1))
